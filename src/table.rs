@@ -1,0 +1,522 @@
+//! Rule tables: one per pif, validated rule by rule as upstream's
+//! `fwd_rule_add()` does, plus the checks upstream leaves out.
+//!
+//! A [`Table`] only ever holds rules that passed [`Table::add`], so anything
+//! holding one can rely on it: ports in range, no conflicts, within limits.
+
+use std::net::IpAddr;
+
+use crate::rule::{Caps, Flags, PifId, Proto, Rule};
+
+/// Most rules one pif's table may hold (upstream `MAX_FWD_RULES`).
+pub const MAX_RULES: usize = 255;
+/// Most listening sockets one pif's table may need (upstream `MAX_LISTEN_SOCKS`).
+pub const MAX_SOCKETS: u32 = 65536 * 5;
+
+/// Why a rule cannot go into a table. Each message names the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    /// Listening port 0.
+    #[error("rule {0}: listening port 0 cannot be forwarded")]
+    PortZero(Rule),
+    /// `first > last`.
+    #[error("rule {rule}: invalid port range {first}-{last}", first = .0.first, last = .0.last, rule = .0)]
+    BadRange(Rule),
+    /// Target port 0, or a target range past 65535.
+    #[error("rule {0}: target ports must be within 1-65535")]
+    TargetRange(Rule),
+    /// Flag bits this version does not know.
+    #[error("rule {rule}: unknown flags 0x{bits:02x}", bits = .0.flags.unknown(), rule = .0)]
+    UnknownFlags(Rule),
+    /// Dual-stack flag on a specific address.
+    #[error("rule {0}: dual-stack rule must listen on the wildcard address '::'")]
+    DualStackAddress(Rule),
+    /// Dual-stack rule on a pif without both families.
+    #[error("rule {0}: dual-stack rule needs a pif with both IPv4 and IPv6")]
+    DualStackCaps(Rule),
+    /// Dual-stack rule with a target address (a target has one family).
+    #[error("rule {0}: a dual-stack rule cannot have a target address")]
+    DualStackTarget(Rule),
+    /// An address family the pif does not have.
+    #[error("rule {rule}: {family} is not enabled on this pif", rule = .0, family = if .0.addr.is_ipv4() { "IPv4" } else { "IPv6" })]
+    FamilyDisabled(Rule),
+    /// A protocol the pif does not forward.
+    #[error("rule {rule}: {proto} is not enabled on this pif", rule = .0, proto = .0.proto)]
+    ProtoDisabled(Rule),
+    /// The scan flag on a pif that cannot scan.
+    #[error("rule {0}: 'auto' (scan) is not available on this pif")]
+    ScanDisabled(Rule),
+    /// An interface name on a pif without `SO_BINDTODEVICE`.
+    #[error("rule {0}: binding to an interface is not available on this pif")]
+    IfnameDisabled(Rule),
+    /// Listening on a multicast address.
+    #[error("rule {0}: cannot listen on a multicast address")]
+    MulticastListen(Rule),
+    /// A multicast, broadcast or unspecified target address.
+    #[error("rule {0}: target address must be a unicast address")]
+    BadTarget(Rule),
+    /// Target of the other family than the listening address.
+    #[error("rule {0}: target address family differs from the listening address family")]
+    TargetFamily(Rule),
+    /// The new rule wants ports that an existing one has.
+    #[error("rule {new} conflicts with existing rule {existing}")]
+    Conflict {
+        /// The rule being added.
+        new: Rule,
+        /// The rule already in the table.
+        existing: Rule,
+    },
+    /// More than [`MAX_RULES`] rules.
+    #[error("too many rules (at most {max})", max = MAX_RULES)]
+    TooManyRules,
+    /// More than [`MAX_SOCKETS`] listening sockets.
+    #[error("rule {0}: rules would need more than {max} listening sockets", max = MAX_SOCKETS)]
+    TooManySockets(Rule),
+    /// A delete named a rule that is not in the table.
+    #[error("no rule {0} to delete")]
+    NotFound(Rule),
+    /// A delete named a rule that overlaps an existing one without matching it.
+    #[error("rule {new} to delete overlaps {existing} but does not match it")]
+    DeleteMismatch {
+        /// The rule to delete.
+        new: Rule,
+        /// The rule in the table it overlaps.
+        existing: Rule,
+    },
+}
+
+impl RuleError {
+    /// Whether the error comes from a size limit rather than the rule itself.
+    pub fn is_limit(&self) -> bool {
+        matches!(self, RuleError::TooManyRules | RuleError::TooManySockets(_))
+    }
+}
+
+/// Checks one rule on its own against a pif's capabilities.
+pub fn check_rule(rule: &Rule, caps: Caps) -> Result<(), RuleError> {
+    let bad = |f: fn(Rule) -> RuleError| Err(f(rule.clone()));
+    if rule.first > rule.last {
+        return bad(RuleError::BadRange);
+    }
+    if rule.first == 0 {
+        return bad(RuleError::PortZero);
+    }
+    if rule.to == 0 || rule.to_last().is_none() {
+        return bad(RuleError::TargetRange);
+    }
+    if rule.flags.unknown() != 0 {
+        return bad(RuleError::UnknownFlags);
+    }
+    if rule.is_dual_stack() {
+        if rule.addr != IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+            return bad(RuleError::DualStackAddress);
+        }
+        if !caps.contains(Caps::IPV4 | Caps::IPV6) {
+            return bad(RuleError::DualStackCaps);
+        }
+        if rule.target.is_some() {
+            return bad(RuleError::DualStackTarget);
+        }
+    } else {
+        let need = if rule.addr.is_ipv4() {
+            Caps::IPV4
+        } else {
+            Caps::IPV6
+        };
+        if !caps.contains(need) {
+            return bad(RuleError::FamilyDisabled);
+        }
+        if rule.addr.is_multicast() {
+            return bad(RuleError::MulticastListen);
+        }
+    }
+    let need = match rule.proto {
+        Proto::Tcp => Caps::TCP,
+        Proto::Udp => Caps::UDP,
+    };
+    if !caps.contains(need) {
+        return bad(RuleError::ProtoDisabled);
+    }
+    if rule.flags.contains(Flags::SCAN) && !caps.contains(Caps::SCAN) {
+        return bad(RuleError::ScanDisabled);
+    }
+    if rule.ifname.is_some() && !caps.contains(Caps::IFNAME) {
+        return bad(RuleError::IfnameDisabled);
+    }
+    if let Some(t) = rule.target {
+        let broadcast = matches!(t, IpAddr::V4(v4) if v4.is_broadcast());
+        if t.is_multicast() || t.is_unspecified() || broadcast {
+            return bad(RuleError::BadTarget);
+        }
+        if !rule.is_dual_stack() && t.is_ipv4() != rule.addr.is_ipv4() {
+            return bad(RuleError::TargetFamily);
+        }
+    }
+    Ok(())
+}
+
+/// The rule table of one pif: its capabilities and its valid, conflict-free rules.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Table {
+    caps: Caps,
+    rules: Vec<Rule>,
+    sockets: u32,
+}
+
+impl Table {
+    /// An empty table for a pif with these capabilities.
+    pub fn new(caps: Caps) -> Table {
+        Table {
+            caps,
+            rules: Vec::new(),
+            sockets: 0,
+        }
+    }
+
+    /// A table holding `rules`, each validated in order as by [`Table::add`].
+    /// On error, the index of the offending rule comes with it.
+    pub fn with_rules(caps: Caps, rules: Vec<Rule>) -> Result<Table, (usize, RuleError)> {
+        let mut t = Table::new(caps);
+        t.rules.reserve(rules.len().min(MAX_RULES));
+        for (i, r) in rules.into_iter().enumerate() {
+            t.add(r).map_err(|e| (i, e))?;
+        }
+        Ok(t)
+    }
+
+    /// The pif's capabilities.
+    pub fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    /// The rules, in the order they were added.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Listening sockets the rules need: one per port per rule.
+    pub fn socket_count(&self) -> u32 {
+        self.sockets
+    }
+
+    /// Whether the table has no rules.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Validates `rule` and appends it.
+    pub fn add(&mut self, rule: Rule) -> Result<(), RuleError> {
+        check_rule(&rule, self.caps)?;
+        if let Some(existing) = self.rules.iter().find(|r| r.conflicts(&rule)) {
+            return Err(RuleError::Conflict {
+                new: rule,
+                existing: existing.clone(),
+            });
+        }
+        if self.rules.len() >= MAX_RULES {
+            return Err(RuleError::TooManyRules);
+        }
+        let sockets = self.sockets + rule.port_count();
+        if sockets > MAX_SOCKETS {
+            return Err(RuleError::TooManySockets(rule));
+        }
+        self.sockets = sockets;
+        self.rules.push(rule);
+        Ok(())
+    }
+
+    /// Removes the rule equal to `rule`, keeping the order of the others.
+    ///
+    /// As upstream: a rule that overlaps `rule` without being equal to it is
+    /// an error, and so is a missing rule.
+    pub fn delete(&mut self, rule: &Rule) -> Result<(), RuleError> {
+        for (i, r) in self.rules.iter().enumerate() {
+            if r == rule {
+                self.sockets -= r.port_count();
+                self.rules.remove(i);
+                return Ok(());
+            }
+            if r.conflicts(rule) {
+                return Err(RuleError::DeleteMismatch {
+                    new: rule.clone(),
+                    existing: r.clone(),
+                });
+            }
+        }
+        Err(RuleError::NotFound(rule.clone()))
+    }
+
+    /// Removes every rule.
+    pub fn clear(&mut self) {
+        self.rules.clear();
+        self.sockets = 0;
+    }
+}
+
+/// Longest pif name on the wire, NUL included (upstream `PIF_NAME_SIZE`).
+pub const PIF_NAME_SIZE: usize = 128;
+
+/// A pif with its table, as the server lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PifTable {
+    /// Pif id.
+    pub id: PifId,
+    /// Pif name, e.g. `HOST`.
+    pub name: String,
+    /// The rules.
+    pub table: Table,
+}
+
+/// Every pif's table: what a listing carries and an update changes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Config {
+    /// The pifs in the order the server lists them.
+    pub pifs: Vec<PifTable>,
+}
+
+impl Config {
+    /// The pif with this name.
+    pub fn by_name(&self, name: &str) -> Option<&PifTable> {
+        self.pifs.iter().find(|p| p.name == name)
+    }
+
+    /// The pif with this name, to change.
+    pub fn by_name_mut(&mut self, name: &str) -> Option<&mut PifTable> {
+        self.pifs.iter_mut().find(|p| p.name == name)
+    }
+
+    /// The pif with this id.
+    pub fn by_id(&self, id: PifId) -> Option<&PifTable> {
+        self.pifs.iter().find(|p| p.id == id)
+    }
+
+    /// The pif with this id, to change.
+    pub fn by_id_mut(&mut self, id: PifId) -> Option<&mut PifTable> {
+        self.pifs.iter_mut().find(|p| p.id == id)
+    }
+}
+
+impl Config {
+    /// Builds validated tables from a listing; the error names the pif and
+    /// the index of the first rule that fails validation.
+    pub fn from_listing(
+        pifs: &[crate::codec::PifListing],
+    ) -> Result<Config, (PifId, usize, RuleError)> {
+        let pifs = pifs
+            .iter()
+            .map(|p| {
+                let table =
+                    Table::with_rules(p.caps, p.rules.clone()).map_err(|(i, e)| (p.id, i, e))?;
+                Ok(PifTable {
+                    id: p.id,
+                    name: p.name.clone(),
+                    table,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Config { pifs })
+    }
+
+    /// The listing of these tables, for the codec.
+    pub fn to_listing(&self) -> Vec<crate::codec::PifListing> {
+        self.pifs
+            .iter()
+            .map(|p| crate::codec::PifListing {
+                id: p.id,
+                name: p.name.clone(),
+                caps: p.table.caps(),
+                rules: p.table.rules().to_vec(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::IfName;
+
+    const ALL: Caps = Caps::from_bits_retain(0x3f);
+
+    fn tcp(addr: &str, first: u16, last: u16, to: u16) -> Rule {
+        Rule::new(Proto::Tcp, addr.parse().unwrap(), first, last, to)
+    }
+
+    #[test]
+    fn accepts_plain_rules() {
+        let mut t = Table::new(ALL);
+        t.add(Rule::dual_stack(Proto::Tcp, 22, 22, 22)).unwrap();
+        t.add(tcp("127.0.0.1", 80, 90, 8080)).unwrap();
+        t.add(Rule::dual_stack(Proto::Udp, 22, 22, 22)).unwrap();
+        assert_eq!(t.rules().len(), 3);
+        assert_eq!(t.socket_count(), 13);
+    }
+
+    #[test]
+    fn rejects_each_bad_rule() {
+        let caps4 = Caps::IPV4 | Caps::TCP;
+        let cases: Vec<(Rule, Caps, fn(&RuleError) -> bool)> = vec![
+            (tcp("127.0.0.1", 0, 1, 1), ALL, |e| {
+                matches!(e, RuleError::PortZero(_))
+            }),
+            (tcp("127.0.0.1", 5, 4, 1), ALL, |e| {
+                matches!(e, RuleError::BadRange(_))
+            }),
+            (tcp("127.0.0.1", 5, 5, 0), ALL, |e| {
+                matches!(e, RuleError::TargetRange(_))
+            }),
+            (tcp("127.0.0.1", 5, 10, 65535), ALL, |e| {
+                matches!(e, RuleError::TargetRange(_))
+            }),
+            (
+                {
+                    let mut r = tcp("127.0.0.1", 5, 5, 5);
+                    r.flags = Flags::from_bits_retain(8);
+                    r
+                },
+                ALL,
+                |e| matches!(e, RuleError::UnknownFlags(_)),
+            ),
+            (
+                {
+                    let mut r = tcp("::1", 5, 5, 5);
+                    r.flags = Flags::DUAL_STACK_ANY;
+                    r
+                },
+                ALL,
+                |e| matches!(e, RuleError::DualStackAddress(_)),
+            ),
+            (Rule::dual_stack(Proto::Tcp, 5, 5, 5), caps4, |e| {
+                matches!(e, RuleError::DualStackCaps(_))
+            }),
+            (
+                {
+                    let mut r = Rule::dual_stack(Proto::Tcp, 5, 5, 5);
+                    r.target = Some("192.0.2.1".parse().unwrap());
+                    r
+                },
+                ALL,
+                |e| matches!(e, RuleError::DualStackTarget(_)),
+            ),
+            (tcp("::1", 5, 5, 5), caps4, |e| {
+                matches!(e, RuleError::FamilyDisabled(_))
+            }),
+            (
+                Rule::new(Proto::Udp, "127.0.0.1".parse().unwrap(), 5, 5, 5),
+                caps4,
+                |e| matches!(e, RuleError::ProtoDisabled(_)),
+            ),
+            (
+                {
+                    let mut r = tcp("127.0.0.1", 5, 5, 5);
+                    r.flags = Flags::SCAN;
+                    r
+                },
+                caps4,
+                |e| matches!(e, RuleError::ScanDisabled(_)),
+            ),
+            (
+                {
+                    let mut r = tcp("127.0.0.1", 5, 5, 5);
+                    r.ifname = Some(IfName::new("lo").unwrap());
+                    r
+                },
+                caps4,
+                |e| matches!(e, RuleError::IfnameDisabled(_)),
+            ),
+            (tcp("224.0.0.1", 5, 5, 5), ALL, |e| {
+                matches!(e, RuleError::MulticastListen(_))
+            }),
+            (
+                {
+                    let mut r = tcp("127.0.0.1", 5, 5, 5);
+                    r.target = Some("224.0.0.1".parse().unwrap());
+                    r
+                },
+                ALL,
+                |e| matches!(e, RuleError::BadTarget(_)),
+            ),
+            (
+                {
+                    let mut r = tcp("127.0.0.1", 5, 5, 5);
+                    r.target = Some("::1".parse().unwrap());
+                    r
+                },
+                ALL,
+                |e| matches!(e, RuleError::TargetFamily(_)),
+            ),
+        ];
+        for (rule, caps, is) in cases {
+            let mut t = Table::new(caps);
+            let err = t.add(rule.clone()).expect_err(&rule.to_string());
+            assert!(is(&err), "{rule}: unexpected {err:?}");
+            assert!(t.is_empty());
+            // Every error must read as a sentence naming the rule.
+            assert!(err.to_string().contains(&rule.to_string()), "{err}");
+        }
+    }
+
+    #[test]
+    fn conflict_names_both_rules() {
+        let mut t = Table::new(ALL);
+        t.add(tcp("0.0.0.0", 10, 20, 10)).unwrap();
+        let err = t.add(tcp("127.0.0.1", 20, 25, 20)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("TCP [127.0.0.1]:20-25") && msg.contains("TCP [0.0.0.0]:10-20"));
+        // Other family's wildcard does not conflict.
+        t.add(tcp("::", 10, 20, 10)).unwrap();
+        // Dual-stack conflicts with both.
+        assert!(t.add(Rule::dual_stack(Proto::Tcp, 15, 15, 15)).is_err());
+    }
+
+    #[test]
+    fn limits() {
+        let mut t = Table::new(ALL);
+        for p in 1..=MAX_RULES as u16 {
+            t.add(tcp("127.0.0.1", p, p, p)).unwrap();
+        }
+        assert_eq!(
+            t.add(tcp("127.0.0.1", 1000, 1000, 1000)),
+            Err(RuleError::TooManyRules)
+        );
+        let mut t = Table::new(ALL);
+        for a in 1..=5 {
+            t.add(tcp(&format!("127.0.0.{a}"), 1, 65535, 1)).unwrap();
+        }
+        assert_eq!(t.socket_count(), MAX_SOCKETS - 5);
+        let err = t.add(tcp("127.0.0.9", 1, 6, 1)).unwrap_err();
+        assert!(matches!(err, RuleError::TooManySockets(_)) && err.is_limit());
+    }
+
+    #[test]
+    fn delete_matches_exactly() {
+        let mut t = Table::new(ALL);
+        t.add(tcp("127.0.0.1", 10, 20, 10)).unwrap();
+        t.add(tcp("127.0.0.1", 30, 30, 30)).unwrap();
+        assert!(matches!(
+            t.delete(&tcp("127.0.0.1", 10, 15, 10)),
+            Err(RuleError::DeleteMismatch { .. })
+        ));
+        assert!(matches!(
+            t.delete(&tcp("127.0.0.1", 40, 40, 40)),
+            Err(RuleError::NotFound(_))
+        ));
+        t.delete(&tcp("127.0.0.1", 10, 20, 10)).unwrap();
+        assert_eq!(t.rules(), &[tcp("127.0.0.1", 30, 30, 30)]);
+        assert_eq!(t.socket_count(), 1);
+    }
+}
+
+/// Upstream pesto's layout: each pif's name indented by two spaces, then
+/// its rules by four, one per line.
+impl std::fmt::Display for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for pif in &self.pifs {
+            writeln!(f, "  {}", pif.name)?;
+            for rule in pif.table.rules() {
+                writeln!(f, "    {rule}")?;
+            }
+        }
+        Ok(())
+    }
+}
