@@ -62,9 +62,9 @@ pub enum RuleError {
     #[error("rule {new} conflicts with existing rule {existing}")]
     Conflict {
         /// The rule being added.
-        new: Rule,
+        new: Box<Rule>,
         /// The rule already in the table.
-        existing: Rule,
+        existing: Box<Rule>,
     },
     /// More than [`MAX_RULES`] rules.
     #[error("too many rules (at most {max})", max = MAX_RULES)]
@@ -79,9 +79,9 @@ pub enum RuleError {
     #[error("rule {new} to delete overlaps {existing} but does not match it")]
     DeleteMismatch {
         /// The rule to delete.
-        new: Rule,
+        new: Box<Rule>,
         /// The rule in the table it overlaps.
-        existing: Rule,
+        existing: Box<Rule>,
     },
 }
 
@@ -209,8 +209,8 @@ impl Table {
         check_rule(&rule, self.caps)?;
         if let Some(existing) = self.rules.iter().find(|r| r.conflicts(&rule)) {
             return Err(RuleError::Conflict {
-                new: rule,
-                existing: existing.clone(),
+                new: Box::new(rule),
+                existing: Box::new(existing.clone()),
             });
         }
         if self.rules.len() >= MAX_RULES {
@@ -238,8 +238,8 @@ impl Table {
             }
             if r.conflicts(rule) {
                 return Err(RuleError::DeleteMismatch {
-                    new: rule.clone(),
-                    existing: r.clone(),
+                    new: Box::new(rule.clone()),
+                    existing: Box::new(r.clone()),
                 });
             }
         }
@@ -331,6 +331,20 @@ impl Config {
     }
 }
 
+/// Upstream pesto's layout: each pif's name indented by two spaces, then
+/// its rules by four, one per line.
+impl std::fmt::Display for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for pif in &self.pifs {
+            writeln!(f, "  {}", pif.name)?;
+            for rule in pif.table.rules() {
+                writeln!(f, "    {rule}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,7 +369,8 @@ mod tests {
     #[test]
     fn rejects_each_bad_rule() {
         let caps4 = Caps::IPV4 | Caps::TCP;
-        let cases: Vec<(Rule, Caps, fn(&RuleError) -> bool)> = vec![
+        type Case = (Rule, Caps, fn(&RuleError) -> bool);
+        let cases: Vec<Case> = vec![
             (tcp("127.0.0.1", 0, 1, 1), ALL, |e| {
                 matches!(e, RuleError::PortZero(_))
             }),
@@ -504,19 +519,5 @@ mod tests {
         t.delete(&tcp("127.0.0.1", 10, 20, 10)).unwrap();
         assert_eq!(t.rules(), &[tcp("127.0.0.1", 30, 30, 30)]);
         assert_eq!(t.socket_count(), 1);
-    }
-}
-
-/// Upstream pesto's layout: each pif's name indented by two spaces, then
-/// its rules by four, one per line.
-impl std::fmt::Display for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for pif in &self.pifs {
-            writeln!(f, "  {}", pif.name)?;
-            for rule in pif.table.rules() {
-                writeln!(f, "    {rule}")?;
-            }
-        }
-        Ok(())
     }
 }
