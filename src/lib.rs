@@ -7,6 +7,19 @@
 //! - [`table`]: a pif's rule table and the validation of its rules;
 //! - [`edit`]: upstream pesto's sequential `-A`/`-D`/`-C` table operations;
 //! - [`codec`]: control-protocol messages to and from bytes.
+//!
+//! ```
+//! use pesto::rule::Caps;
+//! use pesto::spec::{Ephemeral, SpecOpt, parse_rules};
+//!
+//! // HOST-like pif: IPv4, IPv6, TCP, UDP, interface names.
+//! let caps = Caps::from_bits_retain(0x2f);
+//! let rules = parse_rules(SpecOpt::Tcp, "2000-2010,~2005:3000", caps, Ephemeral::default());
+//! assert!(rules.is_err()); // an exclusion takes no target
+//! let rules = parse_rules(SpecOpt::Tcp, "2000-2010,~2005", caps, Ephemeral::default()).unwrap();
+//! let shown: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
+//! assert_eq!(shown, ["TCP [*]:2000-2004  =>  2000-2004 ", "TCP [*]:2006-2010  =>  2006-2010 "]);
+//! ```
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
