@@ -6,7 +6,12 @@
 //! - [`spec`]: the `-t`/`-u`/`-T`/`-U` port-spec syntax;
 //! - [`table`]: a pif's rule table and the validation of its rules;
 //! - [`edit`]: upstream pesto's sequential `-A`/`-D`/`-C` table operations;
-//! - [`codec`]: control-protocol messages to and from bytes.
+//! - [`codec`]: control-protocol messages to and from bytes;
+//! - [`socket`]: what identifies a listening socket, and how one is made;
+//! - [`target`]: where a rule's traffic goes, and loop detection;
+//! - [`registry`]: the listening sockets, kept across table swaps;
+//! - [`dataplane`]: TCP relaying with splice(2), UDP flows;
+//! - [`daemon`]: the daemon from start-up to shutdown.
 //!
 //! ```
 //! use pesto::rule::Caps;
@@ -25,7 +30,12 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod daemon;
+pub mod dataplane;
 pub mod edit;
+pub mod registry;
 pub mod rule;
+pub mod socket;
 pub mod spec;
 pub mod table;
+pub mod target;

@@ -1,0 +1,216 @@
+//! pestod: the forwarding daemon. Parses the command line, sets up logging,
+//! and runs the library's [`Daemon`] until SIGINT or SIGTERM.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+use pesto::daemon::{Daemon, Options, raise_nofile_limit};
+use pesto::dataplane::UdpSettings;
+use pesto::rule::Caps;
+use pesto::spec::{Ephemeral, SpecOpt, parse_rules};
+use pesto::table::Table;
+use pesto::target::Targets;
+
+/// Forward TCP and UDP ports to targets, with rules that change at run time.
+#[derive(Debug, Parser)]
+#[command(name = "pestod", version, after_help = AFTER_HELP)]
+struct Args {
+    /// Control socket path (the control protocol is not served yet).
+    #[arg(short = 'c', long = "control", value_name = "PATH")]
+    control: Option<PathBuf>,
+
+    /// TCP ports to forward (see docs/port-spec.md); repeatable.
+    #[arg(short = 't', long = "tcp-ports", value_name = "SPEC")]
+    tcp: Vec<String>,
+
+    /// UDP ports to forward; repeatable.
+    #[arg(short = 'u', long = "udp-ports", value_name = "SPEC")]
+    udp: Vec<String>,
+
+    /// Default target of rules without a target address, one per family
+    /// [default: 127.0.0.1 and ::1].
+    #[arg(long, value_name = "ADDR")]
+    target: Vec<IpAddr>,
+
+    /// Log at debug level.
+    #[arg(short, long, conflicts_with = "quiet")]
+    debug: bool,
+
+    /// Log errors only.
+    #[arg(short, long)]
+    quiet: bool,
+
+    /// Seconds without a datagram after which a UDP flow ends.
+    #[arg(long, value_name = "SECS", default_value_t = 180,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    udp_timeout: u64,
+
+    /// Most UDP flows at once; the oldest idle flow makes room for a new one.
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_udp_flows: u64,
+
+    /// Seconds that connections in flight may go on after SIGINT or SIGTERM.
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    shutdown_grace: f64,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  pestod -t 8080:80                forward TCP port 8080 (every address) to 127.0.0.1:80 and [::1]:80
+  pestod -t 2222:22 -u 5353:53     TCP 2222 to 22, UDP 5353 to 53
+  pestod -t 127.0.0.1/8443:192.0.2.10/443
+                                   forward 127.0.0.1:8443 to 192.0.2.10:443
+
+A rule whose target would be its own listener (e.g. `-t 8080` with the
+default targets) is refused: map it to another port or give a target.";
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(&args);
+    let opts = match options(&args) {
+        Ok(o) => o,
+        Err(msg) => {
+            error!("{msg}");
+            return ExitCode::from(1);
+        }
+    };
+    if args.control.is_some() {
+        error!("the control socket (-c) is not implemented yet; run without it");
+        return ExitCode::from(1);
+    }
+    let sockets = opts.host.socket_count();
+    match raise_nofile_limit() {
+        // Room for the listeners plus some connections and the runtime's own.
+        Ok(limit) if u64::from(sockets) + 64 > limit => warn!(
+            "the rules need {sockets} listening sockets but only {limit} files can be open; \
+             some ports will not be forwarded"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!("cannot raise the open files limit: {e}"),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(opts))
+}
+
+async fn run(opts: Options) -> ExitCode {
+    let daemon = match Daemon::start(opts).await {
+        Ok(d) => d,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    info!(sockets = daemon.socket_count(), "ready");
+    let signal = match wait_for_signal().await {
+        Ok(name) => name,
+        Err(e) => {
+            error!("cannot wait for signals: {e}");
+            "error"
+        }
+    };
+    info!("{signal}: shutting down");
+    daemon.shutdown().await;
+    info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+fn init_logging(args: &Args) {
+    let level = if args.debug {
+        "debug"
+    } else if args.quiet {
+        "error"
+    } else {
+        "info"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+/// The daemon's options from the command line, or a message for the user.
+fn options(args: &Args) -> Result<Options, String> {
+    let caps = Daemon::host_caps();
+    let eph = Ephemeral::probe();
+    let mut host = Table::new(caps);
+    let specs = args
+        .tcp
+        .iter()
+        .map(|s| (SpecOpt::Tcp, s))
+        .chain(args.udp.iter().map(|s| (SpecOpt::Udp, s)));
+    for (opt, text) in specs {
+        let rules = parse_rules(opt, text, caps, eph).map_err(|e| e.to_string())?;
+        for rule in rules {
+            host.add(rule)
+                .map_err(|e| format!("{opt} {text}: {e}"))?;
+        }
+    }
+    if host.is_empty() {
+        warn!("no rules: nothing to forward (give -t or -u)");
+    }
+    let targets = targets(&args.target, caps)?;
+    Daemon::routes(&host, targets).map_err(|(_, e)| e.to_string())?;
+    if !(args.shutdown_grace.is_finite() && (0.0..=3600.0).contains(&args.shutdown_grace)) {
+        return Err("--shutdown-grace: give 0 to 3600 seconds".to_owned());
+    }
+    Ok(Options {
+        host,
+        targets,
+        udp: UdpSettings {
+            idle_timeout: Duration::from_secs(args.udp_timeout),
+            max_flows: usize::try_from(args.max_udp_flows).unwrap_or(usize::MAX),
+        },
+        shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
+    })
+}
+
+/// The default targets: at most one `--target` per family, each a unicast
+/// address of a family this host has.
+fn targets(given: &[IpAddr], caps: Caps) -> Result<Targets, String> {
+    let mut targets = Targets::default();
+    let (mut v4, mut v6) = (false, false);
+    for &addr in given {
+        let addr = pesto::rule::canonical_ip(addr);
+        if addr.is_unspecified() || addr.is_multicast() || addr == IpAddr::from([255, 255, 255, 255]) {
+            return Err(format!("--target {addr}: not a unicast address"));
+        }
+        let seen = if addr.is_ipv4() { &mut v4 } else { &mut v6 };
+        if std::mem::replace(seen, true) {
+            return Err(format!("--target {addr}: one target per address family"));
+        }
+        if addr.is_ipv6() && !caps.contains(Caps::IPV6) {
+            return Err(format!("--target {addr}: this host has no IPv6"));
+        }
+        targets.set(addr);
+    }
+    Ok(targets)
+}

@@ -1,0 +1,146 @@
+//! The data plane: listening sockets serving their routes, TCP connections
+//! relayed with splice(2), UDP flows.
+//!
+//! A listening socket is served by one task that follows a [`RouteWatch`]:
+//! the registry sends it a new route when a table swap keeps the socket,
+//! `None` to park it (keep it bound, stop serving it), and closes the socket
+//! by dropping the sender. Connections and flows take what they need from the
+//! route when they start, so a later swap never disturbs them.
+
+mod relay;
+mod tcp;
+mod udp;
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::socket::Bound;
+use crate::target::Route;
+
+/// What a listening socket serves: a route, or `None` while parked.
+pub type RouteWatch = watch::Receiver<Option<Arc<Route>>>;
+
+/// UDP flow settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpSettings {
+    /// A flow with no datagram either way for this long ends.
+    pub idle_timeout: Duration,
+    /// Most flows at once, over every socket; the oldest idle flow makes room.
+    pub max_flows: usize,
+}
+
+impl Default for UdpSettings {
+    fn default() -> UdpSettings {
+        UdpSettings {
+            idle_timeout: Duration::from_secs(180),
+            max_flows: 4096,
+        }
+    }
+}
+
+/// Counters of the data plane, for logs and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// TCP connections accepted.
+    pub tcp_accepted: AtomicU64,
+    /// TCP connections whose target refused or could not be reached.
+    pub tcp_connect_failed: AtomicU64,
+    /// TCP connections open now.
+    pub tcp_active: AtomicU64,
+    /// UDP flows created.
+    pub udp_flows_created: AtomicU64,
+    /// UDP flows ended to make room for a new one.
+    pub udp_flows_evicted: AtomicU64,
+    /// UDP flows that ended after their idle timeout.
+    pub udp_flows_expired: AtomicU64,
+}
+
+impl Stats {
+    fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// State shared by every listener, connection and flow.
+#[derive(Debug)]
+pub struct DataPlane {
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    udp: UdpSettings,
+    flows: udp::FlowLimiter,
+    stats: Stats,
+    epoch: Instant,
+}
+
+impl DataPlane {
+    /// A data plane with these UDP settings.
+    pub fn new(udp: UdpSettings) -> Arc<DataPlane> {
+        Arc::new(DataPlane {
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            udp,
+            flows: udp::FlowLimiter::new(udp.max_flows),
+            stats: Stats::default(),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// UDP flows open now.
+    pub fn udp_flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Serves `socket` (bound for `port`) in a new task, following `routes`.
+    ///
+    /// Must be called from within a tokio runtime.
+    pub fn serve(self: &Arc<DataPlane>, socket: Bound, port: u16, routes: RouteWatch) {
+        let dp = Arc::clone(self);
+        match socket {
+            Bound::Tcp(l) => self.tracker.spawn(tcp::serve(l, port, routes, dp)),
+            Bound::Udp(s) => self.tracker.spawn(udp::serve(s, port, routes, dp)),
+        };
+    }
+
+    /// Ends the data plane: waits up to `grace` for connections and flows to
+    /// finish by themselves, then closes what is left. Call it after every
+    /// listening socket has been closed.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                connections = self.stats.tcp_active.load(Ordering::Relaxed),
+                udp_flows = self.flows.len(),
+                "shutdown grace over, closing what is left"
+            );
+        }
+        self.stop.cancel();
+        self.tracker.wait().await;
+    }
+
+    /// Milliseconds since the data plane started: a cheap clock for idle times.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Errors that mean the process or system ran out of something: the accept
+/// or receive loop backs off instead of spinning on them.
+fn is_resource_error(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    Errno::from_io_error(e)
+        .is_some_and(|n| [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM].contains(&n))
+}

@@ -1,0 +1,133 @@
+//! Relaying a TCP connection: both directions at once, each until EOF, which
+//! becomes a shutdown of the other side's write half (half-close).
+//!
+//! Each direction moves data socket -> pipe -> socket with splice(2), so the
+//! bytes never enter user space. Where that is not possible (no pipe to be
+//! had, or the kernel refuses to splice these sockets) the direction falls
+//! back to a copy through one buffer allocated for the connection's life.
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use rustix::io::Errno;
+use rustix::net::Shutdown;
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Pipe size asked for: more bytes per splice(2) call than the default 64 KiB.
+/// Pages are only used while data sits in the pipe.
+const PIPE_SIZE: usize = 1 << 18;
+
+/// Buffer of the copy fallback.
+const COPY_BUF: usize = 1 << 16;
+
+/// Relays `a` <-> `b` until both directions have seen EOF, or one fails.
+pub(super) async fn relay(a: &TcpStream, b: &TcpStream) -> io::Result<()> {
+    tokio::try_join!(one_way(a, b), one_way(b, a)).map(|_| ())
+}
+
+/// Moves `src` to `dst` until EOF, then shuts down `dst`'s write side.
+async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+    let moved = match Pipe::new() {
+        Ok(pipe) => match splice_loop(src, dst, &pipe).await? {
+            Spliced::Done(n) => n,
+            Spliced::Unsupported => copy_loop(src, dst).await?,
+        },
+        // Out of descriptors for a pipe: this connection still works.
+        Err(_) => copy_loop(src, dst).await?,
+    };
+    match rustix::net::shutdown(dst, Shutdown::Write) {
+        // The peer may be gone already; nothing is left to tell it.
+        Ok(()) | Err(Errno::NOTCONN) => Ok(moved),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Both ends of a pipe.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    size: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        // A smaller pipe (the default, or /proc/sys/fs/pipe-max-size) works.
+        let size = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE)
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))?;
+        Ok(Pipe { read, write, size })
+    }
+}
+
+enum Spliced {
+    Done(u64),
+    Unsupported,
+}
+
+/// The splice(2) direction. The pipe is filled only when empty: splicing into
+/// a pipe that holds data can fail with EAGAIN for want of pipe slots rather
+/// than of socket data, which would make us wait for a readiness that never
+/// comes. With an empty pipe, EAGAIN can only mean "no data".
+async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipe: &Pipe) -> io::Result<Spliced> {
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    let mut moved: u64 = 0;
+    loop {
+        src.readable().await?;
+        let res = src.try_io(Interest::READABLE, || {
+            rustix::pipe::splice(src, None, &pipe.write, None, pipe.size, flags).map_err(Into::into)
+        });
+        let mut in_pipe = match res {
+            Ok(0) => return Ok(Spliced::Done(moved)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if moved == 0 && unsupported(&e) => return Ok(Spliced::Unsupported),
+            Err(e) => return Err(e),
+        };
+        while in_pipe > 0 {
+            dst.writable().await?;
+            let res = dst.try_io(Interest::WRITABLE, || {
+                rustix::pipe::splice(&pipe.read, None, dst, None, in_pipe, flags).map_err(Into::into)
+            });
+            match res {
+                Ok(n) => {
+                    in_pipe -= n;
+                    moved += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The kernel cannot splice these descriptors.
+fn unsupported(e: &io::Error) -> bool {
+    Errno::from_io_error(e).is_some_and(|n| n == Errno::INVAL || n == Errno::NOSYS)
+}
+
+/// The copy direction, through one buffer for the whole connection.
+async fn copy_loop(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut moved: u64 = 0;
+    loop {
+        src.readable().await?;
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => return Ok(moved),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut done = 0;
+        while let Some(rest) = buf.get(done..n).filter(|r| !r.is_empty()) {
+            dst.writable().await?;
+            match dst.try_write(rest) {
+                Ok(k) => done += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        moved += n as u64;
+    }
+}

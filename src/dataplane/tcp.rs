@@ -1,0 +1,121 @@
+//! TCP: the accept loop of a listening socket, and one task per connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use super::{DataPlane, RouteWatch, Stats, is_resource_error, relay};
+
+/// First pause after an accept error that no retry can fix at once (EMFILE).
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts connections on `listener` while it has a route, until the registry
+/// closes it.
+pub(super) async fn serve(
+    listener: std::net::TcpListener,
+    port: u16,
+    mut routes: RouteWatch,
+    dp: Arc<DataPlane>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(port, error = %e, "cannot serve TCP listener");
+            return;
+        }
+    };
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let route = routes.borrow_and_update().clone();
+        let Some(route) = route else {
+            // Parked: connections wait in the backlog until a route comes back.
+            if routes.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        tokio::select! {
+            biased;
+            changed = routes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    backoff = BACKOFF_MIN;
+                    Stats::inc(&dp.stats.tcp_accepted);
+                    let target = route.target(peer.ip(), port);
+                    dp.tracker.spawn(forward(stream, peer, target, Arc::clone(&dp)));
+                }
+                Err(e) if is_resource_error(&e) => {
+                    warn!(port, error = %e, pause = ?backoff, "accept failed, backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        changed = routes.changed() => if changed.is_err() { return },
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                // A connection that died in the queue (ECONNABORTED, ...).
+                Err(e) => debug!(port, error = %e, "accept failed"),
+            },
+        }
+    }
+}
+
+/// Counts a connection as active for as long as it lives.
+struct Active<'a>(&'a Stats);
+
+impl<'a> Active<'a> {
+    fn new(stats: &'a Stats) -> Active<'a> {
+        stats.tcp_active.fetch_add(1, Ordering::Relaxed);
+        Active(stats)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.tcp_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Connects to `target` and relays until both sides are done.
+async fn forward(inbound: TcpStream, peer: SocketAddr, target: SocketAddr, dp: Arc<DataPlane>) {
+    let _active = Active::new(&dp.stats);
+    let outbound = tokio::select! {
+        _ = dp.stop.cancelled() => return,
+        r = TcpStream::connect(target) => r,
+    };
+    let outbound = match outbound {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(%peer, %target, error = %e, "connect to target failed, resetting");
+            Stats::inc(&dp.stats.tcp_connect_failed);
+            reset(&inbound);
+            return;
+        }
+    };
+    // Small writes (requests, handshakes) must not wait for Nagle.
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
+    let res = tokio::select! {
+        _ = dp.stop.cancelled() => Ok(()),
+        r = relay::relay(&inbound, &outbound) => r,
+    };
+    if let Err(e) = res {
+        debug!(%peer, %target, error = %e, "connection failed, resetting both sides");
+        reset(&inbound);
+        reset(&outbound);
+    }
+}
+
+/// Makes the coming close send RST instead of FIN.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}

@@ -1,0 +1,315 @@
+//! UDP: a flow per (listening socket, peer).
+//!
+//! A flow is a socket connected to the target. The listening socket's task
+//! passes the peer's datagrams to it; the flow's own task passes the target's
+//! replies back to the peer through the listening socket, so that the peer
+//! hears from the address and port it sent to. Flows end after an idle
+//! timeout, when the flow table is full and they are the oldest idle one, or
+//! when their listening socket is closed (it carries their replies).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{DataPlane, RouteWatch, Stats, is_resource_error};
+use crate::rule::wildcard;
+
+/// Largest UDP payload (IPv6 without jumbograms, rounded up).
+const MAX_DATAGRAM: usize = 1 << 16;
+
+/// Datagrams taken from a socket per wake-up, so that one busy socket cannot
+/// starve the others on its worker thread.
+const BATCH: usize = 64;
+
+/// What a flow's two sides share.
+#[derive(Debug)]
+struct FlowShared {
+    /// Last datagram either way, in [`DataPlane::now_ms`] time.
+    last: AtomicU64,
+    /// Ends the flow: set on eviction or when its reply side fails.
+    end: CancellationToken,
+}
+
+impl FlowShared {
+    fn touch(&self, dp: &DataPlane) {
+        self.last.store(dp.now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Every flow of the data plane, to bound their number.
+#[derive(Debug)]
+pub(super) struct FlowLimiter {
+    max: usize,
+    // A std mutex: held for a few map operations, never across an await, and
+    // taken only when a flow starts or ends.
+    flows: Mutex<LimiterInner>,
+}
+
+#[derive(Debug, Default)]
+struct LimiterInner {
+    next: u64,
+    flows: HashMap<u64, Arc<FlowShared>>,
+}
+
+impl FlowLimiter {
+    pub(super) fn new(max: usize) -> FlowLimiter {
+        FlowLimiter {
+            max: max.max(1),
+            flows: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LimiterInner> {
+        self.flows.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.lock().flows.len()
+    }
+
+    /// Registers a flow, ending the one idle longest if the table is full.
+    fn admit(&self, flow: Arc<FlowShared>, stats: &Stats) -> u64 {
+        let mut inner = self.lock();
+        while inner.flows.len() >= self.max {
+            let oldest = inner
+                .flows
+                .iter()
+                .min_by_key(|(_, f)| f.last.load(Ordering::Relaxed))
+                .map(|(id, _)| *id);
+            let Some(victim) = oldest.and_then(|id| inner.flows.remove(&id)) else {
+                break;
+            };
+            victim.end.cancel();
+            Stats::inc(&stats.udp_flows_evicted);
+        }
+        let id = inner.next;
+        inner.next += 1;
+        inner.flows.insert(id, flow);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().flows.remove(&id);
+    }
+}
+
+/// The listening task's handle on a flow; dropping it ends the flow.
+struct Flow {
+    socket: Arc<UdpSocket>,
+    shared: Arc<FlowShared>,
+    id: u64,
+    dp: Arc<DataPlane>,
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.shared.end.cancel();
+        self.dp.flows.remove(self.id);
+    }
+}
+
+/// Serves the datagrams arriving on `socket` while it has a route, until the
+/// registry closes it.
+pub(super) async fn serve(
+    socket: std::net::UdpSocket,
+    port: u16,
+    mut routes: RouteWatch,
+    dp: Arc<DataPlane>,
+) {
+    let socket = match UdpSocket::from_std(socket) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            warn!(port, error = %e, "cannot serve UDP socket");
+            return;
+        }
+    };
+    let idle = dp.udp.idle_timeout;
+    let mut sweep = tokio::time::interval((idle / 2).clamp(
+        Duration::from_millis(50),
+        Duration::from_secs(10),
+    ));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
+    // Allocated on the first datagram: most of the sockets of `-u all` never
+    // see one.
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let route = routes.borrow_and_update().clone();
+        tokio::select! {
+            biased;
+            changed = routes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = sweep.tick() => {
+                let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+                let now = dp.now_ms();
+                flows.retain(|_, f| {
+                    let live = !f.shared.end.is_cancelled()
+                        && now.saturating_sub(f.shared.last.load(Ordering::Relaxed)) < idle_ms;
+                    if !live && !f.shared.end.is_cancelled() {
+                        Stats::inc(&dp.stats.udp_flows_expired);
+                    }
+                    live
+                });
+            }
+            ready = socket.readable(), if route.is_some() => {
+                if let Err(e) = ready {
+                    warn!(port, error = %e, "UDP socket failed");
+                    return;
+                }
+                let Some(route) = &route else { continue };
+                if buf.capacity() < MAX_DATAGRAM {
+                    buf.reserve_exact(MAX_DATAGRAM);
+                }
+                for _ in 0..BATCH {
+                    buf.clear();
+                    let peer = match socket.try_recv_buf_from(&mut buf) {
+                        Ok((_, peer)) => peer,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if is_resource_error(&e) => {
+                            warn!(port, error = %e, "receive failed, backing off");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            break;
+                        }
+                        // ICMP errors queued on the socket, and the like.
+                        Err(e) => {
+                            debug!(port, error = %e, "receive failed");
+                            continue;
+                        }
+                    };
+                    let target = route.target(peer.ip(), port);
+                    let Some(flow) = flow_for(&mut flows, &socket, peer, target, &dp) else {
+                        continue;
+                    };
+                    flow.shared.touch(&dp);
+                    // A refused or unroutable target shows up as an error here
+                    // or on the reply side; the datagram is lost, as on a wire.
+                    if let Err(e) = flow.socket.send(&buf).await {
+                        debug!(%peer, %target, error = %e, "send to target failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The live flow of `peer`, made if there is none.
+fn flow_for<'a>(
+    flows: &'a mut HashMap<SocketAddr, Flow>,
+    listening: &Arc<UdpSocket>,
+    peer: SocketAddr,
+    target: SocketAddr,
+    dp: &Arc<DataPlane>,
+) -> Option<&'a Flow> {
+    if flows.get(&peer).is_some_and(|f| f.shared.end.is_cancelled()) {
+        flows.remove(&peer);
+    }
+    if !flows.contains_key(&peer) {
+        let socket = match connect(target) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                debug!(%peer, %target, error = %e, "cannot open UDP flow");
+                return None;
+            }
+        };
+        let shared = Arc::new(FlowShared {
+            last: AtomicU64::new(dp.now_ms()),
+            end: CancellationToken::new(),
+        });
+        let id = dp.flows.admit(Arc::clone(&shared), &dp.stats);
+        Stats::inc(&dp.stats.udp_flows_created);
+        debug!(%peer, %target, "UDP flow");
+        dp.tracker.spawn(replies(
+            Arc::clone(&socket),
+            Arc::clone(listening),
+            peer,
+            Arc::clone(&shared),
+            Arc::clone(dp),
+        ));
+        let flow = Flow {
+            socket,
+            shared,
+            id,
+            dp: Arc::clone(dp),
+        };
+        flows.insert(peer, flow);
+    }
+    flows.get(&peer)
+}
+
+/// A socket of the target's family connected to `target`.
+fn connect(target: SocketAddr) -> io::Result<UdpSocket> {
+    let any = SocketAddr::new(wildcard(target.is_ipv4()), 0);
+    let socket = std::net::UdpSocket::bind(any)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(target)?;
+    UdpSocket::from_std(socket)
+}
+
+/// Passes the target's datagrams back to `peer` until the flow ends.
+async fn replies(
+    flow: Arc<UdpSocket>,
+    listening: Arc<UdpSocket>,
+    peer: SocketAddr,
+    shared: Arc<FlowShared>,
+    dp: Arc<DataPlane>,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(MAX_DATAGRAM);
+    loop {
+        buf.clear();
+        let received = tokio::select! {
+            _ = shared.end.cancelled() => return,
+            _ = dp.stop.cancelled() => return,
+            r = flow.recv_buf(&mut buf) => r,
+        };
+        match received {
+            Ok(_) => {
+                shared.touch(&dp);
+                if let Err(e) = listening.send_to(&buf, peer).await {
+                    debug!(%peer, error = %e, "reply to peer failed");
+                }
+            }
+            // ICMP port unreachable from the target: it may come up later.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(e) => {
+                debug!(%peer, error = %e, "UDP flow failed");
+                shared.end.cancel();
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_evicts_the_oldest_idle_flow() {
+        let stats = Stats::default();
+        let limiter = FlowLimiter::new(2);
+        let flow = |last| {
+            Arc::new(FlowShared {
+                last: AtomicU64::new(last),
+                end: CancellationToken::new(),
+            })
+        };
+        let (a, b, c) = (flow(5), flow(1), flow(9));
+        limiter.admit(Arc::clone(&a), &stats);
+        limiter.admit(Arc::clone(&b), &stats);
+        limiter.admit(Arc::clone(&c), &stats);
+        assert_eq!(limiter.len(), 2);
+        assert!(b.end.is_cancelled());
+        assert!(!a.end.is_cancelled() && !c.end.is_cancelled());
+        assert_eq!(stats.udp_flows_evicted.load(Ordering::Relaxed), 1);
+    }
+}

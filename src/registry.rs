@@ -1,0 +1,290 @@
+//! The registry of listening sockets, keyed by [`SocketKey`].
+//!
+//! [`Registry::sync`] makes a pif's sockets match a table: a socket whose key
+//! the table still wants is kept (stolen from the old table, with its new
+//! route), a missing one is bound, and the ones no rule wants any more are
+//! parked: still bound, no longer served, until [`Registry::close_parked`]
+//! closes them or a later sync takes them back. Start-up, a transaction's
+//! apply and rollback, and shutdown are all syncs.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::dataplane::DataPlane;
+use crate::rule::{PifId, Rule};
+use crate::socket::{self, SocketKey};
+use crate::target::Route;
+
+/// A socket the registry holds: its serving task lives until this is dropped.
+#[derive(Debug)]
+struct Listener {
+    route: watch::Sender<Option<Arc<Route>>>,
+}
+
+impl Listener {
+    /// Hands the socket to `route`, waking its task only if that changes it.
+    fn set_route(&self, route: Option<&Arc<Route>>) {
+        self.route.send_if_modified(|cur| {
+            if cur.as_deref() == route.map(|r| &**r) {
+                return false;
+            }
+            *cur = route.cloned();
+            true
+        });
+    }
+}
+
+#[derive(Debug, Default)]
+struct PifSockets {
+    active: HashMap<SocketKey, Listener>,
+    parked: HashMap<SocketKey, Listener>,
+}
+
+/// Ports of one rule that have no socket, with the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortFailure {
+    /// First port of the range.
+    pub first: u16,
+    /// Last port of the range, inclusive.
+    pub last: u16,
+    /// The errno of the failed bind, or 0 for a port that a sync without
+    /// binding (a rollback) found no socket for.
+    pub errno: i32,
+}
+
+impl PortFailure {
+    /// The reason, for people.
+    pub fn reason(&self) -> String {
+        if self.errno == 0 {
+            "was not bound before, and rollback does not bind".to_owned()
+        } else {
+            io::Error::from_raw_os_error(self.errno).to_string()
+        }
+    }
+}
+
+/// What a sync did for one rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleReport {
+    /// The rule.
+    pub rule: Rule,
+    /// Ports asked for.
+    pub requested: u32,
+    /// Ports with a socket now.
+    pub bound: u32,
+    /// The other ports, as ranges of the same error.
+    pub failed: Vec<PortFailure>,
+}
+
+impl RuleReport {
+    fn fail(&mut self, port: u16, errno: i32) {
+        match self.failed.last_mut() {
+            Some(f) if f.errno == errno && u32::from(f.last) + 1 == u32::from(port) => f.last = port,
+            _ => self.failed.push(PortFailure {
+                first: port,
+                last: port,
+                errno,
+            }),
+        }
+    }
+
+    /// Whether the rule got what it needs: every port, or for a weak rule at
+    /// least one.
+    pub fn is_ok(&self) -> bool {
+        self.bound == self.requested || (self.rule.is_weak() && self.bound > 0)
+    }
+}
+
+/// What a sync of one pif did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// One entry per rule of the table, in its order.
+    pub rules: Vec<RuleReport>,
+    /// Sockets kept from before.
+    pub kept: usize,
+    /// Sockets bound now.
+    pub bound: usize,
+    /// Sockets parked: no rule of the table wants them.
+    pub parked: usize,
+}
+
+impl SyncReport {
+    /// Whether every rule got what it needs (see [`RuleReport::is_ok`]).
+    pub fn is_ok(&self) -> bool {
+        self.rules.iter().all(RuleReport::is_ok)
+    }
+}
+
+/// Every listening socket of the daemon.
+#[derive(Debug)]
+pub struct Registry {
+    dp: Arc<DataPlane>,
+    pifs: HashMap<PifId, PifSockets>,
+}
+
+impl Registry {
+    /// An empty registry whose sockets `dp` serves.
+    pub fn new(dp: Arc<DataPlane>) -> Registry {
+        Registry {
+            dp,
+            pifs: HashMap::new(),
+        }
+    }
+
+    /// Makes `pif`'s active sockets those of `routes`: keeps every socket of
+    /// the same key (active or parked), binds the missing ones if `bind`,
+    /// parks the rest. Must be called from within a tokio runtime.
+    pub fn sync(&mut self, pif: PifId, routes: &[Arc<Route>], bind: bool) -> SyncReport {
+        let sockets = self.pifs.entry(pif).or_default();
+        let mut pool = std::mem::take(&mut sockets.active);
+        pool.extend(sockets.parked.drain());
+        let wanted: usize = routes.iter().map(|r| r.rule.port_count() as usize).sum();
+        let mut active = HashMap::with_capacity(wanted);
+        let mut report = SyncReport::default();
+        for route in routes {
+            let rule = &route.rule;
+            let mut rr = RuleReport {
+                rule: rule.clone(),
+                requested: rule.port_count(),
+                bound: 0,
+                failed: Vec::new(),
+            };
+            for port in rule.first..=rule.last {
+                let key = SocketKey::new(pif, rule, port);
+                if active.contains_key(&key) {
+                    // Validated tables never ask twice; refuse rather than lose one.
+                    rr.fail(port, rustix::io::Errno::ADDRINUSE.raw_os_error());
+                    continue;
+                }
+                if let Some(listener) = pool.remove(&key) {
+                    listener.set_route(Some(route));
+                    active.insert(key, listener);
+                    report.kept += 1;
+                    rr.bound += 1;
+                    continue;
+                }
+                if !bind {
+                    rr.fail(port, 0);
+                    continue;
+                }
+                match socket::bind(&key) {
+                    Ok(bound) => {
+                        let (tx, rx) = watch::channel(Some(Arc::clone(route)));
+                        self.dp.serve(bound, port, rx);
+                        active.insert(key, Listener { route: tx });
+                        report.bound += 1;
+                        rr.bound += 1;
+                    }
+                    Err(e) => rr.fail(port, e.raw_os_error().unwrap_or(0)),
+                }
+            }
+            report.rules.push(rr);
+        }
+        for listener in pool.values() {
+            listener.set_route(None);
+        }
+        report.parked = pool.len();
+        sockets.active = active;
+        sockets.parked = pool;
+        report
+    }
+
+    /// Closes `pif`'s parked sockets.
+    pub fn close_parked(&mut self, pif: PifId) {
+        if let Some(s) = self.pifs.get_mut(&pif) {
+            s.parked.clear();
+        }
+    }
+
+    /// Closes every socket of every pif.
+    pub fn close_all(&mut self) {
+        self.pifs.clear();
+    }
+
+    /// Sockets that `pif` serves now.
+    pub fn active_count(&self, pif: PifId) -> usize {
+        self.pifs.get(&pif).map_or(0, |s| s.active.len())
+    }
+
+    /// Sockets that `pif` holds parked.
+    pub fn parked_count(&self, pif: PifId) -> usize {
+        self.pifs.get(&pif).map_or(0, |s| s.parked.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::UdpSettings;
+    use crate::rule::Proto;
+    use crate::target::Targets;
+    use std::net::IpAddr;
+
+    fn route(proto: Proto, first: u16, last: u16, to: u16) -> Arc<Route> {
+        let rule = Rule::new(proto, IpAddr::from([127, 0, 0, 1]), first, last, to);
+        Arc::new(Route::new(rule, Targets::default()))
+    }
+
+    /// A port range on loopback nobody else is using, found by binding.
+    fn free_range(n: u16) -> u16 {
+        for _ in 0..100 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let base = l.local_addr().unwrap().port();
+            drop(l);
+            if base < 65000
+                && (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+            {
+                return base;
+            }
+        }
+        panic!("no free port range");
+    }
+
+    #[tokio::test]
+    async fn keeps_binds_parks_and_rolls_back() {
+        let dp = DataPlane::new(UdpSettings::default());
+        let mut reg = Registry::new(dp);
+        let base = free_range(4);
+        let old = [route(Proto::Tcp, base, base + 1, 9)];
+        let r = reg.sync(PifId::HOST, &old, true);
+        assert_eq!((r.kept, r.bound, r.parked), (0, 2, 0));
+        assert!(r.is_ok());
+
+        // base+1 stays, base goes, base+2..=base+3 are new.
+        let new = [route(Proto::Tcp, base + 1, base + 3, 10)];
+        let r = reg.sync(PifId::HOST, &new, true);
+        assert_eq!((r.kept, r.bound, r.parked), (1, 2, 1));
+        assert_eq!(reg.active_count(PifId::HOST), 3);
+        assert_eq!(reg.parked_count(PifId::HOST), 1);
+
+        // Rollback binds nothing and gets both old sockets back.
+        let r = reg.sync(PifId::HOST, &old, false);
+        assert_eq!((r.kept, r.bound, r.parked), (2, 0, 2));
+        reg.close_parked(PifId::HOST);
+        assert_eq!(reg.parked_count(PifId::HOST), 0);
+        // The new-only ports are free again.
+        assert!(std::net::TcpListener::bind(("127.0.0.1", base + 3)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn failures_come_as_ranges_with_errno() {
+        let dp = DataPlane::new(UdpSettings::default());
+        let mut reg = Registry::new(dp);
+        let base = free_range(3);
+        let _held = std::net::TcpListener::bind(("127.0.0.1", base + 1)).unwrap();
+        let r = reg.sync(PifId::HOST, &[route(Proto::Tcp, base, base + 2, 9)], true);
+        let rule = &r.rules[0];
+        assert_eq!((rule.requested, rule.bound), (3, 2));
+        assert_eq!(rule.failed.len(), 1);
+        assert_eq!((rule.failed[0].first, rule.failed[0].last), (base + 1, base + 1));
+        assert_eq!(rule.failed[0].errno, rustix::io::Errno::ADDRINUSE.raw_os_error());
+        assert!(!r.is_ok());
+        // Without binding, missing ports are reported with errno 0, merged.
+        reg.close_all();
+        let r = reg.sync(PifId::HOST, &[route(Proto::Udp, base, base + 2, 9)], false);
+        assert_eq!(r.rules[0].failed, [PortFailure { first: base, last: base + 2, errno: 0 }]);
+    }
+}
