@@ -93,7 +93,7 @@ impl Daemon {
         let mut registry = Registry::new(Arc::clone(&dp));
         let report = registry.sync(PifId::HOST, &routes, true);
         if let Some(failed) = report.rules.iter().find(|r| !r.is_ok()) {
-            registry.close_all();
+            registry.close_all().await;
             let (port, reason) = failed
                 .failed
                 .first()
@@ -151,7 +151,7 @@ impl Daemon {
     /// Stops accepting, closes every listening socket, lets connections and
     /// flows go on for the shutdown grace, then closes them.
     pub async fn shutdown(mut self) {
-        self.registry.close_all();
+        self.registry.close_all().await;
         self.dp.shutdown(self.grace).await;
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::dataplane::DataPlane;
+use crate::dataplane::{DataPlane, SocketClosed, SocketLife};
 use crate::rule::{PifId, Rule};
 use crate::socket::{self, SocketKey};
 use crate::target::Route;
@@ -22,6 +22,7 @@ use crate::target::Route;
 #[derive(Debug)]
 struct Listener {
     route: watch::Sender<Option<Arc<Route>>>,
+    closed: SocketClosed,
 }
 
 impl Listener {
@@ -173,8 +174,9 @@ impl Registry {
                 match socket::bind(&key) {
                     Ok(bound) => {
                         let (tx, rx) = watch::channel(Some(Arc::clone(route)));
-                        self.dp.serve(bound, port, rx);
-                        active.insert(key, Listener { route: tx });
+                        let (life, closed) = SocketLife::new();
+                        self.dp.serve(bound, port, rx, life);
+                        active.insert(key, Listener { route: tx, closed });
                         report.bound += 1;
                         rr.bound += 1;
                     }
@@ -192,16 +194,20 @@ impl Registry {
         report
     }
 
-    /// Closes `pif`'s parked sockets.
-    pub fn close_parked(&mut self, pif: PifId) {
+    /// Closes `pif`'s parked sockets; returns once their ports are free.
+    pub async fn close_parked(&mut self, pif: PifId) {
         if let Some(s) = self.pifs.get_mut(&pif) {
-            s.parked.clear();
+            close(s.parked.drain().map(|(_, l)| l)).await;
         }
     }
 
-    /// Closes every socket of every pif.
-    pub fn close_all(&mut self) {
-        self.pifs.clear();
+    /// Closes every socket of every pif; returns once their ports are free.
+    pub async fn close_all(&mut self) {
+        let all = self
+            .pifs
+            .drain()
+            .flat_map(|(_, s)| s.active.into_values().chain(s.parked.into_values()));
+        close(all).await;
     }
 
     /// Sockets that `pif` serves now.
@@ -213,6 +219,18 @@ impl Registry {
     pub fn parked_count(&self, pif: PifId) -> usize {
         self.pifs.get(&pif).map_or(0, |s| s.parked.len())
     }
+}
+
+/// Closes the sockets (dropping the route sender ends the serving task) and
+/// waits until every holder has let go.
+async fn close(listeners: impl Iterator<Item = Listener>) {
+    let waits: Vec<_> = listeners
+        .map(|l| {
+            drop(l.route);
+            l.closed.closed()
+        })
+        .collect();
+    futures::future::join_all(waits).await;
 }
 
 #[cfg(test)]
@@ -263,7 +281,7 @@ mod tests {
         // Rollback binds nothing and gets both old sockets back.
         let r = reg.sync(PifId::HOST, &old, false);
         assert_eq!((r.kept, r.bound, r.parked), (2, 0, 2));
-        reg.close_parked(PifId::HOST);
+        reg.close_parked(PifId::HOST).await;
         assert_eq!(reg.parked_count(PifId::HOST), 0);
         // The new-only ports are free again.
         assert!(std::net::TcpListener::bind(("127.0.0.1", base + 3)).is_ok());
@@ -283,7 +301,7 @@ mod tests {
         assert_eq!(rule.failed[0].errno, rustix::io::Errno::ADDRINUSE.raw_os_error());
         assert!(!r.is_ok());
         // Without binding, missing ports are reported with errno 0, merged.
-        reg.close_all();
+        reg.close_all().await;
         let r = reg.sync(PifId::HOST, &[route(Proto::Udp, base, base + 2, 9)], false);
         assert_eq!(r.rules[0].failed, [PortFailure { first: base, last: base + 2, errno: 0 }]);
     }

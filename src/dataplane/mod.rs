@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,6 +25,33 @@ use crate::target::Route;
 
 /// What a listening socket serves: a route, or `None` while parked.
 pub type RouteWatch = watch::Receiver<Option<Arc<Route>>>;
+
+/// Held by every task that holds a listening socket (its serving task, and
+/// the reply tasks of its UDP flows). When the last one is dropped the socket
+/// is closed: [`SocketLife::closed`] waits for that, so that a port the
+/// registry gives up is free again when the caller goes on.
+#[derive(Debug, Clone)]
+pub struct SocketLife(mpsc::Sender<()>);
+
+/// Waits for a socket's [`SocketLife`] to end.
+#[derive(Debug)]
+pub struct SocketClosed(mpsc::Receiver<()>);
+
+impl SocketLife {
+    /// A life and the means to wait for its end.
+    pub fn new() -> (SocketLife, SocketClosed) {
+        let (tx, rx) = mpsc::channel(1);
+        (SocketLife(tx), SocketClosed(rx))
+    }
+}
+
+impl SocketClosed {
+    /// Resolves once every holder of the socket is gone.
+    pub async fn closed(mut self) {
+        // Nothing is ever sent: `None` means every sender was dropped.
+        while self.0.recv().await.is_some() {}
+    }
+}
 
 /// UDP flow settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,14 +128,21 @@ impl DataPlane {
         self.flows.len()
     }
 
-    /// Serves `socket` (bound for `port`) in a new task, following `routes`.
+    /// Serves `socket` (bound for `port`) in a new task, following `routes`,
+    /// until the sender of `routes` is dropped.
     ///
     /// Must be called from within a tokio runtime.
-    pub fn serve(self: &Arc<DataPlane>, socket: Bound, port: u16, routes: RouteWatch) {
+    pub fn serve(
+        self: &Arc<DataPlane>,
+        socket: Bound,
+        port: u16,
+        routes: RouteWatch,
+        life: SocketLife,
+    ) {
         let dp = Arc::clone(self);
         match socket {
-            Bound::Tcp(l) => self.tracker.spawn(tcp::serve(l, port, routes, dp)),
-            Bound::Udp(s) => self.tracker.spawn(udp::serve(s, port, routes, dp)),
+            Bound::Tcp(l) => self.tracker.spawn(tcp::serve(life, l, port, routes, dp)),
+            Bound::Udp(s) => self.tracker.spawn(udp::serve(life, s, port, routes, dp)),
         };
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use super::{DataPlane, RouteWatch, Stats, is_resource_error, relay};
+use super::{DataPlane, RouteWatch, SocketLife, Stats, is_resource_error, relay};
 
 /// First pause after an accept error that no retry can fix at once (EMFILE).
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -18,11 +18,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Accepts connections on `listener` while it has a route, until the registry
 /// closes it.
 pub(super) async fn serve(
+    life: SocketLife,
     listener: std::net::TcpListener,
     port: u16,
     mut routes: RouteWatch,
     dp: Arc<DataPlane>,
 ) {
+    // Dropped last, once the socket is closed.
+    let _life = life;
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {

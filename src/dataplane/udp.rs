@@ -18,7 +18,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{DataPlane, RouteWatch, Stats, is_resource_error};
+use super::{DataPlane, RouteWatch, SocketLife, Stats, is_resource_error};
 use crate::rule::wildcard;
 
 /// Largest UDP payload (IPv6 without jumbograms, rounded up).
@@ -118,11 +118,14 @@ impl Drop for Flow {
 /// Serves the datagrams arriving on `socket` while it has a route, until the
 /// registry closes it.
 pub(super) async fn serve(
+    life: SocketLife,
     socket: std::net::UdpSocket,
     port: u16,
     mut routes: RouteWatch,
     dp: Arc<DataPlane>,
 ) {
+    // Dropped last, once the socket and every flow using it are gone.
+    let life = life;
     let socket = match UdpSocket::from_std(socket) {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -187,7 +190,7 @@ pub(super) async fn serve(
                         }
                     };
                     let target = route.target(peer.ip(), port);
-                    let Some(flow) = flow_for(&mut flows, &socket, peer, target, &dp) else {
+                    let Some(flow) = flow_for(&mut flows, &socket, &life, peer, target, &dp) else {
                         continue;
                     };
                     flow.shared.touch(&dp);
@@ -206,6 +209,7 @@ pub(super) async fn serve(
 fn flow_for<'a>(
     flows: &'a mut HashMap<SocketAddr, Flow>,
     listening: &Arc<UdpSocket>,
+    life: &SocketLife,
     peer: SocketAddr,
     target: SocketAddr,
     dp: &Arc<DataPlane>,
@@ -229,6 +233,7 @@ fn flow_for<'a>(
         Stats::inc(&dp.stats.udp_flows_created);
         debug!(%peer, %target, "UDP flow");
         dp.tracker.spawn(replies(
+            life.clone(),
             Arc::clone(&socket),
             Arc::clone(listening),
             peer,
@@ -257,6 +262,7 @@ fn connect(target: SocketAddr) -> io::Result<UdpSocket> {
 
 /// Passes the target's datagrams back to `peer` until the flow ends.
 async fn replies(
+    _life: SocketLife,
     flow: Arc<UdpSocket>,
     listening: Arc<UdpSocket>,
     peer: SocketAddr,
