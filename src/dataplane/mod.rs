@@ -31,7 +31,9 @@ pub type RouteWatch = watch::Receiver<Option<Arc<Route>>>;
 /// is closed: [`SocketLife::closed`] waits for that, so that a port the
 /// registry gives up is free again when the caller goes on.
 #[derive(Debug, Clone)]
-pub struct SocketLife(mpsc::Sender<()>);
+pub struct SocketLife {
+    _tx: mpsc::Sender<()>,
+}
 
 /// Waits for a socket's [`SocketLife`] to end.
 #[derive(Debug)]
@@ -41,7 +43,7 @@ impl SocketLife {
     /// A life and the means to wait for its end.
     pub fn new() -> (SocketLife, SocketClosed) {
         let (tx, rx) = mpsc::channel(1);
-        (SocketLife(tx), SocketClosed(rx))
+        (SocketLife { _tx: tx }, SocketClosed(rx))
     }
 }
 

@@ -1,0 +1,257 @@
+//! Helpers for tests that run the real binaries: free ports, a `pestod`
+//! child process with its log, and small servers on loopback.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pesto::spec::Ephemeral;
+
+/// How long a test waits for something that should take milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A block of `n` consecutive ports that nothing listens on, for TCP and
+/// UDP, on every address of both families.
+///
+/// Ports come from the ephemeral range: rules such as `all` never take those,
+/// so a test that forwards `all` on some address cannot collide with another
+/// test running at the same time.
+pub fn free_ports(n: u16) -> u16 {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let eph = Ephemeral::probe();
+    let span = u32::from(eph.last - eph.first).saturating_sub(u32::from(n)).max(1);
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
+    for _ in 0..1000 {
+        let k = SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(7919);
+        let base = eph.first + ((seed.wrapping_add(k)) % span) as u16;
+        if (base..base + n).all(port_is_free) {
+            return base;
+        }
+    }
+    panic!("no block of {n} free ports");
+}
+
+fn port_is_free(port: u16) -> bool {
+    let tcp = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None);
+    let udp = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None);
+    let (Ok(tcp), Ok(udp)) = (tcp, udp) else {
+        return false;
+    };
+    let addr: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
+    tcp.set_only_v6(false).is_ok()
+        && udp.set_only_v6(false).is_ok()
+        && tcp.bind(&addr.into()).is_ok()
+        && udp.bind(&addr.into()).is_ok()
+}
+
+/// A running `pestod`, killed when dropped.
+pub struct Pestod {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Pestod {
+    /// Starts `pestod` with `args` and waits until it says it is ready.
+    pub fn start(args: &[&str]) -> Pestod {
+        let mut p = Pestod::spawn(args);
+        if let Err(log) = p.wait_for("ready") {
+            let status = p.child.try_wait();
+            panic!("pestod {args:?} did not get ready ({status:?}); log:\n{log}");
+        }
+        p
+    }
+
+    /// Starts `pestod` with `args`, without waiting.
+    pub fn spawn(args: &[&str]) -> Pestod {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pestod"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pestod");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = mpsc::channel();
+        let keep = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Pestod { child, log, lines }
+    }
+
+    /// Waits for a log line containing `text`; on timeout or exit, the log.
+    pub fn wait_for(&mut self, text: &str) -> Result<String, String> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return Ok(line),
+                Ok(_) => {}
+                Err(_) => return Err(self.log()),
+            }
+        }
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends it a signal.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, sig).expect("kill");
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                // Let the log reader catch up with the last lines.
+                thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            assert!(Instant::now() < deadline, "pestod did not exit; log:\n{}", self.log());
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Pestod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `pestod` to completion (for arguments that make it exit).
+pub fn pestod_exit(args: &[&str]) -> (ExitStatus, String) {
+    let mut p = Pestod::spawn(args);
+    let status = p.wait();
+    (status, p.log())
+}
+
+/// A TCP server on `addr` that serves every connection with `f` in a thread.
+pub fn tcp_server<F>(addr: SocketAddr, f: F) -> SocketAddr
+where
+    F: Fn(TcpStream) + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind(addr).expect("bind test server");
+    let local = listener.local_addr().unwrap();
+    let f = Arc::new(f);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let f = Arc::clone(&f);
+            thread::spawn(move || f(stream));
+        }
+    });
+    local
+}
+
+/// A TCP server that echoes every byte until EOF, then closes.
+pub fn echo_server(addr: SocketAddr) -> SocketAddr {
+    tcp_server(addr, |mut s| {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// A TCP server that writes `reply` to every connection and closes it.
+pub fn reply_server(addr: SocketAddr, reply: String) -> SocketAddr {
+    tcp_server(addr, move |mut s| {
+        let _ = s.write_all(reply.as_bytes());
+    })
+}
+
+/// Connects to `addr`, retrying while it refuses (a listener on its way up).
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => {
+                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                return s;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("connect {addr}: {e}"),
+        }
+    }
+}
+
+/// Reads until EOF.
+pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read to EOF");
+    out
+}
+
+/// A UDP server on `addr` answering each datagram with `tag` followed by the
+/// datagram; returns its address and a log of the peers it saw.
+pub fn udp_echo(addr: SocketAddr, tag: &'static str) -> (SocketAddr, Arc<Mutex<Vec<SocketAddr>>>) {
+    let socket = UdpSocket::bind(addr).expect("bind udp server");
+    let local = socket.local_addr().unwrap();
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&peers);
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            seen.lock().unwrap().push(peer);
+            let mut reply = tag.as_bytes().to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&reply, peer);
+        }
+    });
+    (local, peers)
+}
+
+/// A 64-bit FNV-1a hash, to compare large transfers.
+pub fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// `n` bytes of a deterministic pseudo-random stream.
+pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -1,0 +1,300 @@
+//! The `pestod` binary forwarding real traffic on loopback.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, UdpSocket};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use rustix::process::Signal;
+
+fn v4(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn v6(port: u16) -> SocketAddr {
+    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))
+}
+
+/// Tens of MB both ways through splice, compared by hash.
+#[test]
+fn large_transfer_is_exact() {
+    let target = echo_server(v4(0));
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
+    let data = pattern(24 << 20, 7);
+    let expect = fnv(&data);
+    let mut s = connect(v4(port));
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        for chunk in data.chunks(100_003) {
+            w.write_all(chunk).unwrap();
+        }
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let back = read_all(&mut s);
+    writer.join().unwrap();
+    assert_eq!(back.len(), 24 << 20);
+    assert_eq!(fnv(&back), expect);
+}
+
+/// The client shuts down its write side and still gets the whole reply.
+#[test]
+fn half_close_passes_through() {
+    let target = tcp_server(v4(0), |mut s| {
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).unwrap();
+        // Only after EOF: the forwarder must have passed the FIN on.
+        s.write_all(format!("got {} bytes", req.len()).as_bytes()).unwrap();
+    });
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
+    let mut s = connect(v4(port));
+    s.write_all(&[1u8; 5000]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut s), b"got 5000 bytes");
+}
+
+#[test]
+fn two_hundred_concurrent_connections() {
+    let target = echo_server(v4(0));
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(200));
+    let clients: Vec<_> = (0..200u64)
+        .map(|i| {
+            let barrier = std::sync::Arc::clone(&barrier);
+            thread::spawn(move || {
+                let mut s = connect(v4(port));
+                barrier.wait(); // all 200 open at once
+                let msg = pattern(10_000, i + 1);
+                s.write_all(&msg).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                assert_eq!(read_all(&mut s), msg, "connection {i}");
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+}
+
+/// `-t A-B:C-D`: each port lands on its own target port.
+#[test]
+fn port_range_is_remapped() {
+    let targets = free_ports(4);
+    for p in targets..targets + 4 {
+        reply_server(v4(p), format!("port {p}"));
+    }
+    let first = free_ports(4);
+    let spec = format!("{first}-{}:{targets}-{}", first + 3, targets + 3);
+    let _d = Pestod::start(&["-t", &spec]);
+    for i in 0..4 {
+        let mut s = connect(v4(first + i));
+        let got = String::from_utf8(read_all(&mut s)).unwrap();
+        assert_eq!(got, format!("port {}", targets + i));
+    }
+}
+
+/// A target address in the spec: the server listens on 127.0.0.2 only.
+#[test]
+fn target_address_is_used() {
+    let target = reply_server("127.0.0.2:0".parse().unwrap(), "on .2".into());
+    let port = free_ports(1);
+    let spec = format!("127.0.0.1/{port}:127.0.0.2/{}", target.port());
+    let _d = Pestod::start(&["-t", &spec]);
+    assert_eq!(read_all(&mut connect(v4(port))), b"on .2");
+}
+
+/// One dual-stack socket, reached over IPv4 and IPv6, each to the default
+/// target of its own family; `--target` changes one family's default.
+#[test]
+fn dual_stack_rule_serves_both_families() {
+    let tport = free_ports(1);
+    reply_server(v4(tport), "v4".into());
+    reply_server(v6(tport), "v6".into());
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{tport}")]);
+    assert_eq!(read_all(&mut connect(v4(port))), b"v4");
+    assert_eq!(read_all(&mut connect(v6(port))), b"v6");
+
+    let other = reply_server("127.0.0.2:0".parse().unwrap(), "v4 on .2".into());
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{}", other.port()), "--target", "127.0.0.2"]);
+    assert_eq!(read_all(&mut connect(v4(port))), b"v4 on .2");
+}
+
+/// A target that refuses: the client sees a reset, not a silent close.
+#[test]
+fn refused_target_resets_the_client() {
+    let dead = free_ports(1);
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{dead}")]);
+    let mut s = connect(v4(port));
+    let mut buf = [0u8; 1];
+    let err = s.read(&mut buf).expect_err("reset expected");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+}
+
+fn udp_client(server: SocketAddr) -> UdpSocket {
+    let bind: SocketAddr = if server.is_ipv4() { v4(0) } else { v6(0) };
+    let s = UdpSocket::bind(bind).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.connect(server).unwrap();
+    s
+}
+
+/// Several peers at once; each gets its own replies, from the address and
+/// port it sent to (the socket is connected, so anything else is dropped).
+#[test]
+fn udp_round_trips_with_several_peers() {
+    let tport = free_ports(1);
+    let (_, seen4) = udp_echo(v4(tport), "4:");
+    let (_, seen6) = udp_echo(v6(tport), "6:");
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-u", &format!("{port}:{tport}")]);
+    let peers: Vec<_> = (0..6)
+        .map(|i| {
+            thread::spawn(move || {
+                let server = if i % 2 == 0 { v4(port) } else { v6(port) };
+                let tag = if i % 2 == 0 { "4:" } else { "6:" };
+                let s = udp_client(server);
+                for n in 0..50 {
+                    let msg = format!("peer {i} datagram {n}");
+                    // Loopback does not lose datagrams, but the first one can
+                    // race the flow's creation: retry on a missing reply.
+                    let mut buf = [0u8; 256];
+                    let got = (0..5).find_map(|_| {
+                        s.send(msg.as_bytes()).unwrap();
+                        s.recv(&mut buf).ok()
+                    });
+                    let got = got.expect("no reply");
+                    assert_eq!(&buf[..got], format!("{tag}{msg}").as_bytes());
+                }
+            })
+        })
+        .collect();
+    for p in peers {
+        p.join().unwrap();
+    }
+    // One flow, hence one source port at the target, per peer.
+    let distinct = |seen: &std::sync::Mutex<Vec<SocketAddr>>| {
+        let mut v = seen.lock().unwrap().clone();
+        v.sort();
+        v.dedup();
+        v.len()
+    };
+    assert_eq!(distinct(&seen4), 3);
+    assert_eq!(distinct(&seen6), 3);
+}
+
+/// An idle flow ends: the next datagram of the same peer makes a new one
+/// (a new source port at the target).
+#[test]
+fn udp_flows_expire() {
+    let (target, seen) = udp_echo(v4(0), "");
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-u", &format!("{port}:{}", target.port()), "--udp-timeout", "1"]);
+    let s = udp_client(v4(port));
+    let mut buf = [0u8; 16];
+    s.send(b"one").unwrap();
+    assert_eq!(s.recv(&mut buf).unwrap(), 3);
+    s.send(b"two").unwrap();
+    assert_eq!(s.recv(&mut buf).unwrap(), 3);
+    thread::sleep(Duration::from_millis(2000));
+    s.send(b"three").unwrap();
+    assert_eq!(s.recv(&mut buf).unwrap(), 5);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0], seen[1], "same flow while active");
+    assert_ne!(seen[1], seen[2], "a new flow after the timeout");
+}
+
+/// A port held by someone else: a rule that needs it stops the start.
+#[test]
+fn bind_failure_exits_with_the_port_and_reason() {
+    let port = free_ports(2);
+    let _held = std::net::TcpListener::bind(v4(port + 1)).unwrap();
+    let (status, log) = pestod_exit(&["-t", &format!("{port}-{}:1000-1001", port + 1)]);
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains(&format!("port {}", port + 1)), "{log}");
+    assert!(log.contains("Address already in use"), "{log}");
+    // Nothing stays bound.
+    assert!(std::net::TcpListener::bind(v6(port)).is_ok());
+}
+
+/// A best-effort rule (from an exclusion-only spec) runs without the ports it
+/// cannot get, and says so once.
+#[test]
+fn bind_failure_on_a_weak_rule_warns() {
+    let eph = pesto::spec::Ephemeral::probe();
+    assert!(eph.first > 200, "unusual ephemeral range {eph:?}");
+    // Exclude everything but the 100 ports below the ephemeral range, on an
+    // address no other test uses.
+    let low = eph.first - 100;
+    let mut spec = format!("127.0.0.3/~1-{}", low - 1);
+    if eph.last < 65535 {
+        spec += &format!(",~{}-65535", eph.last + 1);
+    }
+    let held = std::net::TcpListener::bind(("127.0.0.3", low + 7)).unwrap();
+    let _d = {
+        let mut d = Pestod::spawn(&["-t", &spec, "--target", "127.0.0.1"]);
+        let warning = d.wait_for("not forwarded").expect("a warning");
+        assert!(warning.contains("1 port(s)"), "{warning}");
+        assert!(warning.contains(&format!("port {}", low + 7)), "{warning}");
+        d.wait_for("ready").expect("ready");
+        d
+    };
+    drop(held);
+}
+
+#[test]
+fn invalid_spec_exits_and_binds_nothing() {
+    let port = free_ports(1);
+    let (status, log) = pestod_exit(&["-t", &format!("{port}:80"), "-t", "80x"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(log.contains("invalid port spec '-t 80x'"), "{log}");
+    assert!(std::net::TcpListener::bind(v6(port)).is_ok());
+
+    let (status, log) = pestod_exit(&["-t", "1000-1002:2000-2001"]);
+    assert_eq!(status.code(), Some(1), "{log}");
+
+    let (status, log) = pestod_exit(&["-t", &port.to_string()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(log.contains("to itself"), "{log}");
+
+    let (status, log) = pestod_exit(&["-t", "8080:80", "--target", "224.0.0.1"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(log.contains("not a unicast address"), "{log}");
+}
+
+/// SIGTERM: listeners close at once, a connection in flight may finish within
+/// the grace, and the daemon exits 0.
+#[test]
+fn sigterm_exits_cleanly() {
+    let target = echo_server(v4(0));
+    let port = free_ports(1);
+    let mut d = Pestod::start(&["-t", &format!("{port}:{}", target.port()), "--shutdown-grace", "5"]);
+    let mut s = connect(v4(port));
+    s.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).unwrap();
+    d.signal(Signal::TERM);
+    d.wait_for("shutting down").unwrap();
+    // The listener is gone, the connection still works.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while std::net::TcpStream::connect(v4(port)).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "still listening");
+        thread::sleep(Duration::from_millis(10));
+    }
+    s.write_all(b"after!").unwrap();
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"after!");
+    s.shutdown(Shutdown::Write).unwrap();
+    assert!(read_all(&mut s).is_empty());
+    let status = d.wait();
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(d.log().contains("stopped"));
+}
