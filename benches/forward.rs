@@ -1,0 +1,339 @@
+//! Forwarding speed on loopback: the same loads directly, through `pestod`,
+//! and through socat where it is installed, with ratios to the direct path
+//! and the forwarder's CPU use, all measured in one run.
+//!
+//! ```text
+//! cargo bench --bench forward                  # 3 s per measurement
+//! PESTO_BENCH_SECS=10 cargo bench --bench forward
+//! PESTO_BENCH_ONLY=UDP cargo bench --bench forward   # loads whose name has "UDP"
+//! ```
+//!
+//! Loads: bulk TCP (one stream, four streams; the client writes 256 KiB
+//! chunks into a sink), connection rate (connect, one byte, echo, close;
+//! one client and eight clients), UDP (1400-byte datagrams sent as fast as
+//! possible into a sink, counted where they arrive).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const CHUNK: usize = 256 << 10;
+const DATAGRAM: usize = 1400;
+
+fn main() {
+    let secs: f64 = std::env::var("PESTO_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|s: &f64| *s > 0.0)
+        .unwrap_or(3.0);
+    let dur = Duration::from_secs_f64(secs);
+
+    let sink = tcp_sink();
+    let echo = tcp_echo();
+    let (udp_sink, udp_count) = udp_sink();
+
+    let mut paths: Vec<Path> = vec![Path::direct(sink, echo, udp_sink)];
+    paths.push(Path::pestod(sink, echo, udp_sink));
+    match Path::socat(sink, echo, udp_sink) {
+        Some(p) => paths.push(p),
+        None => eprintln!("socat not found: install it (apt-get install socat) to compare"),
+    }
+
+    type Load<'a> = (&'a str, &'a str, Box<dyn Fn(&Path) -> f64>);
+    let loads: Vec<Load> = vec![
+        ("TCP bulk, 1 stream", "Gbit/s", Box::new(move |p| bulk(p.sink, 1, dur))),
+        ("TCP bulk, 4 streams", "Gbit/s", Box::new(move |p| bulk(p.sink, 4, dur))),
+        ("TCP connect+echo, 1 client", "conn/s", Box::new(move |p| conn_rate(p.echo, 1, dur))),
+        ("TCP connect+echo, 8 clients", "conn/s", Box::new(move |p| conn_rate(p.echo, 8, dur))),
+        ("UDP 1400 B datagrams", "Mbit/s", {
+            let count = Arc::clone(&udp_count);
+            Box::new(move |p| udp(p.udp, &count, dur))
+        }),
+    ];
+
+    let only = std::env::var("PESTO_BENCH_ONLY").unwrap_or_default();
+    println!("{secs} s per measurement; ratio = rate / direct rate; CPU = forwarder, % of one core");
+    print!("{:<30}", "load");
+    for p in &paths {
+        print!("{:>30}", p.name);
+    }
+    println!();
+    for (name, unit, load) in loads.iter().filter(|l| l.0.contains(&only)) {
+        print!("{name:<30}");
+        let mut direct = 0.0;
+        for (i, p) in paths.iter().enumerate() {
+            // Let TIME_WAIT and socket buffers of the last load settle.
+            thread::sleep(Duration::from_millis(300));
+            let cpu0 = p.cpu_ticks();
+            let t0 = Instant::now();
+            let rate = load(p);
+            let cpu = p.cpu_ticks().zip(cpu0).map(|(b, a)| {
+                (b - a) as f64 / clock_ticks() / t0.elapsed().as_secs_f64() * 100.0
+            });
+            if i == 0 {
+                direct = rate;
+                print!("{:>30}", format!("{rate:.2} {unit}"));
+            } else {
+                let ratio = if direct > 0.0 { rate / direct } else { 0.0 };
+                let cpu = cpu.map_or(String::new(), |c| format!(", {c:.0}% CPU"));
+                print!("{:>30}", format!("{rate:.2} {ratio:.2}x{cpu}"));
+            }
+            std::io::stdout().flush().ok();
+        }
+        println!();
+    }
+}
+
+/// Where a load connects: the servers directly, or a forwarder in front.
+struct Path {
+    name: String,
+    sink: SocketAddr,
+    echo: SocketAddr,
+    udp: SocketAddr,
+    child: Vec<Child>,
+}
+
+impl Path {
+    fn direct(sink: SocketAddr, echo: SocketAddr, udp: SocketAddr) -> Path {
+        Path {
+            name: "direct".into(),
+            sink,
+            echo,
+            udp,
+            child: Vec::new(),
+        }
+    }
+
+    fn pestod(sink: SocketAddr, echo: SocketAddr, udp: SocketAddr) -> Path {
+        let (s, e, u) = (free_port(), free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_pestod"))
+            .process_group(0)
+            .args(["-q", "-t", &format!("127.0.0.1/{s}:{}", sink.port())])
+            .args(["-t", &format!("127.0.0.1/{e}:{}", echo.port())])
+            .args(["-u", &format!("127.0.0.1/{u}:{}", udp.port())])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start pestod");
+        wait_listening(s);
+        wait_listening(e);
+        Path {
+            name: "pestod".into(),
+            sink: local(s),
+            echo: local(e),
+            udp: local(u),
+            child: vec![child],
+        }
+    }
+
+    fn socat(sink: SocketAddr, echo: SocketAddr, udp: SocketAddr) -> Option<Path> {
+        let mut child = Vec::new();
+        let (s, e, u) = (free_port(), free_port(), free_port());
+        for (listen, target) in [
+            (format!("TCP4-LISTEN:{s},fork,reuseaddr,bind=127.0.0.1"), format!("TCP4:{sink}")),
+            (format!("TCP4-LISTEN:{e},fork,reuseaddr,bind=127.0.0.1"), format!("TCP4:{echo}")),
+            (format!("UDP4-LISTEN:{u},fork,reuseaddr,bind=127.0.0.1"), format!("UDP4:{udp}")),
+        ] {
+            // Its own process group: socat forks a child per connection (and
+            // per UDP peer), and they must all be counted and killed.
+            let c = Command::new("socat")
+                .args([listen, target])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .ok()?;
+            child.push(c);
+        }
+        wait_listening(s);
+        wait_listening(e);
+        Some(Path {
+            name: "socat".into(),
+            sink: local(s),
+            echo: local(e),
+            udp: local(u),
+            child,
+        })
+    }
+
+    /// CPU time of the forwarder's processes (every process of their
+    /// process groups, and the children they reaped), in clock ticks.
+    fn cpu_ticks(&self) -> Option<u64> {
+        if self.child.is_empty() {
+            return None;
+        }
+        let groups: Vec<String> = self.child.iter().map(|c| c.id().to_string()).collect();
+        let mut total = 0;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // After the command name: state, ppid, pgrp, ..., then utime,
+            // stime, cutime, cstime as the 12th to 15th fields.
+            let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            if f.len() < 15 || !groups.iter().any(|g| g == f[2]) {
+                continue;
+            }
+            total += f[11..15].iter().filter_map(|x| x.parse::<u64>().ok()).sum::<u64>();
+        }
+        Some(total)
+    }
+}
+
+impl Drop for Path {
+    fn drop(&mut self) {
+        for c in &mut self.child {
+            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    rustix::param::clock_ticks_per_second() as f64
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    // UDP too, on the same number.
+    if UdpSocket::bind(local(port)).is_ok() {
+        port
+    } else {
+        free_port()
+    }
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(local(port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads and discards every connection.
+fn tcp_sink() -> SocketAddr {
+    serve_tcp(|mut s| {
+        let mut buf = vec![0u8; CHUNK];
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    })
+}
+
+/// Echoes every connection until EOF.
+fn tcp_echo() -> SocketAddr {
+    serve_tcp(|mut s| {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Sixteen threads accept on one listener and serve a connection each at a
+/// time: no thread is spawned per connection, which would cap the rate.
+fn serve_tcp(f: fn(TcpStream)) -> SocketAddr {
+    let l = Arc::new(TcpListener::bind("127.0.0.1:0").expect("bind"));
+    let addr = l.local_addr().expect("addr");
+    for _ in 0..16 {
+        let l = Arc::clone(&l);
+        thread::spawn(move || {
+            for s in l.incoming().map_while(Result::ok) {
+                let _ = s.set_nodelay(true);
+                f(s);
+            }
+        });
+    }
+    addr
+}
+
+fn udp_sink() -> (SocketAddr, Arc<AtomicU64>) {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = s.local_addr().expect("addr");
+    let count = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&count);
+    thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = s.recv(&mut buf) {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    });
+    (addr, count)
+}
+
+/// Runs `threads` copies of `f` until `dur` is over; sums what they count.
+fn run(threads: usize, dur: Duration, f: impl Fn(&AtomicBool) -> u64 + Sync) -> u64 {
+    let stop = AtomicBool::new(false);
+    thread::scope(|sc| {
+        let handles: Vec<_> = (0..threads).map(|_| sc.spawn(|| f(&stop))).collect();
+        thread::sleep(dur);
+        stop.store(true, Ordering::Relaxed);
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    })
+}
+
+fn bulk(sink: SocketAddr, streams: usize, dur: Duration) -> f64 {
+    let t0 = Instant::now();
+    let bytes = run(streams, dur, |stop| {
+        let Ok(mut s) = TcpStream::connect(sink) else { return 0 };
+        let buf = vec![0x5au8; CHUNK];
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            match s.write(&buf) {
+                Ok(n) => sent += n as u64,
+                Err(_) => break,
+            }
+        }
+        sent
+    });
+    bytes as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9
+}
+
+fn conn_rate(echo: SocketAddr, clients: usize, dur: Duration) -> f64 {
+    let t0 = Instant::now();
+    let n = run(clients, dur, |stop| {
+        let mut done = 0;
+        let mut b = [0u8; 1];
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(mut s) = TcpStream::connect(echo) else { continue };
+            let _ = s.set_nodelay(true);
+            if s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() {
+                done += 1;
+            }
+        }
+        done
+    });
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn udp(target: SocketAddr, received: &AtomicU64, dur: Duration) -> f64 {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.connect(target).expect("connect");
+    let buf = [0x5au8; DATAGRAM];
+    let before = received.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    while t0.elapsed() < dur {
+        for _ in 0..64 {
+            let _ = s.send(&buf);
+        }
+    }
+    // What is still in flight arrives within milliseconds on loopback.
+    thread::sleep(Duration::from_millis(100));
+    let bytes = received.load(Ordering::Relaxed) - before;
+    bytes as f64 * 8.0 / dur.as_secs_f64() / 1e6
+}
