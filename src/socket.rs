@@ -16,6 +16,9 @@ use crate::rule::{IfName, PifId, Proto, Rule};
 /// Listen backlog; the kernel caps it at `net.core.somaxconn`.
 const BACKLOG: i32 = 4096;
 
+/// Receive buffer asked for UDP sockets.
+pub const UDP_BUFFER: usize = 4 << 20;
+
 /// What makes two listening sockets interchangeable: a socket is reused for
 /// another rule only if every field matches, so a socket bound to a device or
 /// to one family is never handed to a rule that wants something else.
@@ -89,9 +92,14 @@ pub fn bind(key: &SocketKey) -> io::Result<Bound> {
         Proto::Udp => (Type::DGRAM, Protocol::UDP),
     };
     let socket = Socket::new(domain, ty.nonblocking().cloexec(), Some(proto))?;
-    if key.proto == Proto::Tcp {
+    match key.proto {
         // Rebinding a port whose old connections sit in TIME_WAIT must work.
-        socket.set_reuse_address(true)?;
+        Proto::Tcp => socket.set_reuse_address(true)?,
+        // Room for bursts while the forwarder is not scheduled; the kernel
+        // caps it at net.core.rmem_max, and memory is used only when queued.
+        Proto::Udp => {
+            let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+        }
     }
     if key.addr.is_ipv6() {
         socket.set_only_v6(!key.dual_stack)?;

@@ -8,12 +8,15 @@
 //! when their listening socket is closed (it carries their replies).
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -24,9 +27,13 @@ use crate::rule::wildcard;
 /// Largest UDP payload (IPv6 without jumbograms, rounded up).
 const MAX_DATAGRAM: usize = 1 << 16;
 
-/// Datagrams taken from a socket per wake-up, so that one busy socket cannot
-/// starve the others on its worker thread.
+/// Datagrams taken from a socket per wake-up: enough to make one system call
+/// carry many, few enough that one busy socket cannot starve the others.
 const BATCH: usize = 64;
+
+/// Receive buffer of a busy listening socket: room for a batch of typical
+/// datagrams, and always for one of the largest.
+const BATCH_BYTES: usize = 1 << 18;
 
 /// What a flow's two sides share.
 #[derive(Debug)]
@@ -143,6 +150,7 @@ pub(super) async fn serve(
     // Allocated on the first datagram: most of the sockets of `-u all` never
     // see one.
     let mut buf: Vec<u8> = Vec::new();
+    let mut batch: Vec<(SocketAddr, Range<usize>)> = Vec::new();
     loop {
         let route = routes.borrow_and_update().clone();
         tokio::select! {
@@ -170,39 +178,105 @@ pub(super) async fn serve(
                     return;
                 }
                 let Some(route) = &route else { continue };
-                if buf.capacity() < MAX_DATAGRAM {
-                    buf.reserve_exact(MAX_DATAGRAM);
+                if buf.capacity() < BATCH_BYTES {
+                    buf.reserve_exact(BATCH_BYTES);
+                    batch.reserve_exact(BATCH);
                 }
-                for _ in 0..BATCH {
-                    buf.clear();
-                    let peer = match socket.try_recv_buf_from(&mut buf) {
-                        Ok((_, peer)) => peer,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if is_resource_error(&e) => {
-                            warn!(port, error = %e, "receive failed, backing off");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            break;
-                        }
-                        // ICMP errors queued on the socket, and the like.
-                        Err(e) => {
-                            debug!(port, error = %e, "receive failed");
-                            continue;
-                        }
-                    };
+                receive_batch(&socket, port, &mut buf, &mut batch).await;
+                // Runs of datagrams from one peer go out in one sendmmsg(2):
+                // one system call, and one wake-up of the target, per run.
+                let mut rest = &batch[..];
+                while let Some(&(peer, _)) = rest.first() {
+                    let run = rest.iter().take_while(|(p, _)| *p == peer).count();
+                    let (now, later) = rest.split_at(run);
+                    rest = later;
                     let target = route.target(peer.ip(), port);
                     let Some(flow) = flow_for(&mut flows, &socket, &life, peer, target, &dp) else {
                         continue;
                     };
                     flow.shared.touch(&dp);
-                    // A refused or unroutable target shows up as an error here
-                    // or on the reply side; the datagram is lost, as on a wire.
-                    if let Err(e) = flow.socket.send(&buf).await {
-                        debug!(%peer, %target, error = %e, "send to target failed");
-                    }
+                    send_batch(&flow.socket, &buf, now, peer, target).await;
                 }
             }
         }
     }
+}
+
+/// Receives up to [`BATCH`] datagrams into `buf`, one after the other, with
+/// their peers and places in `batch`.
+async fn receive_batch(
+    socket: &UdpSocket,
+    port: u16,
+    buf: &mut Vec<u8>,
+    batch: &mut Vec<(SocketAddr, Range<usize>)>,
+) {
+    buf.clear();
+    batch.clear();
+    // Stop while a datagram of any size still fits: a short buffer would
+    // truncate it.
+    while batch.len() < BATCH && buf.capacity() - buf.len() >= MAX_DATAGRAM {
+        let start = buf.len();
+        match socket.try_recv_buf_from(buf) {
+            Ok((_, peer)) => batch.push((peer, start..buf.len())),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if is_resource_error(&e) => {
+                warn!(port, error = %e, "receive failed, backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                break;
+            }
+            // ICMP errors queued on the socket, and the like.
+            Err(e) => debug!(port, error = %e, "receive failed"),
+        }
+    }
+}
+
+/// Sends the datagrams at `places` of `buf` on the connected `socket`.
+///
+/// A datagram the kernel refuses (the target's ICMP error, reported on the
+/// next send) is lost, as it would be on a wire; the others still go.
+async fn send_batch(
+    socket: &UdpSocket,
+    buf: &[u8],
+    places: &[(SocketAddr, Range<usize>)],
+    peer: SocketAddr,
+    target: SocketAddr,
+) {
+    let mut sent = 0;
+    while let Some(left) = places.get(sent..).filter(|l| !l.is_empty()) {
+        match socket.try_io(Interest::WRITABLE, || sendmmsg(socket, buf, left)) {
+            Ok(n) => sent += n.max(1),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if socket.writable().await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                debug!(%peer, %target, error = %e, "send to target failed");
+                sent += 1;
+            }
+        }
+    }
+}
+
+/// One sendmmsg(2) of the datagrams at `places` of `buf`; returns how many
+/// went.
+fn sendmmsg(
+    socket: &UdpSocket,
+    buf: &[u8],
+    places: &[(SocketAddr, Range<usize>)],
+) -> io::Result<usize> {
+    let iovs: Vec<[IoSlice<'_>; 1]> = places
+        .iter()
+        .map(|(_, r)| [IoSlice::new(buf.get(r.clone()).unwrap_or_default())])
+        .collect();
+    let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> =
+        iovs.iter().map(|_| SendAncillaryBuffer::default()).collect();
+    let mut msgs: Vec<MMsgHdr<'_>> = iovs
+        .iter()
+        .zip(controls.iter_mut())
+        .map(|(iov, control)| MMsgHdr::new(iov, control))
+        .collect();
+    Ok(rustix::net::sendmmsg(socket, &mut msgs, SendFlags::empty())?)
 }
 
 /// The live flow of `peer`, made if there is none.
