@@ -43,6 +43,10 @@ fn main() {
         Some(p) => paths.push(p),
         None => eprintln!("socat not found: install it (apt-get install socat) to compare"),
     }
+    match Path::haproxy(sink, echo) {
+        Some(p) => paths.push(p),
+        None => eprintln!("haproxy did not start: install it (apt-get install haproxy) to compare"),
+    }
 
     type Load<'a> = (&'a str, &'a str, Box<dyn Fn(&Path) -> f64>);
     let loads: Vec<Load> = vec![
@@ -52,7 +56,7 @@ fn main() {
         ("TCP connect+echo, 8 clients", "conn/s", Box::new(move |p| conn_rate(p.echo, 8, dur))),
         ("UDP 1400 B datagrams", "Mbit/s", {
             let count = Arc::clone(&udp_count);
-            Box::new(move |p| udp(p.udp, &count, dur))
+            Box::new(move |p| p.udp.map_or(f64::NAN, |u| udp(u, &count, dur)))
         }),
     ];
 
@@ -60,7 +64,7 @@ fn main() {
     println!("{secs} s per measurement; ratio = rate / direct rate; CPU = forwarder, % of one core");
     print!("{:<30}", "load");
     for p in &paths {
-        print!("{:>30}", p.name);
+        print!("{:>26}", p.name);
     }
     println!();
     for (name, unit, load) in loads.iter().filter(|l| l.0.contains(&only)) {
@@ -75,13 +79,15 @@ fn main() {
             let cpu = p.cpu_ticks().zip(cpu0).map(|(b, a)| {
                 (b - a) as f64 / clock_ticks() / t0.elapsed().as_secs_f64() * 100.0
             });
-            if i == 0 {
+            if rate.is_nan() {
+                print!("{:>26}", "-");
+            } else if i == 0 {
                 direct = rate;
-                print!("{:>30}", format!("{rate:.2} {unit}"));
+                print!("{:>26}", format!("{rate:.2} {unit}"));
             } else {
                 let ratio = if direct > 0.0 { rate / direct } else { 0.0 };
                 let cpu = cpu.map_or(String::new(), |c| format!(", {c:.0}% CPU"));
-                print!("{:>30}", format!("{rate:.2} {ratio:.2}x{cpu}"));
+                print!("{:>26}", format!("{rate:.2} {ratio:.2}x{cpu}"));
             }
             std::io::stdout().flush().ok();
         }
@@ -94,8 +100,11 @@ struct Path {
     name: String,
     sink: SocketAddr,
     echo: SocketAddr,
-    udp: SocketAddr,
+    /// `None` for a forwarder without UDP.
+    udp: Option<SocketAddr>,
     child: Vec<Child>,
+    /// Kept until the forwarder is gone.
+    _config: Option<tempfile::NamedTempFile>,
 }
 
 impl Path {
@@ -104,8 +113,9 @@ impl Path {
             name: "direct".into(),
             sink,
             echo,
-            udp,
+            udp: Some(udp),
             child: Vec::new(),
+            _config: None,
         }
     }
 
@@ -125,8 +135,9 @@ impl Path {
             name: "pestod".into(),
             sink: local(s),
             echo: local(e),
-            udp: local(u),
+            udp: Some(local(u)),
             child: vec![child],
+            _config: None,
         }
     }
 
@@ -150,15 +161,48 @@ impl Path {
                 .ok()?;
             child.push(c);
         }
-        wait_listening(s);
-        wait_listening(e);
-        Some(Path {
+        let path = Path {
             name: "socat".into(),
             sink: local(s),
             echo: local(e),
-            udp: local(u),
+            udp: Some(local(u)),
             child,
-        })
+            _config: None,
+        };
+        // Dropping the path stops what did start.
+        (listening(s) && listening(e)).then_some(path)
+    }
+
+    fn haproxy(sink: SocketAddr, echo: SocketAddr) -> Option<Path> {
+        let (s, e) = (free_port(), free_port());
+        let mut config = tempfile::NamedTempFile::new().ok()?;
+        write!(
+            config,
+            "global\n  maxconn 5000\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1m\n  timeout server 1m\n\
+             listen sink\n  bind 127.0.0.1:{s}\n  server sink {sink}\n\
+             listen echo\n  bind 127.0.0.1:{e}\n  server echo {echo}\n"
+        )
+        .ok()?;
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(config.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .ok()?;
+        let path = Path {
+            name: "haproxy".into(),
+            sink: local(s),
+            echo: local(e),
+            udp: None,
+            child: vec![child],
+            _config: Some(config),
+        };
+        (listening(s) && listening(e)).then_some(path)
     }
 
     /// CPU time of the forwarder's processes (every process of their
@@ -218,11 +262,19 @@ fn free_port() -> u16 {
 }
 
 fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    assert!(listening(port), "nothing listens on {port}");
+}
+
+/// Whether something listens on `port` within a few seconds.
+fn listening(port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
     while TcpStream::connect(local(port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        if Instant::now() > deadline {
+            return false;
+        }
         thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 /// Reads and discards every connection.

@@ -103,6 +103,7 @@ pub struct DataPlane {
     stop: CancellationToken,
     udp: UdpSettings,
     flows: udp::FlowLimiter,
+    pipes: relay::PipePool,
     stats: Stats,
     epoch: Instant,
 }
@@ -115,6 +116,7 @@ impl DataPlane {
             stop: CancellationToken::new(),
             udp,
             flows: udp::FlowLimiter::new(udp.max_flows),
+            pipes: relay::PipePool::default(),
             stats: Stats::default(),
             epoch: Instant::now(),
         })

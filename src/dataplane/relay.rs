@@ -8,6 +8,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::{Mutex, PoisonError};
 
 use rustix::io::Errno;
 use rustix::net::Shutdown;
@@ -15,23 +16,55 @@ use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Pipe size asked for: more bytes per splice(2) call than the default 64 KiB.
-/// Pages are only used while data sits in the pipe.
-const PIPE_SIZE: usize = 1 << 18;
+/// Pipe size for a bulk transfer: more bytes per splice(2) call than the
+/// default 64 KiB. A pipe grows to it only once it has been filled, because
+/// the kernel charges a pipe's whole size to the user (fs.pipe-user-pages-soft)
+/// and short connections would use that up for nothing.
+const PIPE_SIZE_BULK: usize = 1 << 20;
 
 /// Buffer of the copy fallback.
 const COPY_BUF: usize = 1 << 16;
 
+/// Pipes kept for reuse: making one costs four system calls, a noticeable
+/// part of a short connection's life.
+const POOL_SIZE: usize = 128;
+
+/// Empty pipes of finished connections, for the next ones.
+#[derive(Debug, Default)]
+pub(super) struct PipePool {
+    // A std mutex: held for a push or pop, never across an await.
+    pipes: Mutex<Vec<Pipe>>,
+}
+
+impl PipePool {
+    fn take(&self) -> io::Result<Pipe> {
+        let pooled = self.pipes.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        pooled.map_or_else(Pipe::new, Ok)
+    }
+
+    /// Keeps `pipe`, which the caller knows to be empty.
+    fn put(&self, pipe: Pipe) {
+        let mut pipes = self.pipes.lock().unwrap_or_else(PoisonError::into_inner);
+        if pipes.len() < POOL_SIZE {
+            pipes.push(pipe);
+        }
+    }
+}
+
 /// Relays `a` <-> `b` until both directions have seen EOF, or one fails.
-pub(super) async fn relay(a: &TcpStream, b: &TcpStream) -> io::Result<()> {
-    tokio::try_join!(one_way(a, b), one_way(b, a)).map(|_| ())
+pub(super) async fn relay(a: &TcpStream, b: &TcpStream, pool: &PipePool) -> io::Result<()> {
+    tokio::try_join!(one_way(a, b, pool), one_way(b, a, pool)).map(|_| ())
 }
 
 /// Moves `src` to `dst` until EOF, then shuts down `dst`'s write side.
-async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
-    let moved = match Pipe::new() {
-        Ok(pipe) => match splice_loop(src, dst, &pipe).await? {
-            Spliced::Done(n) => n,
+async fn one_way(src: &TcpStream, dst: &TcpStream, pool: &PipePool) -> io::Result<u64> {
+    let moved = match pool.take() {
+        Ok(mut pipe) => match splice_loop(src, dst, &mut pipe).await? {
+            Spliced::Done(n) => {
+                // A direction ends only with its pipe drained.
+                pool.put(pipe);
+                n
+            }
             Spliced::Unsupported => copy_loop(src, dst).await?,
         },
         // Out of descriptors for a pipe: this connection still works.
@@ -45,19 +78,35 @@ async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
 }
 
 /// Both ends of a pipe.
+#[derive(Debug)]
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     size: usize,
+    grown: bool,
 }
 
 impl Pipe {
     fn new() -> io::Result<Pipe> {
         let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
-        // A smaller pipe (the default, or /proc/sys/fs/pipe-max-size) works.
-        let size = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE)
-            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))?;
-        Ok(Pipe { read, write, size })
+        let size = rustix::pipe::fcntl_getpipe_size(&write)?;
+        Ok(Pipe {
+            read,
+            write,
+            size,
+            grown: false,
+        })
+    }
+
+    /// Grows the pipe for bulk data, once; a refusal (fs.pipe-max-size, or
+    /// the user's pipe pages used up) leaves it as it is.
+    fn grow(&mut self) {
+        if !self.grown {
+            self.grown = true;
+            if let Ok(size) = rustix::pipe::fcntl_setpipe_size(&self.write, PIPE_SIZE_BULK) {
+                self.size = size;
+            }
+        }
     }
 }
 
@@ -70,7 +119,7 @@ enum Spliced {
 /// a pipe that holds data can fail with EAGAIN for want of pipe slots rather
 /// than of socket data, which would make us wait for a readiness that never
 /// comes. With an empty pipe, EAGAIN can only mean "no data".
-async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipe: &Pipe) -> io::Result<Spliced> {
+async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::Result<Spliced> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved: u64 = 0;
     loop {
@@ -85,6 +134,9 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipe: &Pipe) -> io::Resul
             Err(e) if moved == 0 && unsupported(&e) => return Ok(Spliced::Unsupported),
             Err(e) => return Err(e),
         };
+        if in_pipe >= pipe.size / 2 {
+            pipe.grow();
+        }
         while in_pipe > 0 {
             dst.writable().await?;
             let res = dst.try_io(Interest::WRITABLE, || {

@@ -109,7 +109,7 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, target: SocketAddr, dp: A
     let _ = outbound.set_nodelay(true);
     let res = tokio::select! {
         _ = dp.stop.cancelled() => Ok(()),
-        r = relay::relay(&inbound, &outbound) => r,
+        r = relay::relay(&inbound, &outbound, &dp.pipes) => r,
     };
     if let Err(e) = res {
         debug!(%peer, %target, error = %e, "connection failed, resetting both sides");
