@@ -50,10 +50,26 @@ fn main() {
 
     type Load<'a> = (&'a str, &'a str, Box<dyn Fn(&Path) -> f64>);
     let loads: Vec<Load> = vec![
-        ("TCP bulk, 1 stream", "Gbit/s", Box::new(move |p| bulk(p.sink, 1, dur))),
-        ("TCP bulk, 4 streams", "Gbit/s", Box::new(move |p| bulk(p.sink, 4, dur))),
-        ("TCP connect+echo, 1 client", "conn/s", Box::new(move |p| conn_rate(p.echo, 1, dur))),
-        ("TCP connect+echo, 8 clients", "conn/s", Box::new(move |p| conn_rate(p.echo, 8, dur))),
+        (
+            "TCP bulk, 1 stream",
+            "Gbit/s",
+            Box::new(move |p| bulk(p.sink, 1, dur)),
+        ),
+        (
+            "TCP bulk, 4 streams",
+            "Gbit/s",
+            Box::new(move |p| bulk(p.sink, 4, dur)),
+        ),
+        (
+            "TCP connect+echo, 1 client",
+            "conn/s",
+            Box::new(move |p| conn_rate(p.echo, 1, dur)),
+        ),
+        (
+            "TCP connect+echo, 8 clients",
+            "conn/s",
+            Box::new(move |p| conn_rate(p.echo, 8, dur)),
+        ),
         ("UDP 1400 B datagrams", "Mbit/s", {
             let count = Arc::clone(&udp_count);
             Box::new(move |p| p.udp.map_or(f64::NAN, |u| udp(u, &count, dur)))
@@ -61,7 +77,9 @@ fn main() {
     ];
 
     let only = std::env::var("PESTO_BENCH_ONLY").unwrap_or_default();
-    println!("{secs} s per measurement; ratio = rate / direct rate; CPU = forwarder, % of one core");
+    println!(
+        "{secs} s per measurement; ratio = rate / direct rate; CPU = forwarder, % of one core"
+    );
     print!("{:<30}", "load");
     for p in &paths {
         print!("{:>26}", p.name);
@@ -76,9 +94,10 @@ fn main() {
             let cpu0 = p.cpu_ticks();
             let t0 = Instant::now();
             let rate = load(p);
-            let cpu = p.cpu_ticks().zip(cpu0).map(|(b, a)| {
-                (b - a) as f64 / clock_ticks() / t0.elapsed().as_secs_f64() * 100.0
-            });
+            let cpu = p
+                .cpu_ticks()
+                .zip(cpu0)
+                .map(|(b, a)| (b - a) as f64 / clock_ticks() / t0.elapsed().as_secs_f64() * 100.0);
             if rate.is_nan() {
                 print!("{:>26}", "-");
             } else if i == 0 {
@@ -145,9 +164,18 @@ impl Path {
         let mut child = Vec::new();
         let (s, e, u) = (free_port(), free_port(), free_port());
         for (listen, target) in [
-            (format!("TCP4-LISTEN:{s},fork,reuseaddr,bind=127.0.0.1"), format!("TCP4:{sink}")),
-            (format!("TCP4-LISTEN:{e},fork,reuseaddr,bind=127.0.0.1"), format!("TCP4:{echo}")),
-            (format!("UDP4-LISTEN:{u},fork,reuseaddr,bind=127.0.0.1"), format!("UDP4:{udp}")),
+            (
+                format!("TCP4-LISTEN:{s},fork,reuseaddr,bind=127.0.0.1"),
+                format!("TCP4:{sink}"),
+            ),
+            (
+                format!("TCP4-LISTEN:{e},fork,reuseaddr,bind=127.0.0.1"),
+                format!("TCP4:{echo}"),
+            ),
+            (
+                format!("UDP4-LISTEN:{u},fork,reuseaddr,bind=127.0.0.1"),
+                format!("UDP4:{udp}"),
+            ),
         ] {
             // Its own process group: socat forks a child per connection (and
             // per UDP peer), and they must all be counted and killed.
@@ -219,12 +247,17 @@ impl Path {
             };
             // After the command name: state, ppid, pgrp, ..., then utime,
             // stime, cutime, cstime as the 12th to 15th fields.
-            let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
             let f: Vec<&str> = rest.split_whitespace().collect();
             if f.len() < 15 || !groups.iter().any(|g| g == f[2]) {
                 continue;
             }
-            total += f[11..15].iter().filter_map(|x| x.parse::<u64>().ok()).sum::<u64>();
+            total += f[11..15]
+                .iter()
+                .filter_map(|x| x.parse::<u64>().ok())
+                .sum::<u64>();
         }
         Some(total)
     }
@@ -342,7 +375,9 @@ fn run(threads: usize, dur: Duration, f: impl Fn(&AtomicBool) -> u64 + Sync) -> 
 fn bulk(sink: SocketAddr, streams: usize, dur: Duration) -> f64 {
     let t0 = Instant::now();
     let bytes = run(streams, dur, |stop| {
-        let Ok(mut s) = TcpStream::connect(sink) else { return 0 };
+        let Ok(mut s) = TcpStream::connect(sink) else {
+            return 0;
+        };
         let buf = vec![0x5au8; CHUNK];
         let mut sent = 0u64;
         while !stop.load(Ordering::Relaxed) {
@@ -362,7 +397,9 @@ fn conn_rate(echo: SocketAddr, clients: usize, dur: Duration) -> f64 {
         let mut done = 0;
         let mut b = [0u8; 1];
         while !stop.load(Ordering::Relaxed) {
-            let Ok(mut s) = TcpStream::connect(echo) else { continue };
+            let Ok(mut s) = TcpStream::connect(echo) else {
+                continue;
+            };
             let _ = s.set_nodelay(true);
             if s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() {
                 done += 1;

@@ -97,7 +97,9 @@ impl Daemon {
             let (port, reason) = failed
                 .failed
                 .first()
-                .map_or((failed.rule.first, String::new()), |f| (f.first, f.reason()));
+                .map_or((failed.rule.first, String::new()), |f| {
+                    (f.first, f.reason())
+                });
             return Err(StartError::Bind {
                 rule: Box::new(failed.rule.clone()),
                 port,
@@ -185,7 +187,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {
         limit.current = limit.maximum;
-        setrlimit(Resource::Nofile, limit.clone())?;
+        setrlimit(Resource::Nofile, limit)?;
     }
     Ok(limit.current.unwrap_or(u64::MAX))
 }

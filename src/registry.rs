@@ -83,7 +83,9 @@ pub struct RuleReport {
 impl RuleReport {
     fn fail(&mut self, port: u16, errno: i32) {
         match self.failed.last_mut() {
-            Some(f) if f.errno == errno && u32::from(f.last) + 1 == u32::from(port) => f.last = port,
+            Some(f) if f.errno == errno && u32::from(f.last) + 1 == u32::from(port) => {
+                f.last = port
+            }
             _ => self.failed.push(PortFailure {
                 first: port,
                 last: port,
@@ -246,15 +248,13 @@ mod tests {
         Arc::new(Route::new(rule, Targets::default()))
     }
 
-    /// A port range on loopback nobody else is using, found by binding.
+    /// A port range on loopback nobody else is using, found by binding, below
+    /// the usual ephemeral ports (whose TIME_WAIT sockets block listeners).
     fn free_range(n: u16) -> u16 {
-        for _ in 0..100 {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let base = l.local_addr().unwrap().port();
-            drop(l);
-            if base < 65000
-                && (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
-            {
+        let seed = std::process::id() as u16;
+        for i in 0..2000u16 {
+            let base = 10_000 + seed.wrapping_add(i.wrapping_mul(7919)) % 20_000;
+            if (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
                 return base;
             }
         }
@@ -297,12 +297,25 @@ mod tests {
         let rule = &r.rules[0];
         assert_eq!((rule.requested, rule.bound), (3, 2));
         assert_eq!(rule.failed.len(), 1);
-        assert_eq!((rule.failed[0].first, rule.failed[0].last), (base + 1, base + 1));
-        assert_eq!(rule.failed[0].errno, rustix::io::Errno::ADDRINUSE.raw_os_error());
+        assert_eq!(
+            (rule.failed[0].first, rule.failed[0].last),
+            (base + 1, base + 1)
+        );
+        assert_eq!(
+            rule.failed[0].errno,
+            rustix::io::Errno::ADDRINUSE.raw_os_error()
+        );
         assert!(!r.is_ok());
         // Without binding, missing ports are reported with errno 0, merged.
         reg.close_all().await;
         let r = reg.sync(PifId::HOST, &[route(Proto::Udp, base, base + 2, 9)], false);
-        assert_eq!(r.rules[0].failed, [PortFailure { first: base, last: base + 2, errno: 0 }]);
+        assert_eq!(
+            r.rules[0].failed,
+            [PortFailure {
+                first: base,
+                last: base + 2,
+                errno: 0
+            }]
+        );
     }
 }

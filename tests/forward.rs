@@ -47,7 +47,8 @@ fn half_close_passes_through() {
         let mut req = Vec::new();
         s.read_to_end(&mut req).unwrap();
         // Only after EOF: the forwarder must have passed the FIN on.
-        s.write_all(format!("got {} bytes", req.len()).as_bytes()).unwrap();
+        s.write_all(format!("got {} bytes", req.len()).as_bytes())
+            .unwrap();
     });
     let port = free_ports(1);
     let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
@@ -122,7 +123,12 @@ fn dual_stack_rule_serves_both_families() {
 
     let other = reply_server("127.0.0.2:0".parse().unwrap(), "v4 on .2".into());
     let port = free_ports(1);
-    let _d = Pestod::start(&["-t", &format!("{port}:{}", other.port()), "--target", "127.0.0.2"]);
+    let _d = Pestod::start(&[
+        "-t",
+        &format!("{port}:{}", other.port()),
+        "--target",
+        "127.0.0.2",
+    ]);
     assert_eq!(read_all(&mut connect(v4(port))), b"v4 on .2");
 }
 
@@ -196,7 +202,12 @@ fn udp_round_trips_with_several_peers() {
 fn udp_flows_expire() {
     let (target, seen) = udp_echo(v4(0), "");
     let port = free_ports(1);
-    let _d = Pestod::start(&["-u", &format!("{port}:{}", target.port()), "--udp-timeout", "1"]);
+    let _d = Pestod::start(&[
+        "-u",
+        &format!("{port}:{}", target.port()),
+        "--udp-timeout",
+        "1",
+    ]);
     let s = udp_client(v4(port));
     let mut buf = [0u8; 16];
     s.send(b"one").unwrap();
@@ -276,7 +287,12 @@ fn invalid_spec_exits_and_binds_nothing() {
 fn sigterm_exits_cleanly() {
     let target = echo_server(v4(0));
     let port = free_ports(1);
-    let mut d = Pestod::start(&["-t", &format!("{port}:{}", target.port()), "--shutdown-grace", "5"]);
+    let mut d = Pestod::start(&[
+        "-t",
+        &format!("{port}:{}", target.port()),
+        "--shutdown-grace",
+        "5",
+    ]);
     let mut s = connect(v4(port));
     s.write_all(b"before").unwrap();
     let mut buf = [0u8; 6];

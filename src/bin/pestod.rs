@@ -170,8 +170,7 @@ fn options(args: &Args) -> Result<Options, String> {
     for (opt, text) in specs {
         let rules = parse_rules(opt, text, caps, eph).map_err(|e| e.to_string())?;
         for rule in rules {
-            host.add(rule)
-                .map_err(|e| format!("{opt} {text}: {e}"))?;
+            host.add(rule).map_err(|e| format!("{opt} {text}: {e}"))?;
         }
     }
     if host.is_empty() {
@@ -200,7 +199,10 @@ fn targets(given: &[IpAddr], caps: Caps) -> Result<Targets, String> {
     let (mut v4, mut v6) = (false, false);
     for &addr in given {
         let addr = pesto::rule::canonical_ip(addr);
-        if addr.is_unspecified() || addr.is_multicast() || addr == IpAddr::from([255, 255, 255, 255]) {
+        if addr.is_unspecified()
+            || addr.is_multicast()
+            || addr == IpAddr::from([255, 255, 255, 255])
+        {
             return Err(format!("--target {addr}: not a unicast address"));
         }
         let seen = if addr.is_ipv4() { &mut v4 } else { &mut v6 };

@@ -38,7 +38,11 @@ pub(super) struct PipePool {
 
 impl PipePool {
     fn take(&self) -> io::Result<Pipe> {
-        let pooled = self.pipes.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let pooled = self
+            .pipes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
         pooled.map_or_else(Pipe::new, Ok)
     }
 
@@ -140,7 +144,8 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::R
         while in_pipe > 0 {
             dst.writable().await?;
             let res = dst.try_io(Interest::WRITABLE, || {
-                rustix::pipe::splice(&pipe.read, None, dst, None, in_pipe, flags).map_err(Into::into)
+                rustix::pipe::splice(&pipe.read, None, dst, None, in_pipe, flags)
+                    .map_err(Into::into)
             });
             match res {
                 Ok(n) => {

@@ -8,6 +8,7 @@
 //! when their listening socket is closed (it carries their replies).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -141,10 +142,8 @@ pub(super) async fn serve(
         }
     };
     let idle = dp.udp.idle_timeout;
-    let mut sweep = tokio::time::interval((idle / 2).clamp(
-        Duration::from_millis(50),
-        Duration::from_secs(10),
-    ));
+    let mut sweep =
+        tokio::time::interval((idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(10)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
     // Allocated on the first datagram: most of the sockets of `-u all` never
@@ -269,14 +268,20 @@ fn sendmmsg(
         .iter()
         .map(|(_, r)| [IoSlice::new(buf.get(r.clone()).unwrap_or_default())])
         .collect();
-    let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> =
-        iovs.iter().map(|_| SendAncillaryBuffer::default()).collect();
+    let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = iovs
+        .iter()
+        .map(|_| SendAncillaryBuffer::default())
+        .collect();
     let mut msgs: Vec<MMsgHdr<'_>> = iovs
         .iter()
         .zip(controls.iter_mut())
         .map(|(iov, control)| MMsgHdr::new(iov, control))
         .collect();
-    Ok(rustix::net::sendmmsg(socket, &mut msgs, SendFlags::empty())?)
+    Ok(rustix::net::sendmmsg(
+        socket,
+        &mut msgs,
+        SendFlags::empty(),
+    )?)
 }
 
 /// The live flow of `peer`, made if there is none.
@@ -288,41 +293,44 @@ fn flow_for<'a>(
     target: SocketAddr,
     dp: &Arc<DataPlane>,
 ) -> Option<&'a Flow> {
-    if flows.get(&peer).is_some_and(|f| f.shared.end.is_cancelled()) {
+    if flows
+        .get(&peer)
+        .is_some_and(|f| f.shared.end.is_cancelled())
+    {
         flows.remove(&peer);
     }
-    if !flows.contains_key(&peer) {
-        let socket = match connect(target) {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                debug!(%peer, %target, error = %e, "cannot open UDP flow");
-                return None;
-            }
-        };
-        let shared = Arc::new(FlowShared {
-            last: AtomicU64::new(dp.now_ms()),
-            end: CancellationToken::new(),
-        });
-        let id = dp.flows.admit(Arc::clone(&shared), &dp.stats);
-        Stats::inc(&dp.stats.udp_flows_created);
-        debug!(%peer, %target, "UDP flow");
-        dp.tracker.spawn(replies(
-            life.clone(),
-            Arc::clone(&socket),
-            Arc::clone(listening),
-            peer,
-            Arc::clone(&shared),
-            Arc::clone(dp),
-        ));
-        let flow = Flow {
-            socket,
-            shared,
-            id,
-            dp: Arc::clone(dp),
-        };
-        flows.insert(peer, flow);
-    }
-    flows.get(&peer)
+    let entry = match flows.entry(peer) {
+        Entry::Occupied(e) => return Some(e.into_mut()),
+        Entry::Vacant(e) => e,
+    };
+    let socket = match connect(target) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            debug!(%peer, %target, error = %e, "cannot open UDP flow");
+            return None;
+        }
+    };
+    let shared = Arc::new(FlowShared {
+        last: AtomicU64::new(dp.now_ms()),
+        end: CancellationToken::new(),
+    });
+    let id = dp.flows.admit(Arc::clone(&shared), &dp.stats);
+    Stats::inc(&dp.stats.udp_flows_created);
+    debug!(%peer, %target, "UDP flow");
+    dp.tracker.spawn(replies(
+        life.clone(),
+        Arc::clone(&socket),
+        Arc::clone(listening),
+        peer,
+        Arc::clone(&shared),
+        Arc::clone(dp),
+    ));
+    Some(entry.insert(Flow {
+        socket,
+        shared,
+        id,
+        dp: Arc::clone(dp),
+    }))
 }
 
 /// A socket of the target's family connected to `target`.

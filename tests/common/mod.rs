@@ -20,17 +20,21 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 /// A block of `n` consecutive ports that nothing listens on, for TCP and
 /// UDP, on every address of both families.
 ///
-/// Ports come from the ephemeral range: rules such as `all` never take those,
-/// so a test that forwards `all` on some address cannot collide with another
-/// test running at the same time.
+/// Ports come from below the ephemeral range, so that no outgoing connection
+/// (or its TIME_WAIT) takes one between the check and its use, and from below
+/// the 200 ports under that range, which the tests of best-effort rules use.
 pub fn free_ports(n: u16) -> u16 {
     static SEQ: AtomicU32 = AtomicU32::new(0);
     let eph = Ephemeral::probe();
-    let span = u32::from(eph.last - eph.first).saturating_sub(u32::from(n)).max(1);
+    let (low, high) = (
+        10_000u32,
+        u32::from(eph.first).saturating_sub(200).max(12_000),
+    );
+    let span = (high - low).saturating_sub(u32::from(n)).max(1);
     let seed = std::process::id().wrapping_mul(2_654_435_761);
     for _ in 0..1000 {
         let k = SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(7919);
-        let base = eph.first + ((seed.wrapping_add(k)) % span) as u16;
+        let base = (low + seed.wrapping_add(k) % span) as u16;
         if (base..base + n).all(port_is_free) {
             return base;
         }
@@ -130,7 +134,11 @@ impl Pestod {
                 thread::sleep(Duration::from_millis(50));
                 return status;
             }
-            assert!(Instant::now() < deadline, "pestod did not exit; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "pestod did not exit; log:\n{}",
+                self.log()
+            );
             thread::sleep(Duration::from_millis(10));
         }
     }
