@@ -56,7 +56,7 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_udp_flows: u64,
 
-    /// Seconds that connections in flight may go on after SIGINT or SIGTERM.
+    /// Seconds that TCP connections in flight may go on after SIGINT or SIGTERM.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     shutdown_grace: f64,
 }
