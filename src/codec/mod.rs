@@ -10,6 +10,8 @@
 //! against [`Limits`] before anything is read or allocated, and a buffer that
 //! holds only part of a message is answered with "need more", not an error.
 
+pub mod v3;
+
 use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv6Addr};
 

@@ -1,0 +1,676 @@
+//! Protocol version 3: the transaction (hellos, pif list, rules with
+//! generations, update, ack, apply, report, commit, rollback).
+//!
+//! After the hellos every message starts with a one-byte type, so that a
+//! reader can tell an error status from the message it waited for. The
+//! layouts are in docs/protocol.md.
+
+use bytes::{BufMut, BytesMut};
+
+use super::{
+    CLIENT_MAGIC, CodecError, DecodeResult, HelloV2, Limits, Reader, Update, Wire, get_pif_header,
+    get_pif_id, get_rules, put_pif_header, put_rules,
+};
+use crate::rule::{Caps, PifId, Rule};
+
+/// This implementation's protocol version.
+pub const VERSION_3: u32 = 3;
+/// Bytes of the version-3 part of the server hello.
+pub const HELLO_V3_EXT_SIZE: usize = 24;
+/// Bytes of the client hello.
+pub const CLIENT_HELLO_SIZE: usize = 16;
+/// Longest status message text, in bytes.
+pub const MAX_MESSAGE: usize = 4096;
+/// Status index meaning "no rule".
+pub const NO_INDEX: u32 = u32::MAX;
+
+/// Message types.
+pub mod msg {
+    /// Server: the pif list (step 3).
+    pub const PIFS: u8 = 0x01;
+    /// Server: each pif's rules and generation (step 4).
+    pub const RULES: u8 = 0x02;
+    /// Server: an acknowledgement or an error.
+    pub const STATUS: u8 = 0x03;
+    /// Server: what an apply bound (step 8).
+    pub const REPORT: u8 = 0x04;
+    /// Client: new tables (step 5).
+    pub const UPDATE: u8 = 0x10;
+    /// Client: make the proposed tables active (step 7).
+    pub const APPLY: u8 = 0x11;
+    /// Client: keep the applied tables (step 9).
+    pub const COMMIT: u8 = 0x12;
+    /// Client: go back to the tables before the apply (step 9).
+    pub const ROLLBACK: u8 = 0x13;
+}
+
+/// Feature bits of the server hello.
+pub mod features {
+    /// Transactions with acknowledgement, apply, report, commit and rollback.
+    pub const TRANSACTIONS: u32 = 1;
+    /// Per-pif generation numbers, and STALE for outdated transactions.
+    pub const GENERATIONS: u32 = 2;
+}
+
+/// Client hello flag: the client only reads (steps 1 to 4).
+pub const READ_ONLY: u32 = 1;
+
+/// What the server announces after the version-2 hello: features, limits and
+/// timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HelloV3Ext {
+    /// Feature bits ([`features`]).
+    pub features: u32,
+    /// Most rules in one pif's table.
+    pub max_rules: u32,
+    /// Most listening sockets of one pif's table.
+    pub max_sockets: u32,
+    /// Most pifs.
+    pub max_pifs: u32,
+    /// How long the server waits for each client message, in milliseconds.
+    pub step_timeout_ms: u32,
+    /// How long the server waits for COMMIT or ROLLBACK after the report.
+    pub commit_timeout_ms: u32,
+}
+
+/// The whole server hello: the version-2 part, and the version-3 part when
+/// the version is 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerHello {
+    /// Magic, version and field sizes.
+    pub base: HelloV2,
+    /// Present when `base.version` is 3.
+    pub ext: Option<HelloV3Ext>,
+}
+
+impl Wire for ServerHello {
+    fn decode(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<ServerHello> {
+        let base = HelloV2::decode(r, limits)?;
+        if base.version != VERSION_3 {
+            return Ok(ServerHello { base, ext: None });
+        }
+        let ext = HelloV3Ext {
+            features: r.u32()?,
+            max_rules: r.u32()?,
+            max_sockets: r.u32()?,
+            max_pifs: r.u32()?,
+            step_timeout_ms: r.u32()?,
+            commit_timeout_ms: r.u32()?,
+        };
+        Ok(ServerHello {
+            base,
+            ext: Some(ext),
+        })
+    }
+
+    fn encode(&self, out: &mut BytesMut) {
+        self.base.encode(out);
+        if let Some(e) = &self.ext {
+            out.put_u32(e.features);
+            out.put_u32(e.max_rules);
+            out.put_u32(e.max_sockets);
+            out.put_u32(e.max_pifs);
+            out.put_u32(e.step_timeout_ms);
+            out.put_u32(e.commit_timeout_ms);
+        }
+    }
+}
+
+/// The client's hello: magic, version, flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientHello {
+    /// The version the client speaks.
+    pub version: u32,
+    /// Flags ([`READ_ONLY`]).
+    pub flags: u32,
+}
+
+impl Wire for ClientHello {
+    fn decode(r: &mut Reader<'_>, _: &Limits) -> DecodeResult<ClientHello> {
+        let magic = r.array::<8>()?;
+        if magic != CLIENT_MAGIC {
+            return Err(CodecError::BadMagic(magic).into());
+        }
+        Ok(ClientHello {
+            version: r.u32()?,
+            flags: r.u32()?,
+        })
+    }
+
+    fn encode(&self, out: &mut BytesMut) {
+        out.put_slice(&CLIENT_MAGIC);
+        out.put_u32(self.version);
+        out.put_u32(self.flags);
+    }
+}
+
+/// A pif as step 3 lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PifInfo {
+    /// Pif id.
+    pub id: PifId,
+    /// Pif name.
+    pub name: String,
+    /// Capabilities.
+    pub caps: Caps,
+}
+
+/// A pif's rules and generation, as step 4 lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PifRules {
+    /// Pif id.
+    pub id: PifId,
+    /// The generation of this table: the transaction is judged against it.
+    pub generation: u64,
+    /// The rules, as the server has them.
+    pub rules: Vec<Rule>,
+}
+
+/// Status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Code {
+    /// Done.
+    Ok = 0,
+    /// A malformed or out-of-order message.
+    Protocol = 1,
+    /// A protocol version the server does not speak.
+    Version = 2,
+    /// A rule that fails validation.
+    Invalid = 3,
+    /// A table past a limit (rules, sockets, pifs).
+    Limit = 4,
+    /// A pif the transaction replaces changed since the client read it.
+    Stale = 5,
+    /// The server cannot take this transaction now.
+    Busy = 6,
+    /// The client was silent too long.
+    Timeout = 7,
+    /// The server failed.
+    Internal = 8,
+}
+
+impl Code {
+    /// The code of a wire value.
+    pub fn from_u8(v: u8) -> Option<Code> {
+        Some(match v {
+            0 => Code::Ok,
+            1 => Code::Protocol,
+            2 => Code::Version,
+            3 => Code::Invalid,
+            4 => Code::Limit,
+            5 => Code::Stale,
+            6 => Code::Busy,
+            7 => Code::Timeout,
+            8 => Code::Internal,
+            _ => return None,
+        })
+    }
+
+    /// Its name, as docs/protocol.md spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Code::Ok => "OK",
+            Code::Protocol => "PROTOCOL",
+            Code::Version => "VERSION",
+            Code::Invalid => "INVALID",
+            Code::Limit => "LIMIT",
+            Code::Stale => "STALE",
+            Code::Busy => "BUSY",
+            Code::Timeout => "TIMEOUT",
+            Code::Internal => "INTERNAL",
+        }
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An acknowledgement or an error, with what it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// The code.
+    pub code: Code,
+    /// The pif concerned, if one is.
+    pub pif: Option<PifId>,
+    /// The index of the rule concerned in the pif's new table, if one is.
+    pub index: Option<u32>,
+    /// STALE: the generation the client read (0 otherwise).
+    pub snapshot: u64,
+    /// STALE: the pif's generation now (0 otherwise).
+    pub current: u64,
+    /// For people.
+    pub message: String,
+}
+
+impl Status {
+    /// A status with only a code and a message.
+    pub fn new(code: Code, message: impl Into<String>) -> Status {
+        Status {
+            code,
+            pif: None,
+            index: None,
+            snapshot: 0,
+            current: 0,
+            message: message.into(),
+        }
+    }
+
+    /// OK, with a message.
+    pub fn ok(message: impl Into<String>) -> Status {
+        Status::new(Code::Ok, message)
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.code)?;
+        if let Some(pif) = self.pif {
+            write!(f, " (pif {pif}")?;
+            if let Some(i) = self.index {
+                write!(f, ", rule {i}")?;
+            }
+            f.write_str(")")?;
+        }
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Ports of one rule without a socket, with the errno of the failure (0:
+/// not bound before, for a rollback, which does not bind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedPorts {
+    /// First port.
+    pub first: u16,
+    /// Last port, inclusive.
+    pub last: u16,
+    /// errno.
+    pub errno: u32,
+}
+
+/// What an apply did for one rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleOutcome {
+    /// Ports asked for.
+    pub requested: u32,
+    /// Ports bound.
+    pub bound: u32,
+    /// The other ports.
+    pub failed: Vec<FailedPorts>,
+}
+
+/// What an apply did for one pif's new table, rule by rule in its order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PifReport {
+    /// Pif id.
+    pub id: PifId,
+    /// One per rule of the new table.
+    pub rules: Vec<RuleOutcome>,
+}
+
+/// Step 8: the verdict and what each rule got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Whether every rule got what it needs (a weak rule: one port at least).
+    pub ok: bool,
+    /// The pifs the transaction replaced.
+    pub pifs: Vec<PifReport>,
+}
+
+/// A message from the server after its hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerMsg {
+    /// Step 3.
+    Pifs(Vec<PifInfo>),
+    /// Step 4.
+    Rules(Vec<PifRules>),
+    /// An acknowledgement or an error.
+    Status(Status),
+    /// Step 8.
+    Report(Report),
+}
+
+impl Wire for ServerMsg {
+    fn decode(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<ServerMsg> {
+        match r.u8()? {
+            msg::PIFS => {
+                let mut pifs: Vec<PifInfo> = Vec::new();
+                let mut seen = Vec::new();
+                while let Some(id) = get_pif_id(r, &seen, limits)? {
+                    seen.push(id.0);
+                    let (name, caps) = get_pif_header(r)?;
+                    if pifs.iter().any(|p| p.name == name) {
+                        return Err(CodecError::Malformed(format!(
+                            "pif name '{name}' appears twice"
+                        ))
+                        .into());
+                    }
+                    pifs.push(PifInfo { id, name, caps });
+                }
+                Ok(ServerMsg::Pifs(pifs))
+            }
+            msg::RULES => {
+                let mut pifs = Vec::new();
+                let mut seen = Vec::new();
+                while let Some(id) = get_pif_id(r, &seen, limits)? {
+                    seen.push(id.0);
+                    let generation = r.u64()?;
+                    let rules = get_rules(r, limits)?;
+                    pifs.push(PifRules {
+                        id,
+                        generation,
+                        rules,
+                    });
+                }
+                Ok(ServerMsg::Rules(pifs))
+            }
+            msg::STATUS => Ok(ServerMsg::Status(get_status(r)?)),
+            msg::REPORT => Ok(ServerMsg::Report(get_report(r, limits)?)),
+            t => Err(CodecError::Malformed(format!("unknown server message type 0x{t:02x}")).into()),
+        }
+    }
+
+    fn encode(&self, out: &mut BytesMut) {
+        match self {
+            ServerMsg::Pifs(pifs) => {
+                out.put_u8(msg::PIFS);
+                for p in pifs {
+                    put_pif_header(out, p.id, &p.name, p.caps);
+                }
+                out.put_u8(0);
+            }
+            ServerMsg::Rules(pifs) => {
+                out.put_u8(msg::RULES);
+                for p in pifs {
+                    out.put_u8(p.id.0);
+                    out.put_u64(p.generation);
+                    put_rules(out, &p.rules);
+                }
+                out.put_u8(0);
+            }
+            ServerMsg::Status(s) => put_status(out, s),
+            ServerMsg::Report(rep) => put_report(out, rep),
+        }
+    }
+}
+
+fn get_status(r: &mut Reader<'_>) -> DecodeResult<Status> {
+    let raw = r.u8()?;
+    let code = Code::from_u8(raw)
+        .ok_or_else(|| CodecError::Malformed(format!("unknown status code {raw}")))?;
+    let pif = match r.u8()? {
+        0 => None,
+        id => Some(PifId(id)),
+    };
+    let index = match r.u32()? {
+        NO_INDEX => None,
+        i => Some(i),
+    };
+    let snapshot = r.u64()?;
+    let current = r.u64()?;
+    let len = usize::from(r.u16()?);
+    if len > MAX_MESSAGE {
+        return Err(CodecError::TooMany {
+            what: "status message byte",
+            count: len as u64,
+            max: MAX_MESSAGE as u64,
+        }
+        .into());
+    }
+    let text = r.bytes(len)?;
+    let message = String::from_utf8_lossy(text).into_owned();
+    Ok(Status {
+        code,
+        pif,
+        index,
+        snapshot,
+        current,
+        message,
+    })
+}
+
+fn put_status(out: &mut BytesMut, s: &Status) {
+    out.put_u8(msg::STATUS);
+    out.put_u8(s.code as u8);
+    out.put_u8(s.pif.map_or(0, |p| p.0));
+    out.put_u32(s.index.unwrap_or(NO_INDEX));
+    out.put_u64(s.snapshot);
+    out.put_u64(s.current);
+    // Cut at a character boundary within the limit.
+    let mut end = s.message.len().min(MAX_MESSAGE);
+    while !s.message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let text = s.message.get(..end).unwrap_or_default();
+    out.put_u16(text.len() as u16);
+    out.put_slice(text.as_bytes());
+}
+
+fn get_report(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Report> {
+    let ok = match r.u8()? {
+        0 => true,
+        1 => false,
+        v => return Err(CodecError::Malformed(format!("unknown report verdict {v}")).into()),
+    };
+    let mut pifs = Vec::new();
+    let mut seen = Vec::new();
+    while let Some(id) = get_pif_id(r, &seen, limits)? {
+        seen.push(id.0);
+        let count = r.u32()?;
+        if count as usize > limits.max_rules {
+            return Err(CodecError::TooMany {
+                what: "report rule",
+                count: count.into(),
+                max: limits.max_rules as u64,
+            }
+            .into());
+        }
+        let mut rules = Vec::new();
+        for _ in 0..count {
+            let requested = r.u32()?;
+            let bound = r.u32()?;
+            let n = r.u32()?;
+            // Each range holds at least one port of the rule.
+            if n > requested.min(65536) || bound > requested {
+                return Err(CodecError::Malformed(format!(
+                    "report of {requested} ports with {bound} bound and {n} failed ranges"
+                ))
+                .into());
+            }
+            r.need(n as usize * 8)?;
+            let failed = (0..n)
+                .map(|_| {
+                    Ok(FailedPorts {
+                        first: r.u16()?,
+                        last: r.u16()?,
+                        errno: r.u32()?,
+                    })
+                })
+                .collect::<DecodeResult<Vec<_>>>()?;
+            rules.push(RuleOutcome {
+                requested,
+                bound,
+                failed,
+            });
+        }
+        pifs.push(PifReport { id, rules });
+    }
+    Ok(Report { ok, pifs })
+}
+
+fn put_report(out: &mut BytesMut, rep: &Report) {
+    out.put_u8(msg::REPORT);
+    out.put_u8(if rep.ok { 0 } else { 1 });
+    for p in &rep.pifs {
+        out.put_u8(p.id.0);
+        out.put_u32(p.rules.len() as u32);
+        for rule in &p.rules {
+            out.put_u32(rule.requested);
+            out.put_u32(rule.bound);
+            out.put_u32(rule.failed.len() as u32);
+            for f in &rule.failed {
+                out.put_u16(f.first);
+                out.put_u16(f.last);
+                out.put_u32(f.errno);
+            }
+        }
+    }
+    out.put_u8(0);
+}
+
+/// A message from the client after its hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMsg {
+    /// Step 5: new tables.
+    Update(Update),
+    /// Step 7.
+    Apply,
+    /// Step 9: keep.
+    Commit,
+    /// Step 9: undo.
+    Rollback,
+}
+
+impl Wire for ClientMsg {
+    fn decode(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<ClientMsg> {
+        match r.u8()? {
+            msg::UPDATE => Ok(ClientMsg::Update(Update::decode(r, limits)?)),
+            msg::APPLY => Ok(ClientMsg::Apply),
+            msg::COMMIT => Ok(ClientMsg::Commit),
+            msg::ROLLBACK => Ok(ClientMsg::Rollback),
+            t => Err(CodecError::Malformed(format!("unknown client message type 0x{t:02x}")).into()),
+        }
+    }
+
+    fn encode(&self, out: &mut BytesMut) {
+        match self {
+            ClientMsg::Update(u) => {
+                out.put_u8(msg::UPDATE);
+                u.encode(out);
+            }
+            ClientMsg::Apply => out.put_u8(msg::APPLY),
+            ClientMsg::Commit => out.put_u8(msg::COMMIT),
+            ClientMsg::Rollback => out.put_u8(msg::ROLLBACK),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{DecodeError, decode_from, encode_to_vec};
+    use crate::rule::Proto;
+
+    fn round_trip<T: Wire + PartialEq + std::fmt::Debug>(m: &T) -> Vec<u8> {
+        let bytes = encode_to_vec(m);
+        let (back, used) = decode_from::<T>(&bytes, &Limits::default()).unwrap();
+        assert_eq!(&back, m);
+        assert_eq!(used, bytes.len());
+        // Every proper prefix is incomplete, never an error.
+        for n in 0..bytes.len() {
+            assert!(matches!(
+                decode_from::<T>(&bytes[..n], &Limits::default()),
+                Err(DecodeError::Incomplete)
+            ));
+        }
+        bytes
+    }
+
+    #[test]
+    fn hello_layouts() {
+        let h = ServerHello {
+            base: HelloV2::new(VERSION_3),
+            ext: Some(HelloV3Ext {
+                features: 3,
+                max_rules: 255,
+                max_sockets: 327680,
+                max_pifs: 8,
+                step_timeout_ms: 10_000,
+                commit_timeout_ms: 30_000,
+            }),
+        };
+        let b = round_trip(&h);
+        assert_eq!(b.len(), 20 + HELLO_V3_EXT_SIZE);
+        assert_eq!(&b[8..12], &[0, 0, 0, 3]);
+        let c = round_trip(&ClientHello {
+            version: 3,
+            flags: READ_ONLY,
+        });
+        assert_eq!(c, b"basil:c\0\x00\x00\x00\x03\x00\x00\x00\x01");
+    }
+
+    #[test]
+    fn server_messages_round_trip() {
+        let rule = Rule::dual_stack(Proto::Tcp, 8080, 8081, 80);
+        round_trip(&ServerMsg::Pifs(vec![PifInfo {
+            id: PifId::HOST,
+            name: "HOST".into(),
+            caps: Caps::from_bits_retain(0x2f),
+        }]));
+        let b = round_trip(&ServerMsg::Rules(vec![PifRules {
+            id: PifId::HOST,
+            generation: 7,
+            rules: vec![rule.clone()],
+        }]));
+        assert_eq!(b.len(), 1 + 1 + 8 + 4 + 56 + 1);
+        let b = round_trip(&ServerMsg::Status(Status {
+            code: Code::Stale,
+            pif: Some(PifId::HOST),
+            index: None,
+            snapshot: 3,
+            current: 4,
+            message: "changed".into(),
+        }));
+        assert_eq!(b.len(), 1 + 24 + 7);
+        round_trip(&ServerMsg::Report(Report {
+            ok: false,
+            pifs: vec![PifReport {
+                id: PifId::HOST,
+                rules: vec![RuleOutcome {
+                    requested: 2,
+                    bound: 1,
+                    failed: vec![FailedPorts {
+                        first: 8081,
+                        last: 8081,
+                        errno: 98,
+                    }],
+                }],
+            }],
+        }));
+        for m in [ClientMsg::Apply, ClientMsg::Commit, ClientMsg::Rollback] {
+            assert_eq!(round_trip(&m).len(), 1);
+        }
+        round_trip(&ClientMsg::Update(Update {
+            tables: vec![(PifId::HOST, vec![rule])],
+        }));
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_wait() {
+        let lim = Limits::default();
+        assert!(matches!(
+            decode_from::<ClientMsg>(&[0x42], &lim),
+            Err(DecodeError::Bad(_))
+        ));
+        // A status announcing a huge message is refused before it arrives.
+        let mut b = vec![msg::STATUS, 0, 0, 0xff, 0xff, 0xff, 0xff];
+        b.extend([0; 16]);
+        b.extend([0xff, 0xff]);
+        assert!(matches!(
+            decode_from::<ServerMsg>(&b, &lim),
+            Err(DecodeError::Bad(_))
+        ));
+        // A report claiming more failed ranges than ports.
+        let b = [msg::REPORT, 1, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2];
+        assert!(matches!(
+            decode_from::<ServerMsg>(&b, &lim),
+            Err(DecodeError::Bad(_))
+        ));
+    }
+}
