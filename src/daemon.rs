@@ -3,18 +3,21 @@
 //! [`Options`] and drives a [`Daemon`]; tests drive the same thing in-process.
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
 
+use crate::control::state::{Shared, Timeouts};
+use crate::control::{ControlError, ControlServer};
 use crate::dataplane::{DataPlane, UdpSettings};
 use crate::edit::HOST_NAME;
 use crate::registry::{Registry, SyncReport};
 use crate::rule::{Caps, PifId, Rule};
 use crate::socket;
 use crate::table::{Config, PifTable, Table};
-use crate::target::{LoopError, Route, Targets, check_loop};
+use crate::target::{LoopError, Route, Targets};
 
 /// How to run the daemon.
 #[derive(Debug, Clone)]
@@ -27,6 +30,10 @@ pub struct Options {
     pub udp: UdpSettings,
     /// How long connections may go on after a shutdown starts.
     pub shutdown_grace: Duration,
+    /// The control socket's path, if there is one.
+    pub control: Option<PathBuf>,
+    /// The control server's timeouts.
+    pub timeouts: Timeouts,
 }
 
 /// Why the daemon did not start.
@@ -45,14 +52,17 @@ pub enum StartError {
         /// Why.
         reason: String,
     },
+    /// The control socket could not be opened.
+    #[error(transparent)]
+    Control(#[from] ControlError),
 }
 
 /// The running daemon.
 #[derive(Debug)]
 pub struct Daemon {
-    config: Config,
+    shared: Arc<Shared>,
     targets: Targets,
-    registry: Registry,
+    control: Option<ControlServer>,
     dp: Arc<DataPlane>,
     grace: Duration,
 }
@@ -71,16 +81,7 @@ impl Daemon {
     /// The routes of a table, refusing a rule that forwards to itself; the
     /// error comes with the rule's index.
     pub fn routes(table: &Table, targets: Targets) -> Result<Vec<Arc<Route>>, (usize, LoopError)> {
-        table
-            .rules()
-            .iter()
-            .enumerate()
-            .map(|(i, rule)| {
-                let route = Route::new(rule.clone(), targets);
-                check_loop(&route).map_err(|e| (i, e))?;
-                Ok(Arc::new(route))
-            })
-            .collect()
+        crate::target::routes(table, targets)
     }
 
     /// Validates the rules, binds their sockets and starts serving them. A
@@ -117,18 +118,34 @@ impl Daemon {
         for rule in config.pifs.iter().flat_map(|p| p.table.rules()) {
             info!("forwarding {}", rule.to_string().trim_end());
         }
+        let shared = Arc::new(Shared::new(config, registry, opts.targets, opts.timeouts));
+        let control = match &opts.control {
+            None => None,
+            Some(path) => match ControlServer::start(path, Arc::clone(&shared)) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    shared.close_all().await;
+                    return Err(e.into());
+                }
+            },
+        };
         Ok(Daemon {
-            config,
+            shared,
             targets: opts.targets,
-            registry,
+            control,
             dp,
             grace: opts.shutdown_grace,
         })
     }
 
-    /// The active tables.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The active tables now.
+    pub fn config(&self) -> Config {
+        self.shared.config()
+    }
+
+    /// The state the control server shares.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The default targets.
@@ -142,18 +159,18 @@ impl Daemon {
     }
 
     /// Listening sockets serving now.
-    pub fn socket_count(&self) -> usize {
-        self.config
-            .pifs
-            .iter()
-            .map(|p| self.registry.active_count(p.id))
-            .sum()
+    pub async fn socket_count(&self) -> usize {
+        self.shared.socket_count().await
     }
 
-    /// Stops accepting, closes every listening socket, lets connections and
-    /// flows go on for the shutdown grace, then closes them.
-    pub async fn shutdown(mut self) {
-        self.registry.close_all().await;
+    /// Ends the control server (an applied transaction rolls back, the
+    /// socket file goes), closes every listening socket, lets connections go
+    /// on for the shutdown grace, then closes them.
+    pub async fn shutdown(self) {
+        if let Some(control) = self.control {
+            control.stop().await;
+        }
+        self.shared.close_all().await;
         self.dp.shutdown(self.grace).await;
     }
 }

@@ -11,6 +11,7 @@
 //! - [`target`]: where a rule's traffic goes, and loop detection;
 //! - [`registry`]: the listening sockets, kept across table swaps;
 //! - [`dataplane`]: TCP relaying with splice(2), UDP flows;
+//! - [`control`]: the control server, one transaction per connection;
 //! - [`daemon`]: the daemon from start-up to shutdown.
 //!
 //! ```
@@ -30,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod edit;

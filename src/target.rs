@@ -123,6 +123,24 @@ pub fn check_loop(route: &Route) -> Result<(), LoopError> {
     Ok(())
 }
 
+/// The routes of a table's rules, refusing a rule that forwards to itself;
+/// the error comes with the rule's index.
+pub fn routes(
+    table: &crate::table::Table,
+    targets: Targets,
+) -> Result<Vec<std::sync::Arc<Route>>, (usize, LoopError)> {
+    table
+        .rules()
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let route = Route::new(rule.clone(), targets);
+            check_loop(&route).map_err(|e| (i, e))?;
+            Ok(std::sync::Arc::new(route))
+        })
+        .collect()
+}
+
 fn listener_covers(rule: &Rule, target: IpAddr) -> bool {
     let target = canonical_ip(target);
     let family_ok = rule.is_dual_stack() || rule.addr.is_ipv4() == target.is_ipv4();

@@ -10,6 +10,7 @@ use clap::Parser;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+use pesto::control::state::Timeouts;
 use pesto::daemon::{Daemon, Options, raise_nofile_limit};
 use pesto::dataplane::UdpSettings;
 use pesto::rule::Caps;
@@ -21,7 +22,7 @@ use pesto::target::Targets;
 #[derive(Debug, Parser)]
 #[command(name = "pestod", version, after_help = AFTER_HELP)]
 struct Args {
-    /// Control socket path (the control protocol is not served yet).
+    /// Control socket path: `pesto PATH` changes the rules at run time.
     #[arg(short = 'c', long = "control", value_name = "PATH")]
     control: Option<PathBuf>,
 
@@ -59,6 +60,15 @@ struct Args {
     /// Seconds that TCP connections in flight may go on after SIGINT or SIGTERM.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     shutdown_grace: f64,
+
+    /// Seconds the control server waits for each client message.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    step_timeout: f64,
+
+    /// Seconds the control server waits for COMMIT or ROLLBACK after applying;
+    /// then it rolls back.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    commit_timeout: f64,
 }
 
 const AFTER_HELP: &str = "\
@@ -67,6 +77,8 @@ Examples:
   pestod -t 2222:22 -u 5353:53     TCP 2222 to 22, UDP 5353 to 53
   pestod -t 127.0.0.1/8443:192.0.2.10/443
                                    forward 127.0.0.1:8443 to 192.0.2.10:443
+  pestod -c /run/pestod.sock -t 8080:80
+                                   ... and take rule changes from `pesto /run/pestod.sock`
 
 A rule whose target would be its own listener (e.g. `-t 8080` with the
 default targets) is refused: map it to another port or give a target.";
@@ -81,10 +93,6 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if args.control.is_some() {
-        error!("the control socket (-c) is not implemented yet; run without it");
-        return ExitCode::from(1);
-    }
     let sockets = opts.host.socket_count();
     match raise_nofile_limit() {
         // Room for the listeners plus some connections and the runtime's own.
@@ -116,7 +124,7 @@ async fn run(opts: Options) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    info!(sockets = daemon.socket_count(), "ready");
+    info!(sockets = daemon.socket_count().await, "ready");
     let signal = match wait_for_signal().await {
         Ok(name) => name,
         Err(e) => {
@@ -178,9 +186,18 @@ fn options(args: &Args) -> Result<Options, String> {
     }
     let targets = targets(&args.target, caps)?;
     Daemon::routes(&host, targets).map_err(|(_, e)| e.to_string())?;
-    if !(args.shutdown_grace.is_finite() && (0.0..=3600.0).contains(&args.shutdown_grace)) {
-        return Err("--shutdown-grace: give 0 to 3600 seconds".to_owned());
-    }
+    let secs = |name: &str, v: f64, min: f64| {
+        if v.is_finite() && (min..=3600.0).contains(&v) {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(format!("--{name}: give {min} to 3600 seconds"))
+        }
+    };
+    let shutdown_grace = secs("shutdown-grace", args.shutdown_grace, 0.0)?;
+    let timeouts = Timeouts {
+        step: secs("step-timeout", args.step_timeout, 0.001)?,
+        commit: secs("commit-timeout", args.commit_timeout, 0.001)?,
+    };
     Ok(Options {
         host,
         targets,
@@ -188,7 +205,9 @@ fn options(args: &Args) -> Result<Options, String> {
             idle_timeout: Duration::from_secs(args.udp_timeout),
             max_flows: usize::try_from(args.max_udp_flows).unwrap_or(usize::MAX),
         },
-        shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
+        shutdown_grace,
+        control: args.control.clone(),
+        timeouts,
     })
 }
 

@@ -1,0 +1,140 @@
+//! The control server: a UNIX stream socket where each connection runs one
+//! transaction against the shared tables (docs/protocol.md).
+//!
+//! - [`state`]: the tables, their generations and the socket registry,
+//!   shared by every connection;
+//! - `txn`: one connection's transaction, step by step.
+
+pub mod state;
+mod txn;
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use state::Shared;
+
+/// Why the control socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another daemon answers on the path.
+    #[error("{0}: another daemon is listening there")]
+    InUse(PathBuf),
+    /// Something that is not a socket is in the way.
+    #[error("{0}: exists and is not a socket; not touching it")]
+    NotSocket(PathBuf),
+    /// The socket could not be made.
+    #[error("{path}: {error}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        error: io::Error,
+    },
+}
+
+/// A running control server.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl ControlServer {
+    /// Opens the control socket at `path` (mode 0600) and serves it. A stale
+    /// socket file left by a dead daemon is replaced.
+    pub fn start(path: &Path, shared: Arc<Shared>) -> Result<ControlServer, ControlError> {
+        let io_err = |error| ControlError::Io {
+            path: path.to_owned(),
+            error,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(ControlError::NotSocket(path.to_owned()));
+            }
+            Ok(_) => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(ControlError::InUse(path.to_owned()));
+                }
+                std::fs::remove_file(path).map_err(io_err)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        // Never visible to others, not even between bind and chmod.
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let bound = UnixListener::bind(path);
+        rustix::process::umask(old);
+        let listener = bound.map_err(io_err)?;
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(accept_loop(listener, shared, stop.clone(), tasks.clone()));
+        info!("control socket {}", path.display());
+        Ok(ControlServer {
+            path: path.to_owned(),
+            stop,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, ends every transaction (an applied one rolls back),
+    /// and removes the socket file.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            warn!("cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let peer = peer_of(&stream);
+                tasks.spawn(txn::run(stream, peer, Arc::clone(&shared), stop.clone()));
+            }
+            Err(e) => {
+                warn!("control accept failed: {e}");
+                // EMFILE and the like: let connections finish first.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+}
+
+fn peer_of(stream: &tokio::net::UnixStream) -> txn::Peer {
+    match rustix::net::sockopt::socket_peercred(stream) {
+        Ok(c) => txn::Peer {
+            pid: c.pid.as_raw_nonzero().get(),
+            uid: c.uid.as_raw(),
+            gid: c.gid.as_raw(),
+        },
+        Err(_) => txn::Peer {
+            pid: 0,
+            uid: u32::MAX,
+            gid: u32::MAX,
+        },
+    }
+}

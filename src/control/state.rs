@@ -1,0 +1,333 @@
+//! The state every control connection shares: the active tables with their
+//! generations, and the socket registry, which only the one transaction that
+//! is applied and not yet committed may hold.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::OwnedMutexGuard;
+
+use crate::codec::Update;
+use crate::codec::v3::{
+    Code, FailedPorts, PifInfo, PifReport, PifRules, Report, RuleOutcome, Status,
+};
+use crate::registry::{Registry, SyncReport};
+use crate::rule::PifId;
+use crate::table::{Config, Table};
+use crate::target::{Route, Targets, routes};
+
+/// The server's timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Longest wait for each client message (and for a busy apply slot).
+    pub step: Duration,
+    /// Longest wait for COMMIT or ROLLBACK after the report.
+    pub commit: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            step: Duration::from_secs(10),
+            commit: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Tables and generations: what readers see.
+#[derive(Debug)]
+struct Tables {
+    config: Config,
+    generations: BTreeMap<PifId, u64>,
+}
+
+/// The generations a client read at step 4.
+pub type Snapshot = BTreeMap<PifId, u64>;
+
+/// State shared by the daemon and every control connection.
+#[derive(Debug)]
+pub struct Shared {
+    // A std mutex: held to copy or swap tables, never across an await, so
+    // readers never wait on a writer's socket work.
+    tables: Mutex<Tables>,
+    // Held by the transaction that is applied and not yet committed, for its
+    // whole life after APPLY: its rollback must restore exactly what it
+    // replaced.
+    registry: Arc<tokio::sync::Mutex<Registry>>,
+    targets: Targets,
+    timeouts: Timeouts,
+}
+
+/// Validated new tables of one connection, not yet active.
+#[derive(Debug)]
+pub struct Shadow {
+    tables: Vec<PifChange>,
+}
+
+#[derive(Debug)]
+struct PifChange {
+    id: PifId,
+    table: Table,
+    routes: Vec<Arc<Route>>,
+}
+
+impl Shadow {
+    /// The pifs it replaces.
+    pub fn pifs(&self) -> impl Iterator<Item = PifId> + '_ {
+        self.tables.iter().map(|t| t.id)
+    }
+}
+
+/// An applied transaction: it holds the registry until it commits or rolls
+/// back, and dropping it without either is a bug (it would keep the parked
+/// sockets); the transaction code always ends it.
+#[derive(Debug)]
+pub struct Applied {
+    registry: OwnedMutexGuard<Registry>,
+    old: Vec<PifChange>,
+    /// What the apply bound.
+    pub report: Report,
+}
+
+impl Shared {
+    /// Shared state over the daemon's active `config`, whose sockets
+    /// `registry` holds. Every pif starts at generation 1.
+    pub fn new(config: Config, registry: Registry, targets: Targets, timeouts: Timeouts) -> Shared {
+        let generations = config.pifs.iter().map(|p| (p.id, 1)).collect();
+        Shared {
+            tables: Mutex::new(Tables {
+                config,
+                generations,
+            }),
+            registry: Arc::new(tokio::sync::Mutex::new(registry)),
+            targets,
+            timeouts,
+        }
+    }
+
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The timeouts.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// The active tables now.
+    pub fn config(&self) -> Config {
+        self.tables().config.clone()
+    }
+
+    /// A pif's generation now.
+    pub fn generation(&self, pif: PifId) -> Option<u64> {
+        self.tables().generations.get(&pif).copied()
+    }
+
+    /// Steps 3 and 4: the pifs, their rules and generations, read together.
+    pub fn listing(&self) -> (Vec<PifInfo>, Vec<PifRules>) {
+        let t = self.tables();
+        let info = t
+            .config
+            .pifs
+            .iter()
+            .map(|p| PifInfo {
+                id: p.id,
+                name: p.name.clone(),
+                caps: p.table.caps(),
+            })
+            .collect();
+        let rules = t
+            .config
+            .pifs
+            .iter()
+            .map(|p| PifRules {
+                id: p.id,
+                generation: t.generations.get(&p.id).copied().unwrap_or(0),
+                rules: p.table.rules().to_vec(),
+            })
+            .collect();
+        (info, rules)
+    }
+
+    /// Steps 5 and 6: loads `update` into a shadow and validates it fully,
+    /// with no socket operation.
+    pub fn validate(&self, update: Update, snapshot: &Snapshot) -> Result<Shadow, Status> {
+        let t = self.tables();
+        let mut tables = Vec::with_capacity(update.tables.len());
+        for (id, rules) in update.tables {
+            let Some(pif) = t.config.by_id(id) else {
+                let mut s = Status::new(Code::Invalid, format!("there is no pif {id}"));
+                s.pif = Some(id);
+                return Err(s);
+            };
+            check_generation(&t, id, snapshot)?;
+            let table = Table::with_rules(pif.table.caps(), rules).map_err(|(i, e)| {
+                let code = if e.is_limit() {
+                    Code::Limit
+                } else {
+                    Code::Invalid
+                };
+                rule_status(code, id, i, format!("{}: {e}", pif.name))
+            })?;
+            let routes = routes(&table, self.targets).map_err(|(i, e)| {
+                rule_status(Code::Invalid, id, i, format!("{}: {e}", pif.name))
+            })?;
+            tables.push(PifChange { id, table, routes });
+        }
+        Ok(Shadow { tables })
+    }
+
+    /// Step 7: makes the shadow active and syncs the sockets. Waits for the
+    /// transaction applied before it to end, no longer than the step timeout
+    /// (then BUSY), and checks the generations again (STALE).
+    pub async fn apply(&self, shadow: Shadow, snapshot: &Snapshot) -> Result<Applied, Status> {
+        let lock = Arc::clone(&self.registry).lock_owned();
+        let Ok(mut registry) = tokio::time::timeout(self.timeouts.step, lock).await else {
+            return Err(Status::new(
+                Code::Busy,
+                format!(
+                    "another transaction stayed applied and uncommitted for {} s",
+                    self.timeouts.step.as_secs_f64()
+                ),
+            ));
+        };
+        {
+            let t = self.tables();
+            for id in shadow.pifs() {
+                check_generation(&t, id, snapshot)?;
+            }
+        }
+        let mut report = Report {
+            ok: true,
+            pifs: Vec::new(),
+        };
+        let mut old = Vec::with_capacity(shadow.tables.len());
+        for change in shadow.tables {
+            let sync = registry.sync(change.id, &change.routes, true);
+            report.ok &= sync.is_ok();
+            report.pifs.push(pif_report(change.id, &sync));
+            let mut t = self.tables();
+            let Some(pif) = t.config.by_id_mut(change.id) else {
+                // Pifs never go away while the registry is held.
+                continue;
+            };
+            let table = std::mem::replace(&mut pif.table, change.table);
+            bump(&mut t, change.id);
+            let routes = self.plain_routes(&table);
+            old.push(PifChange {
+                id: change.id,
+                table,
+                routes,
+            });
+        }
+        Ok(Applied {
+            registry,
+            old,
+            report,
+        })
+    }
+
+    /// Step 9, COMMIT: closes the sockets that only the old tables wanted.
+    pub async fn commit(&self, mut applied: Applied) {
+        for change in &applied.old {
+            applied.registry.close_parked(change.id).await;
+        }
+    }
+
+    /// Step 9, ROLLBACK (also after a disconnect or a timeout): the old
+    /// tables take their sockets back, without binding anything, and the
+    /// sockets bound for the new tables are closed.
+    pub async fn rollback(&self, mut applied: Applied) -> Vec<SyncReport> {
+        let mut reports = Vec::new();
+        for change in applied.old {
+            reports.push(applied.registry.sync(change.id, &change.routes, false));
+            applied.registry.close_parked(change.id).await;
+            let mut t = self.tables();
+            if let Some(pif) = t.config.by_id_mut(change.id) {
+                pif.table = change.table;
+                bump(&mut t, change.id);
+            }
+        }
+        reports
+    }
+
+    /// Closes every socket, once any applied transaction has ended.
+    pub async fn close_all(&self) {
+        self.registry.lock().await.close_all().await;
+    }
+
+    /// Listening sockets serving now.
+    pub async fn socket_count(&self) -> usize {
+        let registry = self.registry.lock().await;
+        let t = self.tables();
+        t.config
+            .pifs
+            .iter()
+            .map(|p| registry.active_count(p.id))
+            .sum()
+    }
+
+    /// Routes of a table that was active, hence already checked for loops.
+    fn plain_routes(&self, table: &Table) -> Vec<Arc<Route>> {
+        table
+            .rules()
+            .iter()
+            .map(|r| Arc::new(Route::new(r.clone(), self.targets)))
+            .collect()
+    }
+}
+
+fn check_generation(t: &Tables, id: PifId, snapshot: &Snapshot) -> Result<(), Status> {
+    let current = t.generations.get(&id).copied().unwrap_or(0);
+    let read = snapshot.get(&id).copied().unwrap_or(0);
+    if current == read {
+        return Ok(());
+    }
+    let mut s = Status::new(
+        Code::Stale,
+        format!(
+            "pif {id} changed since it was listed (generation {read}, now {current}): \
+             read it again and retry"
+        ),
+    );
+    s.pif = Some(id);
+    s.snapshot = read;
+    s.current = current;
+    Err(s)
+}
+
+fn bump(t: &mut Tables, id: PifId) {
+    *t.generations.entry(id).or_insert(0) += 1;
+}
+
+fn rule_status(code: Code, pif: PifId, index: usize, message: String) -> Status {
+    let mut s = Status::new(code, message);
+    s.pif = Some(pif);
+    s.index = u32::try_from(index).ok();
+    s
+}
+
+fn pif_report(id: PifId, sync: &SyncReport) -> PifReport {
+    PifReport {
+        id,
+        rules: sync
+            .rules
+            .iter()
+            .map(|r| RuleOutcome {
+                requested: r.requested,
+                bound: r.bound,
+                failed: r
+                    .failed
+                    .iter()
+                    .map(|f| FailedPorts {
+                        first: f.first,
+                        last: f.last,
+                        errno: f.errno.unsigned_abs(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,225 @@
+//! One control connection: one transaction, step by step (docs/protocol.md).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::UnixStream;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::state::{Shared, Snapshot};
+use crate::codec::v3::{
+    ClientHello, ClientMsg, Code, HelloV3Ext, READ_ONLY, ServerHello, ServerMsg, Status,
+    VERSION_3, features,
+};
+use crate::codec::{CodecError, HelloV2, Limits, Wire, WireCodec};
+use crate::table::{MAX_RULES, MAX_SOCKETS};
+
+/// Why a transaction ended early.
+#[derive(Debug)]
+enum End {
+    /// The client closed the connection.
+    Closed,
+    /// The client was silent too long.
+    Timeout(Duration),
+    /// The daemon is shutting down.
+    Shutdown,
+    /// Bad bytes or a failed transport.
+    Bad(CodecError),
+}
+
+type Conn<D> = Framed<UnixStream, WireCodec<D>>;
+
+/// Who is at the other end, for the logs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} uid {} gid {}", self.pid, self.uid, self.gid)
+    }
+}
+
+/// Runs the transaction of one connection to its end.
+pub(super) async fn run(stream: UnixStream, peer: Peer, shared: Arc<Shared>, stop: CancellationToken) {
+    let mut conn: Conn<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
+    let client = match handshake(&mut conn, &shared, &stop).await {
+        Ok(c) => c,
+        Err(status) => return refuse(&mut conn, peer, status).await,
+    };
+    // From here on every client message is typed.
+    let mut conn: Conn<ClientMsg> = conn.map_codec(|c| c.expect());
+    match transaction(&mut conn, client, &shared, &stop, peer).await {
+        Ok(outcome) => info!(%peer, "transaction: {outcome}"),
+        Err(status) => refuse(&mut conn, peer, status).await,
+    }
+}
+
+/// Sends the error that ends the transaction; the connection closes after.
+async fn refuse<D>(conn: &mut Conn<D>, peer: Peer, status: Status) {
+    info!(%peer, "transaction: {status}");
+    // The client may be gone already; nothing more to do then.
+    let _ = send(conn, &ServerMsg::Status(status)).await;
+}
+
+async fn send<D, M: Wire>(conn: &mut Conn<D>, msg: &M) -> Result<(), CodecError> {
+    conn.send(msg).await
+}
+
+/// The next message, within `limit`.
+async fn recv<D: Wire>(
+    conn: &mut Conn<D>,
+    limit: Duration,
+    stop: &CancellationToken,
+) -> Result<D, End> {
+    tokio::select! {
+        _ = stop.cancelled() => Err(End::Shutdown),
+        r = tokio::time::timeout(limit, conn.next()) => match r {
+            Err(_) => Err(End::Timeout(limit)),
+            Ok(None) => Err(End::Closed),
+            Ok(Some(Err(e))) => Err(End::Bad(e)),
+            Ok(Some(Ok(m))) => Ok(m),
+        },
+    }
+}
+
+fn protocol(e: impl std::fmt::Display) -> Status {
+    Status::new(Code::Protocol, e.to_string())
+}
+
+fn ended(end: End, step: &str) -> Status {
+    match end {
+        End::Closed => Status::new(Code::Protocol, format!("closed at {step}")),
+        End::Timeout(t) => Status::new(
+            Code::Timeout,
+            format!("no {step} within {} s", t.as_secs_f64()),
+        ),
+        End::Shutdown => Status::new(Code::Busy, "the daemon is shutting down"),
+        End::Bad(e) => protocol(format!("bad {step}: {e}")),
+    }
+}
+
+/// Steps 1 and 2.
+async fn handshake(
+    conn: &mut Conn<ClientHello>,
+    shared: &Shared,
+    stop: &CancellationToken,
+) -> Result<ClientHello, Status> {
+    let t = shared.timeouts();
+    // Step 1.
+    let hello = ServerHello {
+        base: HelloV2::new(VERSION_3),
+        ext: Some(HelloV3Ext {
+            features: features::TRANSACTIONS | features::GENERATIONS,
+            max_rules: MAX_RULES as u32,
+            max_sockets: MAX_SOCKETS,
+            max_pifs: Limits::default().max_pifs as u32,
+            step_timeout_ms: millis(t.step),
+            commit_timeout_ms: millis(t.commit),
+        }),
+    };
+    send(conn, &hello).await.map_err(protocol)?;
+    // Step 2.
+    let client = recv(conn, t.step, stop)
+        .await
+        .map_err(|e| ended(e, "client hello"))?;
+    if client.version != VERSION_3 {
+        return Err(Status::new(
+            Code::Version,
+            format!(
+                "client speaks protocol version {}, this server speaks {VERSION_3}",
+                client.version
+            ),
+        ));
+    }
+    Ok(client)
+}
+
+/// Steps 3 to 10.
+async fn transaction(
+    conn: &mut Conn<ClientMsg>,
+    client: ClientHello,
+    shared: &Shared,
+    stop: &CancellationToken,
+    peer: Peer,
+) -> Result<String, Status> {
+    let t = shared.timeouts();
+    // Steps 3 and 4, read in one go so that they agree.
+    let (pifs, rules) = shared.listing();
+    let snapshot: Snapshot = rules.iter().map(|p| (p.id, p.generation)).collect();
+    send(conn, &ServerMsg::Pifs(pifs)).await.map_err(protocol)?;
+    send(conn, &ServerMsg::Rules(rules)).await.map_err(protocol)?;
+    if client.flags & READ_ONLY != 0 {
+        return Ok("read only".to_owned());
+    }
+    // Step 5.
+    let update = match recv(conn, t.step, stop).await {
+        Ok(ClientMsg::Update(u)) => u,
+        Ok(other) => return Err(protocol(format!("expected UPDATE, got {other:?}"))),
+        // Reading and leaving is allowed: nothing changed.
+        Err(End::Closed) => return Ok("listed, no update".to_owned()),
+        Err(e) => return Err(ended(e, "update")),
+    };
+    // Step 6.
+    let shadow = shared.validate(update, &snapshot)?;
+    send(conn, &ServerMsg::Status(Status::ok("valid")))
+        .await
+        .map_err(protocol)?;
+    // Step 7.
+    match recv(conn, t.step, stop).await {
+        Ok(ClientMsg::Apply) => {}
+        Ok(other) => return Err(protocol(format!("expected APPLY, got {other:?}"))),
+        Err(End::Closed) => return Ok("validated, not applied".to_owned()),
+        Err(e) => return Err(ended(e, "APPLY")),
+    }
+    let applied = shared.apply(shadow, &snapshot).await?;
+    let verdict = if applied.report.ok { "ok" } else { "failed" };
+    // Step 8.
+    let sent = send(conn, &ServerMsg::Report(applied.report.clone())).await;
+    // Step 9: anything but COMMIT rolls back.
+    let answer = match sent {
+        Err(e) => Err(End::Bad(e)),
+        Ok(()) => recv(conn, t.commit, stop).await,
+    };
+    match answer {
+        Ok(ClientMsg::Commit) => {
+            shared.commit(applied).await;
+            let _ = send(conn, &ServerMsg::Status(Status::ok("committed"))).await;
+            Ok(format!("applied ({verdict}) and committed"))
+        }
+        Ok(ClientMsg::Rollback) => {
+            shared.rollback(applied).await;
+            let _ = send(
+                conn,
+                &ServerMsg::Status(Status::ok(
+                    "rolled back: the previous tables are active and listening",
+                )),
+            )
+            .await;
+            Ok(format!("applied ({verdict}) and rolled back"))
+        }
+        Ok(other) => {
+            shared.rollback(applied).await;
+            Err(protocol(format!(
+                "expected COMMIT or ROLLBACK, got {other:?}; rolled back"
+            )))
+        }
+        Err(e) => {
+            shared.rollback(applied).await;
+            warn!(%peer, "applied transaction rolled back: {:?}", e);
+            let mut status = ended(e, "COMMIT or ROLLBACK");
+            status.message.push_str("; rolled back");
+            Err(status)
+        }
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
