@@ -11,6 +11,7 @@
 //! - [`target`]: where a rule's traffic goes, and loop detection;
 //! - [`registry`]: the listening sockets, kept across table swaps;
 //! - [`dataplane`]: TCP relaying with splice(2), UDP flows;
+//! - [`client`]: the client library, one transaction step by step;
 //! - [`control`]: the control server, one transaction per connection;
 //! - [`daemon`]: the daemon from start-up to shutdown.
 //!
@@ -30,6 +31,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod codec;
 pub mod control;
 pub mod daemon;

@@ -372,7 +372,9 @@ impl Wire for ServerMsg {
             }
             msg::STATUS => Ok(ServerMsg::Status(get_status(r)?)),
             msg::REPORT => Ok(ServerMsg::Report(get_report(r, limits)?)),
-            t => Err(CodecError::Malformed(format!("unknown server message type 0x{t:02x}")).into()),
+            t => {
+                Err(CodecError::Malformed(format!("unknown server message type 0x{t:02x}")).into())
+            }
         }
     }
 
@@ -544,7 +546,9 @@ impl Wire for ClientMsg {
             msg::APPLY => Ok(ClientMsg::Apply),
             msg::COMMIT => Ok(ClientMsg::Commit),
             msg::ROLLBACK => Ok(ClientMsg::Rollback),
-            t => Err(CodecError::Malformed(format!("unknown client message type 0x{t:02x}")).into()),
+            t => {
+                Err(CodecError::Malformed(format!("unknown client message type 0x{t:02x}")).into())
+            }
         }
     }
 
@@ -667,7 +671,27 @@ mod tests {
             Err(DecodeError::Bad(_))
         ));
         // A report claiming more failed ranges than ports.
-        let b = [msg::REPORT, 1, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2];
+        let b = [
+            msg::REPORT,
+            1,
+            1,
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            2,
+        ];
         assert!(matches!(
             decode_from::<ServerMsg>(&b, &lim),
             Err(DecodeError::Bad(_))

@@ -11,8 +11,8 @@ use tracing::{info, warn};
 
 use super::state::{Shared, Snapshot};
 use crate::codec::v3::{
-    ClientHello, ClientMsg, Code, HelloV3Ext, READ_ONLY, ServerHello, ServerMsg, Status,
-    VERSION_3, features,
+    ClientHello, ClientMsg, Code, HelloV3Ext, READ_ONLY, ServerHello, ServerMsg, Status, VERSION_3,
+    features,
 };
 use crate::codec::{CodecError, HelloV2, Limits, Wire, WireCodec};
 use crate::table::{MAX_RULES, MAX_SOCKETS};
@@ -47,7 +47,12 @@ impl std::fmt::Display for Peer {
 }
 
 /// Runs the transaction of one connection to its end.
-pub(super) async fn run(stream: UnixStream, peer: Peer, shared: Arc<Shared>, stop: CancellationToken) {
+pub(super) async fn run(
+    stream: UnixStream,
+    peer: Peer,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let mut conn: Conn<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
     let client = match handshake(&mut conn, &shared, &stop).await {
         Ok(c) => c,
@@ -154,7 +159,9 @@ async fn transaction(
     let (pifs, rules) = shared.listing();
     let snapshot: Snapshot = rules.iter().map(|p| (p.id, p.generation)).collect();
     send(conn, &ServerMsg::Pifs(pifs)).await.map_err(protocol)?;
-    send(conn, &ServerMsg::Rules(rules)).await.map_err(protocol)?;
+    send(conn, &ServerMsg::Rules(rules))
+        .await
+        .map_err(protocol)?;
     if client.flags & READ_ONLY != 0 {
         return Ok("read only".to_owned());
     }

@@ -1,0 +1,439 @@
+//! pesto: shows and changes a running pestod's forwarding rules, with the
+//! options of upstream passt's pesto, in one transaction.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser};
+use serde_json::{Value, json};
+
+use pesto::client::{ClientError, Options, Session};
+use pesto::codec::v3::{Code, Report, Status};
+use pesto::edit::{EditError, Op};
+use pesto::rule::{PifId, Rule};
+use pesto::spec::SpecOpt;
+use pesto::table::Config;
+
+const EXIT_CODES: &str = "\
+Operations run in the order given: -t/-u/-T/-U replace the HOST (-t, -u) or
+SPLICE (-T, -U) table with their rules, after -A they add to it, after -D they
+delete from it; -C clears a table. Only the tables an operation touches are
+sent. The new tables are applied, then committed if every rule bound its ports
+(a best-effort rule: one port at least), else rolled back.
+
+Exit status:
+  0  done (or nothing to do)
+  1  usage: bad option or port spec
+  2  rejected: a rule is invalid or past a limit (nothing changed)
+  3  rolled back: some ports could not be bound (nothing changed)
+  4  connection or protocol failure, timeout, or a conflicting transaction";
+
+/// Show or change the forwarding rules of a running pestod.
+#[derive(Debug, Parser)]
+#[command(name = "pesto", version, after_help = EXIT_CODES)]
+struct Args {
+    /// Add the following specs to the tables.
+    #[arg(short = 'A', long = "add", action = ArgAction::Count)]
+    add: u8,
+
+    /// Delete the following specs from the tables.
+    #[arg(short = 'D', long = "delete", action = ArgAction::Count)]
+    delete: u8,
+
+    /// Clear the table of pif PIF (e.g. HOST).
+    #[arg(short = 'C', long = "clear", value_name = "PIF")]
+    clear: Vec<String>,
+
+    /// TCP ports the daemon listens on (HOST table); see docs/port-spec.md.
+    #[arg(short = 't', long = "tcp-ports", value_name = "SPEC")]
+    tcp: Vec<String>,
+
+    /// UDP ports the daemon listens on (HOST table).
+    #[arg(short = 'u', long = "udp-ports", value_name = "SPEC")]
+    udp: Vec<String>,
+
+    /// TCP ports forwarded from the namespace to the host (SPLICE table).
+    #[arg(short = 'T', long = "tcp-ns", value_name = "SPEC")]
+    tcp_ns: Vec<String>,
+
+    /// UDP ports forwarded from the namespace to the host (SPLICE table).
+    #[arg(short = 'U', long = "udp-ns", value_name = "SPEC")]
+    udp_ns: Vec<String>,
+
+    /// Show the configuration before and after.
+    #[arg(short = 's', long = "show")]
+    show: bool,
+
+    /// Print debugging messages.
+    #[arg(short = 'd', long = "debug")]
+    debug: bool,
+
+    /// Validate only: stop after the server's acknowledgement.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Commit even if some ports could not be bound.
+    #[arg(long)]
+    keep_partial: bool,
+
+    /// Print the state, acknowledgement and report as one JSON object.
+    #[arg(long)]
+    json: bool,
+
+    /// Seconds to wait for each answer of the server.
+    #[arg(long, value_name = "SECS", default_value_t = 15.0)]
+    timeout: f64,
+
+    /// The daemon's control socket.
+    #[arg(value_name = "PATH")]
+    path: PathBuf,
+}
+
+/// How the run ended, as an exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Done = 0,
+    Usage = 1,
+    Rejected = 2,
+    RolledBack = 3,
+    Failed = 4,
+}
+
+fn main() -> ExitCode {
+    let matches = match Args::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => {
+            // --help and --version are not errors.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { Exit::Usage as u8 } else { 0 });
+        }
+    };
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(Exit::Usage as u8);
+        }
+    };
+    let level = if args.debug { "debug" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    let ops = ordered_ops(&matches);
+    if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
+        eprintln!("pesto: --timeout: give 0 to 3600 seconds");
+        return ExitCode::from(Exit::Usage as u8);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pesto: cannot start: {e}");
+            return ExitCode::from(Exit::Failed as u8);
+        }
+    };
+    let mut out = Output::new(args.json, &args.path);
+    let exit = runtime.block_on(run(&args, &ops, &mut out));
+    out.finish(exit);
+    ExitCode::from(exit as u8)
+}
+
+/// The update operations in command-line order, as upstream applies them.
+fn ordered_ops(m: &ArgMatches) -> Vec<Op> {
+    // Defaults have indices too: only what the user typed counts.
+    let given = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
+    let mut ops: Vec<(usize, Op)> = Vec::new();
+    for (id, op) in [("add", Op::Add), ("delete", Op::Delete)] {
+        if let Some(idx) = m.indices_of(id).filter(|_| given(id)) {
+            ops.extend(idx.map(|i| (i, op.clone())));
+        }
+    }
+    let valued = |id: &str| -> Vec<(usize, String)> {
+        match (m.indices_of(id), m.get_many::<String>(id)) {
+            (Some(i), Some(v)) if given(id) => i.zip(v.cloned()).collect(),
+            _ => Vec::new(),
+        }
+    };
+    ops.extend(valued("clear").into_iter().map(|(i, v)| (i, Op::Clear(v))));
+    for (id, opt) in [
+        ("tcp", SpecOpt::Tcp),
+        ("udp", SpecOpt::Udp),
+        ("tcp_ns", SpecOpt::TcpNs),
+        ("udp_ns", SpecOpt::UdpNs),
+    ] {
+        ops.extend(valued(id).into_iter().map(|(i, v)| (i, Op::Spec(opt, v))));
+    }
+    ops.sort_by_key(|(i, _)| *i);
+    ops.into_iter().map(|(_, op)| op).collect()
+}
+
+async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
+    let opts = Options {
+        step_timeout: Duration::from_secs_f64(args.timeout),
+        read_only: ops.is_empty(),
+    };
+    let session = match Session::connect(&args.path, opts).await {
+        Ok(s) => s,
+        Err(e) => return out.error(&e, Exit::Failed),
+    };
+    tracing::debug!(hello = ?session.hello(), "connected");
+    let before = match session.config() {
+        Ok(c) => c,
+        Err(e) => return out.error(&e, Exit::Failed),
+    };
+    out.state(&session, &before);
+    if ops.is_empty() {
+        out.text(&format!(
+            "pestod configuration ({})\n{before}",
+            args.path.display()
+        ));
+        return Exit::Done;
+    }
+    if args.show {
+        out.text(&format!(
+            "Previous configuration ({})\n{before}",
+            args.path.display()
+        ));
+    }
+    let (update, after) = match session.edit(ops) {
+        Ok(u) => u,
+        Err(e) => {
+            let exit = match &e {
+                ClientError::Edit(EditError::Spec(_)) => Exit::Usage,
+                _ => Exit::Rejected,
+            };
+            return out.error(&e, exit);
+        }
+    };
+    tracing::debug!(pifs = update.tables.len(), "proposing");
+    let proposed = match session.propose(&update).await {
+        Ok(p) => p,
+        Err(e) => return out.error(&e, exit_for(&e)),
+    };
+    out.ack(proposed.ack());
+    if args.dry_run {
+        out.outcome("valid; dry run, nothing changed");
+        if args.show {
+            out.text(&format!(
+                "Proposed configuration ({})\n{after}",
+                args.path.display()
+            ));
+        }
+        return Exit::Done;
+    }
+    let applied = match proposed.apply().await {
+        Ok(a) => a,
+        Err(e) => return out.error(&e, exit_for(&e)),
+    };
+    let report = applied.report().clone();
+    out.report(&report, &after);
+    if report.ok || args.keep_partial {
+        match applied.commit().await {
+            Ok(_) => {
+                out.outcome(if report.ok {
+                    "committed"
+                } else {
+                    "committed with ports missing (--keep-partial)"
+                });
+                if args.show {
+                    out.text(&format!(
+                        "Updated configuration ({})\n{after}",
+                        args.path.display()
+                    ));
+                }
+                Exit::Done
+            }
+            Err(e) => out.error(&e, Exit::Failed),
+        }
+    } else {
+        match applied.rollback().await {
+            Ok(_) => {
+                out.outcome("rolled back: some ports could not be bound; nothing changed");
+                Exit::RolledBack
+            }
+            Err(e) => out.error(&e, Exit::Failed),
+        }
+    }
+}
+
+fn exit_for(e: &ClientError) -> Exit {
+    match e.code() {
+        Some(Code::Invalid | Code::Limit) => Exit::Rejected,
+        _ => Exit::Failed,
+    }
+}
+
+/// Text for people on stdout/stderr, or one JSON object on stdout.
+struct Output {
+    json: Option<serde_json::Map<String, Value>>,
+}
+
+impl Output {
+    fn new(json: bool, path: &Path) -> Output {
+        Output {
+            json: json.then(|| {
+                let mut m = serde_json::Map::new();
+                m.insert("socket".into(), json!(path.display().to_string()));
+                m
+            }),
+        }
+    }
+
+    fn text(&mut self, s: &str) {
+        if self.json.is_none() {
+            print!("{s}");
+        }
+    }
+
+    fn state(&mut self, session: &Session, config: &Config) {
+        if let Some(m) = &mut self.json {
+            let pifs: Vec<Value> = config
+                .pifs
+                .iter()
+                .map(|p| {
+                    json!({
+                        "id": p.id.0,
+                        "name": p.name,
+                        "caps": p.table.caps().bits(),
+                        "generation": session.generation(p.id),
+                        "rules": p.table.rules().iter().map(rule_json).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            m.insert("pifs".into(), Value::Array(pifs));
+        }
+    }
+
+    fn ack(&mut self, s: &Status) {
+        if let Some(m) = &mut self.json {
+            m.insert("ack".into(), status_json(s));
+        }
+    }
+
+    fn report(&mut self, r: &Report, after: &Config) {
+        let rule_of = |pif: PifId, i: usize| after.by_id(pif).and_then(|p| p.table.rules().get(i));
+        if let Some(m) = &mut self.json {
+            let pifs: Vec<Value> = r
+                .pifs
+                .iter()
+                .map(|p| {
+                    let rules: Vec<Value> = p
+                        .rules
+                        .iter()
+                        .enumerate()
+                        .map(|(i, o)| {
+                            json!({
+                                "rule": rule_of(p.id, i).map(|r| r.to_string().trim_end().to_owned()),
+                                "requested": o.requested,
+                                "bound": o.bound,
+                                "failed": o.failed.iter().map(|f| json!({
+                                    "first": f.first,
+                                    "last": f.last,
+                                    "errno": f.errno,
+                                    "error": errno_text(f.errno),
+                                })).collect::<Vec<_>>(),
+                            })
+                        })
+                        .collect();
+                    json!({ "id": p.id.0, "rules": rules })
+                })
+                .collect();
+            m.insert("report".into(), json!({ "ok": r.ok, "pifs": pifs }));
+            return;
+        }
+        for p in &r.pifs {
+            for (i, o) in p.rules.iter().enumerate() {
+                if o.failed.is_empty() {
+                    continue;
+                }
+                let rule = rule_of(p.id, i)
+                    .map_or(format!("rule {i}"), |r| r.to_string().trim_end().to_owned());
+                eprintln!(
+                    "pesto: {rule}: {} of {} port(s) bound",
+                    o.bound, o.requested
+                );
+                for f in &o.failed {
+                    let ports = if f.first == f.last {
+                        format!("port {}", f.first)
+                    } else {
+                        format!("ports {}-{}", f.first, f.last)
+                    };
+                    eprintln!("pesto:   {ports}: {}", errno_text(f.errno));
+                }
+            }
+        }
+    }
+
+    fn outcome(&mut self, what: &str) {
+        match &mut self.json {
+            Some(m) => {
+                m.insert("outcome".into(), json!(what));
+            }
+            None => eprintln!("pesto: {what}"),
+        }
+    }
+
+    fn error(&mut self, e: &ClientError, exit: Exit) -> Exit {
+        match &mut self.json {
+            Some(m) => {
+                let mut err = json!({ "message": e.to_string() });
+                if let ClientError::Refused(s) = e {
+                    err["status"] = status_json(s);
+                }
+                m.insert("error".into(), err);
+            }
+            None => eprintln!("pesto: {e}"),
+        }
+        exit
+    }
+
+    fn finish(self, exit: Exit) {
+        if let Some(mut m) = self.json {
+            m.insert("exit".into(), json!(exit as u8));
+            println!("{}", Value::Object(m));
+        }
+    }
+}
+
+fn rule_json(r: &Rule) -> Value {
+    json!({
+        "text": r.to_string().trim_end(),
+        "proto": r.proto.name(),
+        "listen": r.match_addr().map(|a| a.to_string()),
+        "ifname": r.ifname.as_ref().map(|i| i.as_str().to_owned()),
+        "first": r.first,
+        "last": r.last,
+        "to": r.to,
+        "target": r.target.map(|a| a.to_string()),
+        "weak": r.is_weak(),
+        "scan": r.is_scan(),
+    })
+}
+
+fn status_json(s: &Status) -> Value {
+    json!({
+        "code": s.code.name(),
+        "pif": s.pif.map(|p| p.0),
+        "index": s.index,
+        "snapshot": s.snapshot,
+        "current": s.current,
+        "message": s.message,
+    })
+}
+
+fn errno_text(errno: u32) -> String {
+    if errno == 0 {
+        return "not bound".to_owned();
+    }
+    i32::try_from(errno).map_or_else(
+        |_| format!("errno {errno}"),
+        |n| std::io::Error::from_raw_os_error(n).to_string(),
+    )
+}

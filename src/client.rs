@@ -1,0 +1,364 @@
+//! The client library: one transaction against a pestod control socket.
+//!
+//! The types follow the protocol's steps, so that a step can only be taken
+//! in order: [`Session::connect`] (steps 1 to 4) gives the state,
+//! [`Session::propose`] (5, 6) a [`Proposed`] transaction,
+//! [`Proposed::apply`] (7, 8) an [`Applied`] one with its [`Report`], and
+//! [`Applied::commit`] or [`Applied::rollback`] (9, 10) ends it. Dropping a
+//! transaction before apply changes nothing; dropping it after apply makes
+//! the server roll it back.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), pesto::client::ClientError> {
+//! use pesto::client::{Options, Session};
+//! use pesto::edit::Op;
+//! use pesto::spec::SpecOpt;
+//!
+//! let session = Session::connect("/run/pestod.sock".as_ref(), Options::default()).await?;
+//! let ops = [Op::Add, Op::Spec(SpecOpt::Tcp, "8080:80".into())];
+//! let (update, _new) = session.edit(&ops)?;
+//! let applied = session.propose(&update).await?.apply().await?;
+//! if applied.report().ok {
+//!     applied.commit().await?;
+//! } else {
+//!     applied.rollback().await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::UnixStream;
+use tokio_util::codec::Framed;
+
+use crate::codec::v3::{
+    ClientHello, ClientMsg, Code, HelloV3Ext, PifInfo, PifRules, READ_ONLY, Report, ServerHello,
+    ServerMsg, Status, VERSION_3,
+};
+use crate::codec::{CodecError, Limits, PifListing, Update, WireCodec};
+use crate::edit::{self, EditError, Op};
+use crate::rule::PifId;
+use crate::spec::Ephemeral;
+use crate::table::{Config, RuleError};
+
+/// Client settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Longest wait for each server message.
+    pub step_timeout: Duration,
+    /// Only read the state (steps 1 to 4).
+    pub read_only: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            step_timeout: Duration::from_secs(15),
+            read_only: false,
+        }
+    }
+}
+
+/// What went wrong, at which step.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached.
+    #[error("cannot connect to {path}: {error}")]
+    Connect {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The server speaks another version.
+    #[error("the server speaks protocol version {0}; this client speaks version 3 only")]
+    Version(u32),
+    /// The server said no: the status says why.
+    #[error("server refused: {0}")]
+    Refused(Status),
+    /// The server sent something the protocol does not allow here.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Bad bytes, or the connection failed.
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    /// The server closed the connection.
+    #[error("the server closed the connection while we waited for {0}")]
+    Closed(&'static str),
+    /// The server was silent too long.
+    #[error("no {0} from the server within {1:?}")]
+    Timeout(&'static str, Duration),
+    /// The state the server listed does not make valid tables.
+    #[error("the server listed an invalid table for pif {pif}, rule {index}: {error}")]
+    BadListing {
+        /// The pif.
+        pif: PifId,
+        /// The rule's index.
+        index: usize,
+        /// What is wrong.
+        error: RuleError,
+    },
+    /// The edit operations do not apply to the server's tables.
+    #[error(transparent)]
+    Edit(#[from] EditError),
+}
+
+impl ClientError {
+    /// The status code, when the server refused.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Refused(s) => Some(s.code),
+            _ => None,
+        }
+    }
+}
+
+type Conn = Framed<UnixStream, WireCodec<ServerMsg>>;
+
+struct Link {
+    conn: Conn,
+    timeout: Duration,
+}
+
+impl Link {
+    async fn send(&mut self, msg: &ClientMsg) -> Result<(), ClientError> {
+        Ok(self.conn.send(msg).await?)
+    }
+
+    async fn recv(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<ServerMsg, ClientError> {
+        match tokio::time::timeout(timeout, self.conn.next()).await {
+            Err(_) => Err(ClientError::Timeout(what, timeout)),
+            Ok(None) => Err(ClientError::Closed(what)),
+            Ok(Some(Err(e))) => Err(e.into()),
+            Ok(Some(Ok(ServerMsg::Status(s)))) if s.code != Code::Ok => {
+                Err(ClientError::Refused(s))
+            }
+            Ok(Some(Ok(m))) => Ok(m),
+        }
+    }
+
+    async fn status(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<Status, ClientError> {
+        match self.recv(what, timeout).await? {
+            ServerMsg::Status(s) => Ok(s),
+            other => Err(unexpected(what, &other)),
+        }
+    }
+}
+
+fn unexpected(what: &str, got: &ServerMsg) -> ClientError {
+    let kind = match got {
+        ServerMsg::Pifs(_) => "a pif list",
+        ServerMsg::Rules(_) => "a rule listing",
+        ServerMsg::Status(_) => "a status",
+        ServerMsg::Report(_) => "a report",
+    };
+    ClientError::Protocol(format!("expected {what}, got {kind}"))
+}
+
+/// A connection that has read the server's state (steps 1 to 4).
+pub struct Session {
+    link: Link,
+    hello: HelloV3Ext,
+    pifs: Vec<PifInfo>,
+    rules: Vec<PifRules>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("hello", &self.hello)
+            .field("pifs", &self.pifs)
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Connects, exchanges hellos and reads the pifs, rules and generations.
+    pub async fn connect(path: &Path, opts: Options) -> Result<Session, ClientError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|error| ClientError::Connect {
+                path: path.to_owned(),
+                error,
+            })?;
+        let t = opts.step_timeout;
+        let mut hello_conn: Framed<UnixStream, WireCodec<ServerHello>> =
+            Framed::new(stream, WireCodec::new(Limits::default()));
+        let hello = match tokio::time::timeout(t, hello_conn.next()).await {
+            Err(_) => return Err(ClientError::Timeout("server hello", t)),
+            Ok(None) => return Err(ClientError::Closed("server hello")),
+            Ok(Some(r)) => r?,
+        };
+        hello.base.check_geometry()?;
+        let Some(ext) = hello.ext else {
+            return Err(ClientError::Version(hello.base.version));
+        };
+        let flags = if opts.read_only { READ_ONLY } else { 0 };
+        hello_conn
+            .send(&ClientHello {
+                version: VERSION_3,
+                flags,
+            })
+            .await?;
+        let mut link = Link {
+            conn: hello_conn.map_codec(|c| c.expect()),
+            timeout: t,
+        };
+        let pifs = match link.recv("pif list", t).await? {
+            ServerMsg::Pifs(p) => p,
+            other => return Err(unexpected("pif list", &other)),
+        };
+        let rules = match link.recv("rules", t).await? {
+            ServerMsg::Rules(r) => r,
+            other => return Err(unexpected("rules", &other)),
+        };
+        Ok(Session {
+            link,
+            hello: ext,
+            pifs,
+            rules,
+        })
+    }
+
+    /// The server's features, limits and timeouts.
+    pub fn hello(&self) -> &HelloV3Ext {
+        &self.hello
+    }
+
+    /// The pifs, as listed.
+    pub fn pifs(&self) -> &[PifInfo] {
+        &self.pifs
+    }
+
+    /// Each pif's rules and generation, as listed.
+    pub fn rules(&self) -> &[PifRules] {
+        &self.rules
+    }
+
+    /// The generation of `pif` this transaction is judged against.
+    pub fn generation(&self, pif: PifId) -> Option<u64> {
+        self.rules
+            .iter()
+            .find(|r| r.id == pif)
+            .map(|r| r.generation)
+    }
+
+    /// The listing in version 2's shape (pif with its rules).
+    pub fn listing(&self) -> Vec<PifListing> {
+        self.pifs
+            .iter()
+            .map(|p| PifListing {
+                id: p.id,
+                name: p.name.clone(),
+                caps: p.caps,
+                rules: self
+                    .rules
+                    .iter()
+                    .find(|r| r.id == p.id)
+                    .map(|r| r.rules.clone())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// The server's tables, validated.
+    pub fn config(&self) -> Result<Config, ClientError> {
+        Config::from_listing(&self.listing())
+            .map_err(|(pif, index, error)| ClientError::BadListing { pif, index, error })
+    }
+
+    /// Applies upstream pesto's sequential operations to the server's tables:
+    /// the update to send (only the pifs the operations touch) and the tables
+    /// it makes.
+    pub fn edit(&self, ops: &[Op]) -> Result<(Update, Config), ClientError> {
+        let mut config = self.config()?;
+        let touched = edit::apply(&mut config, ops, Ephemeral::probe())?;
+        let update = Update {
+            tables: config
+                .pifs
+                .iter()
+                .filter(|p| touched.contains(&p.id))
+                .map(|p| (p.id, p.table.rules().to_vec()))
+                .collect(),
+        };
+        Ok((update, config))
+    }
+
+    /// Steps 5 and 6: sends new tables and waits for the server's verdict.
+    pub async fn propose(mut self, update: &Update) -> Result<Proposed, ClientError> {
+        self.link.send(&ClientMsg::Update(update.clone())).await?;
+        let t = self.link.timeout;
+        let ack = self.link.status("acknowledgement", t).await?;
+        Ok(Proposed {
+            link: self.link,
+            ack,
+        })
+    }
+}
+
+/// New tables the server validated, not yet active.
+pub struct Proposed {
+    link: Link,
+    ack: Status,
+}
+
+impl Proposed {
+    /// The server's acknowledgement.
+    pub fn ack(&self) -> &Status {
+        &self.ack
+    }
+
+    /// Steps 7 and 8: makes the tables active and returns what they bound.
+    pub async fn apply(mut self) -> Result<Applied, ClientError> {
+        self.link.send(&ClientMsg::Apply).await?;
+        // The server may wait up to its step timeout for another transaction.
+        let t = self.link.timeout * 2;
+        let report = match self.link.recv("report", t).await? {
+            ServerMsg::Report(r) => r,
+            other => return Err(unexpected("report", &other)),
+        };
+        Ok(Applied {
+            link: self.link,
+            report,
+        })
+    }
+}
+
+/// Active tables, waiting for commit or rollback.
+pub struct Applied {
+    link: Link,
+    report: Report,
+}
+
+impl Applied {
+    /// What the apply bound, rule by rule.
+    pub fn report(&self) -> &Report {
+        &self.report
+    }
+
+    /// Keeps the new tables.
+    pub async fn commit(mut self) -> Result<Status, ClientError> {
+        self.link.send(&ClientMsg::Commit).await?;
+        let t = self.link.timeout;
+        self.link.status("commit answer", t).await
+    }
+
+    /// Goes back to the tables before the apply.
+    pub async fn rollback(mut self) -> Result<Status, ClientError> {
+        self.link.send(&ClientMsg::Rollback).await?;
+        let t = self.link.timeout;
+        self.link.status("rollback answer", t).await
+    }
+}
