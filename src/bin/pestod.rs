@@ -117,6 +117,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(opts: Options) -> ExitCode {
+    // Before anything is announced: a signal right after "ready" must find
+    // its handler in place, not kill the process.
+    let signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot handle signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let daemon = match Daemon::start(opts).await {
         Ok(d) => d,
         Err(e) => {
@@ -125,27 +134,34 @@ async fn run(opts: Options) -> ExitCode {
         }
     };
     info!(sockets = daemon.socket_count().await, "ready");
-    let signal = match wait_for_signal().await {
-        Ok(name) => name,
-        Err(e) => {
-            error!("cannot wait for signals: {e}");
-            "error"
-        }
-    };
+    let signal = signals.wait().await;
     info!("{signal}: shutting down");
     daemon.shutdown().await;
     info!("stopped");
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() -> std::io::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT, caught from the moment this exists.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 fn init_logging(args: &Args) {

@@ -173,6 +173,25 @@ impl<'a> Reader<'a> {
     pub fn u16(&mut self) -> DecodeResult<u16> {
         Ok(u16::from_be_bytes(self.array()?))
     }
+    /// Up to `n` of the next bytes, without consuming them.
+    pub fn peek(&self, n: usize) -> &'a [u8] {
+        let end = self.pos.saturating_add(n).min(self.buf.len());
+        self.buf.get(self.pos..end).unwrap_or_default()
+    }
+    /// Fails as soon as the bytes received so far differ from `magic`, so
+    /// that a peer speaking something else is told at once, not after a
+    /// timeout.
+    pub fn magic(&mut self, magic: &[u8; 8]) -> DecodeResult<()> {
+        let head = self.peek(magic.len());
+        if !magic.starts_with(head) {
+            let mut got = [0u8; 8];
+            for (g, h) in got.iter_mut().zip(head) {
+                *g = *h;
+            }
+            return Err(CodecError::BadMagic(got).into());
+        }
+        self.array::<8>().map(|_| ())
+    }
     /// A big-endian u32.
     pub fn u32(&mut self) -> DecodeResult<u32> {
         Ok(u32::from_be_bytes(self.array()?))
@@ -429,10 +448,7 @@ impl HelloV2 {
 
 impl Wire for HelloV2 {
     fn decode(r: &mut Reader<'_>, _: &Limits) -> DecodeResult<HelloV2> {
-        let magic = r.array::<8>()?;
-        if magic != SERVER_MAGIC {
-            return Err(CodecError::BadMagic(magic).into());
-        }
+        r.magic(&SERVER_MAGIC)?;
         Ok(HelloV2 {
             version: r.u32()?,
             pif_name_size: r.u32()?,

@@ -127,10 +127,7 @@ pub struct ClientHello {
 
 impl Wire for ClientHello {
     fn decode(r: &mut Reader<'_>, _: &Limits) -> DecodeResult<ClientHello> {
-        let magic = r.array::<8>()?;
-        if magic != CLIENT_MAGIC {
-            return Err(CodecError::BadMagic(magic).into());
-        }
+        r.magic(&CLIENT_MAGIC)?;
         Ok(ClientHello {
             version: r.u32()?,
             flags: r.u32()?,

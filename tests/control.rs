@@ -1,0 +1,623 @@
+//! The control protocol against the real daemon: the `pesto` binary, and a
+//! raw client written from docs/protocol.md alone (it uses none of the
+//! library's codec: every byte is spelled out here).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+
+/// A daemon with a control socket in its own directory.
+struct Daemon {
+    _dir: tempfile::TempDir,
+    sock: PathBuf,
+    proc: Pestod,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("pestod.sock");
+        let mut all = vec!["-c", sock.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let proc = Pestod::start(&all);
+        Daemon {
+            _dir: dir,
+            sock,
+            proc,
+        }
+    }
+
+    fn pesto(&self, args: &[&str]) -> Output {
+        pesto(&self.sock, args)
+    }
+
+    /// The table as `pesto PATH` prints it (rules only).
+    fn listing(&self) -> String {
+        let out = self.pesto(&[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn raw(&self) -> Raw {
+        Raw::connect(&self.sock)
+    }
+}
+
+fn pesto(sock: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pesto"))
+        .args(args)
+        .arg(sock)
+        .output()
+        .expect("run pesto")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn v4(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Whether a TCP connection to `port` is accepted and forwarded: the target
+/// answers "ok".
+fn forwards(port: u16) -> bool {
+    match TcpStream::connect(v4(port)) {
+        Ok(mut s) => {
+            s.set_read_timeout(Some(PATIENCE)).unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).is_ok() && buf == b"ok"
+        }
+        Err(_) => false,
+    }
+}
+
+/// A target answering "ok", and a daemon forwarding `port` to it.
+fn daemon_with_port(extra: &[&str]) -> (Daemon, u16, u16) {
+    let target = reply_server(v4(0), "ok".into()).port();
+    let port = free_ports(1);
+    let spec = format!("{port}:{target}");
+    let mut args = vec!["-t", spec.as_str()];
+    args.extend_from_slice(extra);
+    let d = Daemon::start(&args);
+    assert!(forwards(port));
+    (d, port, target)
+}
+
+// ---------------------------------------------------------------------------
+// The raw client: docs/protocol.md, byte by byte.
+
+const STATUS: u8 = 0x03;
+const REPORT: u8 = 0x04;
+
+struct Raw {
+    s: UnixStream,
+}
+
+#[derive(Debug)]
+struct RawStatus {
+    code: u8,
+    pif: u8,
+    index: u32,
+    snapshot: u64,
+    current: u64,
+    message: String,
+}
+
+impl Raw {
+    fn connect(path: &Path) -> Raw {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        Raw { s }
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0; n];
+        self.s.read_exact(&mut b).unwrap();
+        b
+    }
+    fn u8(&mut self) -> u8 {
+        self.bytes(1)[0]
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes(self.bytes(2).try_into().unwrap())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_be_bytes(self.bytes(4).try_into().unwrap())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_be_bytes(self.bytes(8).try_into().unwrap())
+    }
+    fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    /// Server hello: 20 bytes of version 2's shape, then 24 of version 3.
+    fn hello(&mut self) -> [u32; 6] {
+        assert_eq!(self.bytes(8), b"basil:s\0");
+        assert_eq!(self.u32(), 3, "version");
+        assert_eq!(self.u32(), 128, "pif name size");
+        assert_eq!(self.u32(), 16, "IFNAMSIZ");
+        [self.u32(), self.u32(), self.u32(), self.u32(), self.u32(), self.u32()]
+    }
+
+    fn client_hello(&mut self, version: u32, flags: u32) {
+        let mut b = b"basil:c\0".to_vec();
+        b.extend(version.to_be_bytes());
+        b.extend(flags.to_be_bytes());
+        self.send(&b);
+    }
+
+    /// Type 0x01: (id, name[128], caps) until id 0.
+    fn pifs(&mut self) -> Vec<(u8, String, u32)> {
+        assert_eq!(self.u8(), 0x01, "PIFS");
+        let mut out = Vec::new();
+        loop {
+            let id = self.u8();
+            if id == 0 {
+                return out;
+            }
+            let name = self.bytes(128);
+            let end = name.iter().position(|&c| c == 0).unwrap();
+            let caps = self.u32();
+            out.push((id, String::from_utf8(name[..end].to_vec()).unwrap(), caps));
+        }
+    }
+
+    /// Type 0x02: (id, generation, count, rules) until id 0.
+    fn rules(&mut self) -> Vec<(u8, u64, Vec<Vec<u8>>)> {
+        assert_eq!(self.u8(), 0x02, "RULES");
+        let mut out = Vec::new();
+        loop {
+            let id = self.u8();
+            if id == 0 {
+                return out;
+            }
+            let generation = self.u64();
+            let n = self.u32();
+            let rules = (0..n).map(|_| self.bytes(56)).collect();
+            out.push((id, generation, rules));
+        }
+    }
+
+    /// Steps 1 to 4; returns HOST's generation and rules.
+    fn read_state(&mut self) -> (u64, Vec<Vec<u8>>) {
+        self.hello();
+        self.client_hello(3, 0);
+        let pifs = self.pifs();
+        assert_eq!(pifs[0].0, 1);
+        assert_eq!(pifs[0].1, "HOST");
+        let rules = self.rules();
+        (rules[0].1, rules[0].2.clone())
+    }
+
+    fn status_body(&mut self) -> RawStatus {
+        let code = self.u8();
+        let pif = self.u8();
+        let index = self.u32();
+        let snapshot = self.u64();
+        let current = self.u64();
+        let len = self.u16() as usize;
+        let message = String::from_utf8(self.bytes(len)).unwrap();
+        RawStatus {
+            code,
+            pif,
+            index,
+            snapshot,
+            current,
+            message,
+        }
+    }
+
+    fn status(&mut self) -> RawStatus {
+        assert_eq!(self.u8(), STATUS, "STATUS");
+        self.status_body()
+    }
+
+    /// Type 0x10, then the update: (pif, count, rules) and a zero byte.
+    fn update(&mut self, pif: u8, rules: &[Vec<u8>]) {
+        let mut b = vec![0x10, pif];
+        b.extend((rules.len() as u32).to_be_bytes());
+        for r in rules {
+            b.extend(r);
+        }
+        b.push(0);
+        self.send(&b);
+    }
+
+    /// Type 0x04: verdict, then per pif: id, count, and per rule requested,
+    /// bound, n and n ranges (first, last, errno); id 0 ends.
+    fn report(&mut self) -> (bool, Vec<(u32, u32, Vec<(u16, u16, u32)>)>) {
+        let t = self.u8();
+        if t == STATUS {
+            panic!("status instead of report: {:?}", self.status_body());
+        }
+        assert_eq!(t, REPORT);
+        let ok = self.u8() == 0;
+        let mut rules = Vec::new();
+        loop {
+            let id = self.u8();
+            if id == 0 {
+                return (ok, rules);
+            }
+            for _ in 0..self.u32() {
+                let requested = self.u32();
+                let bound = self.u32();
+                let n = self.u32();
+                let failed = (0..n).map(|_| (self.u16(), self.u16(), self.u32())).collect();
+                rules.push((requested, bound, failed));
+            }
+        }
+    }
+
+    /// Reads to EOF: the server closed.
+    fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        self.s.read_to_end(&mut rest).is_ok() && rest.is_empty()
+    }
+}
+
+/// A rule, 56 bytes: listen ::/dual-stack, no target address, no device,
+/// first, last, to, TCP, flags.
+fn tcp_rule(first: u16, last: u16, to: u16) -> Vec<u8> {
+    let mut b = vec![0u8; 48];
+    b.extend(first.to_be_bytes());
+    b.extend(last.to_be_bytes());
+    b.extend(to.to_be_bytes());
+    b.push(6);
+    b.push(1); // dual-stack any
+    b
+}
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn raw_client_from_the_docs_completes_a_transaction() {
+    let (d, port, target) = daemon_with_port(&[]);
+    let mut c = d.raw();
+    let ext = c.hello();
+    assert_eq!(ext[0] & 3, 3, "features: transactions, generations");
+    assert_eq!(ext[1], 255, "rules per pif");
+    assert_eq!(ext[4], 10_000, "step timeout ms");
+    assert_eq!(ext[5], 30_000, "commit timeout ms");
+    c.client_hello(3, 0);
+    assert_eq!(c.pifs(), vec![(1, "HOST".to_owned(), host_caps())]);
+    let rules = c.rules();
+    assert_eq!(rules.len(), 1);
+    let (_, generation, current) = &rules[0];
+    assert_eq!(*generation, 1);
+    assert_eq!(current, &vec![tcp_rule(port, port, target)]);
+
+    let new_port = free_ports(1);
+    let mut table = current.clone();
+    table.push(tcp_rule(new_port, new_port, target));
+    c.update(1, &table);
+    let ack = c.status();
+    assert_eq!(ack.code, 0, "{ack:?}");
+    c.send(&[0x11]); // APPLY
+    let (ok, outcome) = c.report();
+    assert!(ok);
+    assert_eq!(outcome, vec![(1, 1, vec![]), (1, 1, vec![])]);
+    c.send(&[0x12]); // COMMIT
+    assert_eq!(c.status().code, 0);
+    assert!(c.closed());
+    assert!(forwards(port) && forwards(new_port));
+
+    // The generation moved by one.
+    let mut c = d.raw();
+    let (generation, rules) = c.read_state();
+    assert_eq!((generation, rules.len()), (2, 2));
+}
+
+fn host_caps() -> u32 {
+    // IPv4, IPv6, TCP, UDP, IFNAME on a host with IPv6.
+    if pesto::socket::ipv6_available() { 0x2f } else { 0x2d }
+}
+
+#[test]
+fn read_only_client_is_served_steps_one_to_four() {
+    let (d, port, target) = daemon_with_port(&[]);
+    let mut c = d.raw();
+    c.hello();
+    c.client_hello(3, 1); // READ_ONLY
+    c.pifs();
+    let rules = c.rules();
+    assert_eq!(rules[0].2, vec![tcp_rule(port, port, target)]);
+    assert!(c.closed());
+    // The CLI's listing, in upstream's layout.
+    let out = d.pesto(&[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "pestod configuration ({})\n  HOST\n    TCP [*]:{port}  =>  {target} \n",
+            d.sock.display()
+        )
+    );
+}
+
+#[test]
+fn invalid_rule_is_refused_at_step_six_and_nothing_changes() {
+    let (d, port, target) = daemon_with_port(&[]);
+    let before = d.listing();
+    let mut c = d.raw();
+    let (_, mut table) = c.read_state();
+    table.push(tcp_rule(0, 0, 80)); // port 0
+    c.update(1, &table);
+    let st = c.status();
+    assert_eq!(st.code, 3, "INVALID: {st:?}");
+    assert_eq!((st.pif, st.index), (1, 1));
+    assert!(st.message.contains("port 0"), "{}", st.message);
+    assert!(c.closed());
+
+    // A loop is refused by the daemon too (the client cannot know the
+    // daemon's default targets): exit status 2.
+    let out = d.pesto(&["-A", "-t", &free_ports(1).to_string()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("to itself"), "{}", text(&out.stderr));
+
+    // Too many rules: LIMIT.
+    let mut c = d.raw();
+    let (_, _) = c.read_state();
+    let many: Vec<Vec<u8>> = (0..255u16).map(|i| tcp_rule(1000 + i, 1000 + i, 1)).collect();
+    let mut more = many.clone();
+    more.push(tcp_rule(2000, 2000, 1));
+    c.update(1, &more);
+    let st = c.status();
+    assert_eq!(st.code, 1, "256 rules is past the decoder's limit: PROTOCOL {st:?}");
+
+    assert_eq!(d.listing(), before);
+    assert!(forwards(port));
+    let _ = target;
+}
+
+/// A client that goes away at any step before COMMIT changes nothing: before
+/// APPLY nothing was changed, after it the daemon rolls back.
+#[test]
+fn disconnect_at_each_step_leaves_the_table_as_it_was() {
+    let (d, port, target) = daemon_with_port(&[]);
+    let before = d.listing();
+    let new_port = free_ports(1);
+    for step in 2..=9 {
+        let mut c = d.raw();
+        c.hello();
+        if step > 2 {
+            c.client_hello(3, 0);
+        } else {
+            c.send(b"basil"); // half a hello
+        }
+        if step > 4 {
+            c.pifs();
+            let rules = c.rules();
+            let mut table = rules[0].2.clone();
+            table.push(tcp_rule(new_port, new_port, target));
+            if step == 5 {
+                c.send(&[0x10, 1, 0, 0]); // half an update
+            } else {
+                c.update(1, &table);
+            }
+        }
+        if step > 6 {
+            assert_eq!(c.status().code, 0);
+            c.send(&[0x11]);
+        }
+        if step > 7 {
+            let (ok, _) = c.report();
+            assert!(ok);
+            // Applied: the new port works until the client goes.
+            assert!(forwards(new_port), "step {step}");
+        }
+        if step == 9 {
+            c.send(&[0x12][..0]); // nothing: just leave
+        }
+        drop(c);
+        // The rollback (if any) is done when the next listing is served:
+        // listings never wait on a writer, so poll briefly.
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while d.listing() != before {
+            assert!(std::time::Instant::now() < deadline, "step {step}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(forwards(port), "step {step}");
+        wait_until(|| !forwards(new_port), &format!("step {step}: new port closed"));
+    }
+}
+
+fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn silent_clients_time_out_and_applied_ones_roll_back() {
+    let (d, port, target) = daemon_with_port(&["--step-timeout", "0.3", "--commit-timeout", "0.5"]);
+    let before = d.listing();
+    let mut c = d.raw();
+    c.hello();
+    let st = c.status();
+    assert_eq!(st.code, 7, "TIMEOUT {st:?}");
+    assert!(c.closed());
+
+    let new_port = free_ports(1);
+    let mut c = d.raw();
+    let (_, mut table) = c.read_state();
+    table.push(tcp_rule(new_port, new_port, target));
+    c.update(1, &table);
+    assert_eq!(c.status().code, 0);
+    c.send(&[0x11]);
+    assert!(c.report().0);
+    assert!(forwards(new_port));
+    // No COMMIT: after the commit timeout, TIMEOUT and a rollback.
+    let st = c.status();
+    assert_eq!(st.code, 7, "{st:?}");
+    assert!(st.message.contains("rolled back"), "{}", st.message);
+    assert_eq!(d.listing(), before);
+    assert!(forwards(port));
+    assert!(!forwards(new_port));
+}
+
+#[test]
+fn bind_failure_rolls_back_and_keep_partial_commits() {
+    let (d, port, target) = daemon_with_port(&[]);
+    let before = d.listing();
+    let base = free_ports(3);
+    let _held = std::net::TcpListener::bind(("0.0.0.0", base + 1)).unwrap();
+    let spec = format!("{base}-{}:{target}-{}", base + 2, target + 2);
+    let out = d.pesto(&["-A", "-t", &spec]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("port {}: Address already in use", base + 1)), "{err}");
+    assert!(err.contains("rolled back"), "{err}");
+    assert_eq!(d.listing(), before);
+    assert!(forwards(port));
+    assert!(TcpStream::connect(v4(base)).is_err(), "new port closed again");
+
+    // The report in JSON, with the errno.
+    let out = d.pesto(&["--json", "-A", "-t", &spec]);
+    assert_eq!(out.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["report"]["ok"], false);
+    let failed = &v["report"]["pifs"][0]["rules"][1]["failed"][0];
+    assert_eq!(failed["first"], base + 1);
+    assert_eq!(failed["errno"], 98);
+    assert_eq!(v["exit"], 3);
+
+    let out = d.pesto(&["--keep-partial", "-A", "-t", &spec]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(d.listing().contains(&format!("{base}-{}", base + 2)));
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    let (d, port, _) = daemon_with_port(&[]);
+    let before = d.listing();
+    let out = d.pesto(&["--dry-run", "-C", "HOST"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("dry run"));
+    assert_eq!(d.listing(), before);
+    assert!(forwards(port));
+    // And the generation did not move.
+    let out = d.pesto(&["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pifs"][0]["generation"], 1);
+}
+
+#[test]
+fn cli_replaces_adds_deletes_and_clears() {
+    let (d, port, target) = daemon_with_port(&[]);
+    let other = free_ports(1);
+    let out = d.pesto(&["-s", "-A", "-t", &format!("{other}:{target}")]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.starts_with(&format!("Previous configuration ({})\n", d.sock.display())));
+    assert!(shown.contains("Updated configuration"));
+    assert!(forwards(port) && forwards(other));
+    let out = d.pesto(&["-D", "-t", &format!("{port}:{target}")]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    wait_until(|| !forwards(port), "deleted port closed");
+    assert!(forwards(other));
+    // A plain spec replaces the protocol's... whole table, as upstream.
+    let out = d.pesto(&["-t", &format!("{port}:{target}")]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(d.listing(), format!("  HOST\n    TCP [*]:{port}  =>  {target} "));
+    let out = d.pesto(&["-C", "HOST"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(d.listing(), "  HOST");
+    // Usage errors: exit 1.
+    assert_eq!(d.pesto(&["-t", "nonsense"]).status.code(), Some(1));
+    assert_eq!(d.pesto(&["--no-such-option"]).status.code(), Some(1));
+    assert_eq!(d.pesto(&["-C", "NOPE"]).status.code(), Some(2));
+    // No daemon: exit 4.
+    let out = pesto(Path::new("/nonexistent/pestod.sock"), &[]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(text(&out.stderr).contains("cannot connect"));
+}
+
+#[test]
+fn wrong_versions_and_garbage_are_refused_cleanly() {
+    let (d, port, _) = daemon_with_port(&[]);
+    let before = d.listing();
+    // A client hello of version 2.
+    let mut c = d.raw();
+    c.hello();
+    c.client_hello(2, 0);
+    let st = c.status();
+    assert_eq!(st.code, 2, "VERSION {st:?}");
+    assert!(st.message.contains("version 2"), "{}", st.message);
+    assert!(c.closed());
+    // A version-2-shaped client: it sends an update right after the hello.
+    let mut c = d.raw();
+    c.hello();
+    let mut v2 = vec![1u8, 0, 0, 0, 0];
+    v2.push(0);
+    c.send(&v2);
+    let st = c.status();
+    assert_eq!(st.code, 1, "PROTOCOL {st:?}");
+    assert!(c.closed());
+    // Garbage, then an out-of-order message.
+    let mut c = d.raw();
+    c.hello();
+    c.send(&[0xde; 64]);
+    assert_eq!(c.status().code, 1);
+    let mut c = d.raw();
+    c.read_state();
+    c.send(&[0x12]); // COMMIT before anything
+    assert_eq!(c.status().code, 1);
+    let mut c = d.raw();
+    c.read_state();
+    c.send(&[0x77]); // unknown type
+    assert_eq!(c.status().code, 1);
+    // The next client is served normally, and nothing changed.
+    assert_eq!(d.listing(), before);
+    assert!(forwards(port));
+}
+
+#[test]
+fn stale_generation_is_refused() {
+    let (d, _, target) = daemon_with_port(&[]);
+    let mut slow = d.raw();
+    let (generation, table) = slow.read_state();
+    // Another client changes HOST meanwhile.
+    let other = free_ports(1);
+    assert!(d.pesto(&["-A", "-t", &format!("{other}:{target}")]).status.success());
+    slow.update(1, &table);
+    let st = slow.status();
+    assert_eq!(st.code, 5, "STALE {st:?}");
+    assert_eq!((st.pif, st.snapshot, st.current), (1, generation, generation + 1));
+}
+
+#[test]
+fn sigterm_removes_the_socket_file() {
+    let (mut d, _, _) = daemon_with_port(&[]);
+    assert!(d.sock.exists());
+    d.proc.signal(rustix::process::Signal::TERM);
+    let status = d.proc.wait();
+    assert_eq!(status.code(), Some(0), "{status:?}: {}", d.proc.log());
+    assert!(!d.sock.exists());
+}
+
+#[test]
+fn control_socket_is_private_and_not_shared() {
+    use std::os::unix::fs::PermissionsExt;
+    let (d, _, _) = daemon_with_port(&[]);
+    let mode = std::fs::metadata(&d.sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A second daemon on the same path refuses to start.
+    let (status, log) = pestod_exit(&["-c", d.sock.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(log.contains("another daemon"), "{log}");
+}
