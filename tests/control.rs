@@ -280,6 +280,20 @@ fn tcp_rule(first: u16, last: u16, to: u16) -> Vec<u8> {
     b
 }
 
+/// A rule listening on one IPv4 address (IPv4-mapped), no flags.
+fn tcp_rule_v4(addr: [u8; 4], first: u16, last: u16, to: u16) -> Vec<u8> {
+    let mut b = vec![0u8; 10];
+    b.extend([0xff, 0xff]);
+    b.extend(addr);
+    b.extend([0u8; 32]);
+    b.extend(first.to_be_bytes());
+    b.extend(last.to_be_bytes());
+    b.extend(to.to_be_bytes());
+    b.push(6);
+    b.push(0);
+    b
+}
+
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -367,15 +381,22 @@ fn invalid_rule_is_refused_at_step_six_and_nothing_changes() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("to itself"), "{}", text(&out.stderr));
 
-    // Too many rules: LIMIT.
+    // More rules than the hello's limit: the decoder refuses the count
+    // before reading the rules, PROTOCOL.
     let mut c = d.raw();
-    let (_, _) = c.read_state();
-    let many: Vec<Vec<u8>> = (0..255u16).map(|i| tcp_rule(1000 + i, 1000 + i, 1)).collect();
-    let mut more = many.clone();
-    more.push(tcp_rule(2000, 2000, 1));
-    c.update(1, &more);
+    c.read_state();
+    let many: Vec<Vec<u8>> = (0..256u16).map(|i| tcp_rule(1000 + i, 1000 + i, 1)).collect();
+    c.update(1, &many);
     let st = c.status();
-    assert_eq!(st.code, 1, "256 rules is past the decoder's limit: PROTOCOL {st:?}");
+    assert_eq!(st.code, 1, "PROTOCOL {st:?}");
+    // More listening sockets than a table may have (6 x 65535 > 327680): LIMIT.
+    let mut c = d.raw();
+    c.read_state();
+    let huge: Vec<Vec<u8>> = (1..=6u8).map(|a| tcp_rule_v4([127, 0, 0, a], 1, 65535, 1)).collect();
+    c.update(1, &huge);
+    let st = c.status();
+    assert_eq!(st.code, 4, "LIMIT {st:?}");
+    assert_eq!((st.pif, st.index), (1, 5));
 
     assert_eq!(d.listing(), before);
     assert!(forwards(port));

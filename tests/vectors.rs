@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use pesto::codec::v3::ClientMsg;
 use pesto::codec::{HelloV2, Limits, ListingV2, Update, Wire, decode_from, encode_to_vec};
 use pesto::edit::{self, Op};
 use pesto::rule::PifId;
@@ -113,6 +114,10 @@ fn client_updates_match_upstream_bytes_and_display() {
             data(&format!("client-update-{name}.bin")),
             "{name}"
         );
+        // Version 3 sends the same bytes after its one-byte message type.
+        let v3 = encode_to_vec(&ClientMsg::Update(update.clone()));
+        assert_eq!(v3[0], 0x10);
+        assert_eq!(v3[1..], data(&format!("client-update-{name}.bin")), "{name}");
 
         let shown = format!(
             "Previous configuration (SOCKET)\n{before}Updated configuration (SOCKET)\n{config}exit status 0\n"
