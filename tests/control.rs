@@ -149,7 +149,14 @@ impl Raw {
         assert_eq!(self.u32(), 3, "version");
         assert_eq!(self.u32(), 128, "pif name size");
         assert_eq!(self.u32(), 16, "IFNAMSIZ");
-        [self.u32(), self.u32(), self.u32(), self.u32(), self.u32(), self.u32()]
+        [
+            self.u32(),
+            self.u32(),
+            self.u32(),
+            self.u32(),
+            self.u32(),
+            self.u32(),
+        ]
     }
 
     fn client_hello(&mut self, version: u32, flags: u32) {
@@ -255,7 +262,9 @@ impl Raw {
                 let requested = self.u32();
                 let bound = self.u32();
                 let n = self.u32();
-                let failed = (0..n).map(|_| (self.u16(), self.u16(), self.u32())).collect();
+                let failed = (0..n)
+                    .map(|_| (self.u16(), self.u16(), self.u32()))
+                    .collect();
                 rules.push((requested, bound, failed));
             }
         }
@@ -336,7 +345,11 @@ fn raw_client_from_the_docs_completes_a_transaction() {
 
 fn host_caps() -> u32 {
     // IPv4, IPv6, TCP, UDP, IFNAME on a host with IPv6.
-    if pesto::socket::ipv6_available() { 0x2f } else { 0x2d }
+    if pesto::socket::ipv6_available() {
+        0x2f
+    } else {
+        0x2d
+    }
 }
 
 #[test]
@@ -379,20 +392,28 @@ fn invalid_rule_is_refused_at_step_six_and_nothing_changes() {
     // daemon's default targets): exit status 2.
     let out = d.pesto(&["-A", "-t", &free_ports(1).to_string()]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("to itself"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("to itself"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // More rules than the hello's limit: the decoder refuses the count
     // before reading the rules, PROTOCOL.
     let mut c = d.raw();
     c.read_state();
-    let many: Vec<Vec<u8>> = (0..256u16).map(|i| tcp_rule(1000 + i, 1000 + i, 1)).collect();
+    let many: Vec<Vec<u8>> = (0..256u16)
+        .map(|i| tcp_rule(1000 + i, 1000 + i, 1))
+        .collect();
     c.update(1, &many);
     let st = c.status();
     assert_eq!(st.code, 1, "PROTOCOL {st:?}");
     // More listening sockets than a table may have (6 x 65535 > 327680): LIMIT.
     let mut c = d.raw();
     c.read_state();
-    let huge: Vec<Vec<u8>> = (1..=6u8).map(|a| tcp_rule_v4([127, 0, 0, a], 1, 65535, 1)).collect();
+    let huge: Vec<Vec<u8>> = (1..=6u8)
+        .map(|a| tcp_rule_v4([127, 0, 0, a], 1, 65535, 1))
+        .collect();
     c.update(1, &huge);
     let st = c.status();
     assert_eq!(st.code, 4, "LIMIT {st:?}");
@@ -451,7 +472,10 @@ fn disconnect_at_each_step_leaves_the_table_as_it_was() {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(forwards(port), "step {step}");
-        wait_until(|| !forwards(new_port), &format!("step {step}: new port closed"));
+        wait_until(
+            || !forwards(new_port),
+            &format!("step {step}: new port closed"),
+        );
     }
 }
 
@@ -501,11 +525,17 @@ fn bind_failure_rolls_back_and_keep_partial_commits() {
     let out = d.pesto(&["-A", "-t", &spec]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let err = text(&out.stderr);
-    assert!(err.contains(&format!("port {}: Address already in use", base + 1)), "{err}");
+    assert!(
+        err.contains(&format!("port {}: Address already in use", base + 1)),
+        "{err}"
+    );
     assert!(err.contains("rolled back"), "{err}");
     assert_eq!(d.listing(), before);
     assert!(forwards(port));
-    assert!(TcpStream::connect(v4(base)).is_err(), "new port closed again");
+    assert!(
+        TcpStream::connect(v4(base)).is_err(),
+        "new port closed again"
+    );
 
     // The report in JSON, with the errno.
     let out = d.pesto(&["--json", "-A", "-t", &spec]);
@@ -554,7 +584,10 @@ fn cli_replaces_adds_deletes_and_clears() {
     // A plain spec replaces the protocol's... whole table, as upstream.
     let out = d.pesto(&["-t", &format!("{port}:{target}")]);
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(d.listing(), format!("  HOST\n    TCP [*]:{port}  =>  {target} "));
+    assert_eq!(
+        d.listing(),
+        format!("  HOST\n    TCP [*]:{port}  =>  {target} ")
+    );
     let out = d.pesto(&["-C", "HOST"]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(d.listing(), "  HOST");
@@ -614,11 +647,18 @@ fn stale_generation_is_refused() {
     let (generation, table) = slow.read_state();
     // Another client changes HOST meanwhile.
     let other = free_ports(1);
-    assert!(d.pesto(&["-A", "-t", &format!("{other}:{target}")]).status.success());
+    assert!(
+        d.pesto(&["-A", "-t", &format!("{other}:{target}")])
+            .status
+            .success()
+    );
     slow.update(1, &table);
     let st = slow.status();
     assert_eq!(st.code, 5, "STALE {st:?}");
-    assert_eq!((st.pif, st.snapshot, st.current), (1, generation, generation + 1));
+    assert_eq!(
+        (st.pif, st.snapshot, st.current),
+        (1, generation, generation + 1)
+    );
 }
 
 #[test]

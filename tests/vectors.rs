@@ -117,7 +117,11 @@ fn client_updates_match_upstream_bytes_and_display() {
         // Version 3 sends the same bytes after its one-byte message type.
         let v3 = encode_to_vec(&ClientMsg::Update(update.clone()));
         assert_eq!(v3[0], 0x10);
-        assert_eq!(v3[1..], data(&format!("client-update-{name}.bin")), "{name}");
+        assert_eq!(
+            v3[1..],
+            data(&format!("client-update-{name}.bin")),
+            "{name}"
+        );
 
         let shown = format!(
             "Previous configuration (SOCKET)\n{before}Updated configuration (SOCKET)\n{config}exit status 0\n"
