@@ -105,6 +105,9 @@ struct Raw {
     s: UnixStream,
 }
 
+/// One rule of a report: asked, bound, failed ranges (first, last, errno).
+type RawOutcome = (u32, u32, Vec<(u16, u16, u32)>);
+
 #[derive(Debug)]
 struct RawStatus {
     code: u8,
@@ -245,7 +248,7 @@ impl Raw {
 
     /// Type 0x04: verdict, then per pif: id, count, and per rule requested,
     /// bound, n and n ranges (first, last, errno); id 0 ends.
-    fn report(&mut self) -> (bool, Vec<(u32, u32, Vec<(u16, u16, u32)>)>) {
+    fn report(&mut self) -> (bool, Vec<RawOutcome>) {
         let t = self.u8();
         if t == STATUS {
             panic!("status instead of report: {:?}", self.status_body());
