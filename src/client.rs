@@ -362,3 +362,124 @@ impl Applied {
         self.link.status("rollback answer", t).await
     }
 }
+
+/// How [`transact`] runs a transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct TransactOptions {
+    /// Attempts after the first, on STALE or BUSY.
+    pub retries: u32,
+    /// Commit even if the report's verdict is FAILED.
+    pub keep_partial: bool,
+    /// Stop after the acknowledgement: validate only.
+    pub dry_run: bool,
+}
+
+impl Default for TransactOptions {
+    fn default() -> TransactOptions {
+        TransactOptions {
+            retries: 5,
+            keep_partial: false,
+            dry_run: false,
+        }
+    }
+}
+
+/// How a transaction made by [`transact`] ended.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    /// Attempts it took (1 if the first one went through).
+    pub attempts: u32,
+    /// The server's acknowledgement of the last attempt.
+    pub ack: Status,
+    /// What the apply bound (none for a dry run).
+    pub report: Option<Report>,
+    /// Whether the new tables were committed.
+    pub committed: bool,
+}
+
+/// Reads the state, lets `plan` compute the update from it, proposes,
+/// applies, and commits when every rule bound its ports (or with
+/// `keep_partial`), else rolls back. On STALE or BUSY it starts over from
+/// fresh state, up to `t.retries` more times, after a jittered, growing
+/// pause. `plan` gets the session and the attempt number (from 1).
+pub async fn transact<F>(
+    path: &Path,
+    opts: Options,
+    t: TransactOptions,
+    mut plan: F,
+) -> Result<Transaction, ClientError>
+where
+    F: FnMut(&Session, u32) -> Result<Update, ClientError>,
+{
+    let mut attempt = 1;
+    loop {
+        match attempt_once(path, opts, t, &mut plan, attempt).await {
+            Err(e)
+                if matches!(e.code(), Some(Code::Stale | Code::Busy)) && attempt <= t.retries =>
+            {
+                let pause = backoff(attempt);
+                tracing::warn!(
+                    "{e}; retrying in {} ms (attempt {} of {})",
+                    pause.as_millis(),
+                    attempt + 1,
+                    t.retries + 1
+                );
+                tokio::time::sleep(pause).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn attempt_once<F>(
+    path: &Path,
+    opts: Options,
+    t: TransactOptions,
+    plan: &mut F,
+    attempt: u32,
+) -> Result<Transaction, ClientError>
+where
+    F: FnMut(&Session, u32) -> Result<Update, ClientError>,
+{
+    let session = Session::connect(path, opts).await?;
+    let update = plan(&session, attempt)?;
+    let proposed = session.propose(&update).await?;
+    let ack = proposed.ack().clone();
+    if t.dry_run {
+        return Ok(Transaction {
+            attempts: attempt,
+            ack,
+            report: None,
+            committed: false,
+        });
+    }
+    let applied = proposed.apply().await?;
+    let report = applied.report().clone();
+    let committed = report.ok || t.keep_partial;
+    if committed {
+        applied.commit().await?;
+    } else {
+        applied.rollback().await?;
+    }
+    Ok(Transaction {
+        attempts: attempt,
+        ack,
+        report: Some(report),
+        committed,
+    })
+}
+
+/// A pause before attempt `attempt + 1`: random in [0, 10 ms × 2^attempt],
+/// at most one second, so that clients that collided spread out.
+fn backoff(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let ceiling = Duration::from_millis(10)
+        .saturating_mul(1 << attempt.min(16))
+        .min(Duration::from_secs(1));
+    // A fresh RandomState is randomly keyed: enough jitter, no dependency.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(attempt);
+    let fraction = (h.finish() % 1_000_000) as u32;
+    ceiling.mul_f64(f64::from(fraction) / 1_000_000.0)
+}

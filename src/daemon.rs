@@ -34,6 +34,8 @@ pub struct Options {
     pub control: Option<PathBuf>,
     /// The control server's timeouts.
     pub timeouts: Timeouts,
+    /// Most control connections at once.
+    pub max_clients: usize,
 }
 
 /// Why the daemon did not start.
@@ -121,7 +123,7 @@ impl Daemon {
         let shared = Arc::new(Shared::new(config, registry, opts.targets, opts.timeouts));
         let control = match &opts.control {
             None => None,
-            Some(path) => match ControlServer::start(path, Arc::clone(&shared)) {
+            Some(path) => match ControlServer::start(path, Arc::clone(&shared), opts.max_clients) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     shared.close_all().await;

@@ -9,7 +9,7 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser};
 use serde_json::{Value, json};
 
-use pesto::client::{ClientError, Options, Session};
+use pesto::client::{ClientError, Options, Session, TransactOptions, transact};
 use pesto::codec::v3::{Code, Report, Status};
 use pesto::edit::{EditError, Op};
 use pesto::rule::{PifId, Rule};
@@ -28,7 +28,8 @@ Exit status:
   1  usage: bad option or port spec
   2  rejected: a rule is invalid or past a limit (nothing changed)
   3  rolled back: some ports could not be bound (nothing changed)
-  4  connection or protocol failure, timeout, or a conflicting transaction";
+  4  connection or protocol failure, timeout, or still conflicting with
+     other clients after --retries attempts";
 
 /// Show or change the forwarding rules of a running pestod.
 #[derive(Debug, Parser)]
@@ -81,6 +82,11 @@ struct Args {
     /// Print the state, acknowledgement and report as one JSON object.
     #[arg(long)]
     json: bool,
+
+    /// Attempts after the first when another client changed the tables
+    /// meanwhile (STALE) or the daemon was busy (BUSY).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    retries: u32,
 
     /// Seconds to wait for each answer of the server.
     #[arg(long, value_name = "SECS", default_value_t = 15.0)]
@@ -179,88 +185,78 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         step_timeout: Duration::from_secs_f64(args.timeout),
         read_only: ops.is_empty(),
     };
-    let session = match Session::connect(&args.path, opts).await {
-        Ok(s) => s,
-        Err(e) => return out.error(&e, Exit::Failed),
-    };
-    tracing::debug!(hello = ?session.hello(), "connected");
-    let before = match session.config() {
-        Ok(c) => c,
-        Err(e) => return out.error(&e, Exit::Failed),
-    };
-    out.state(&session, &before);
+    let path = args.path.display();
     if ops.is_empty() {
-        out.text(&format!(
-            "pestod configuration ({})\n{before}",
-            args.path.display()
-        ));
-        return Exit::Done;
+        let session = match Session::connect(&args.path, opts).await {
+            Ok(s) => s,
+            Err(e) => return out.error(&e, Exit::Failed),
+        };
+        tracing::debug!(hello = ?session.hello(), "connected");
+        return match session.config() {
+            Ok(config) => {
+                out.state(&session, &config);
+                out.text(&format!("pestod configuration ({path})\n{config}"));
+                Exit::Done
+            }
+            Err(e) => out.error(&e, Exit::Failed),
+        };
     }
-    if args.show {
-        out.text(&format!(
-            "Previous configuration ({})\n{before}",
-            args.path.display()
-        ));
+    let t = TransactOptions {
+        retries: args.retries,
+        keep_partial: args.keep_partial,
+        dry_run: args.dry_run,
+    };
+    // The operations are recomputed on the fresh tables of every attempt.
+    let mut tables: Option<(Config, Config)> = None;
+    let result = transact(&args.path, opts, t, |session, attempt| {
+        tracing::debug!(attempt, hello = ?session.hello(), "connected");
+        let before = session.config()?;
+        let (update, after) = session.edit(ops)?;
+        out.state(session, &before);
+        tables = Some((before, after));
+        Ok(update)
+    })
+    .await;
+    if let (true, Some((before, _))) = (args.show, &tables) {
+        out.text(&format!("Previous configuration ({path})\n{before}"));
     }
-    let (update, after) = match session.edit(ops) {
-        Ok(u) => u,
+    let tx = match result {
+        Ok(tx) => tx,
         Err(e) => {
             let exit = match &e {
                 ClientError::Edit(EditError::Spec(_)) => Exit::Usage,
-                _ => Exit::Rejected,
+                ClientError::Edit(_) => Exit::Rejected,
+                e => exit_for(e),
             };
             return out.error(&e, exit);
         }
     };
-    tracing::debug!(pifs = update.tables.len(), "proposing");
-    let proposed = match session.propose(&update).await {
-        Ok(p) => p,
-        Err(e) => return out.error(&e, exit_for(&e)),
+    let Some((_, after)) = tables else {
+        return Exit::Failed;
     };
-    out.ack(proposed.ack());
-    if args.dry_run {
+    out.ack(&tx.ack);
+    out.attempts(tx.attempts);
+    let Some(report) = &tx.report else {
         out.outcome("valid; dry run, nothing changed");
         if args.show {
-            out.text(&format!(
-                "Proposed configuration ({})\n{after}",
-                args.path.display()
-            ));
+            out.text(&format!("Proposed configuration ({path})\n{after}"));
         }
         return Exit::Done;
-    }
-    let applied = match proposed.apply().await {
-        Ok(a) => a,
-        Err(e) => return out.error(&e, exit_for(&e)),
     };
-    let report = applied.report().clone();
-    out.report(&report, &after);
-    if report.ok || args.keep_partial {
-        match applied.commit().await {
-            Ok(_) => {
-                out.outcome(if report.ok {
-                    "committed"
-                } else {
-                    "committed with ports missing (--keep-partial)"
-                });
-                if args.show {
-                    out.text(&format!(
-                        "Updated configuration ({})\n{after}",
-                        args.path.display()
-                    ));
-                }
-                Exit::Done
-            }
-            Err(e) => out.error(&e, Exit::Failed),
-        }
-    } else {
-        match applied.rollback().await {
-            Ok(_) => {
-                out.outcome("rolled back: some ports could not be bound; nothing changed");
-                Exit::RolledBack
-            }
-            Err(e) => out.error(&e, Exit::Failed),
-        }
+    out.report(report, &after);
+    if !tx.committed {
+        out.outcome("rolled back: some ports could not be bound; nothing changed");
+        return Exit::RolledBack;
     }
+    out.outcome(if report.ok {
+        "committed"
+    } else {
+        "committed with ports missing (--keep-partial)"
+    });
+    if args.show {
+        out.text(&format!("Updated configuration ({path})\n{after}"));
+    }
+    Exit::Done
 }
 
 fn exit_for(e: &ClientError) -> Exit {
@@ -368,6 +364,16 @@ impl Output {
                     eprintln!("pesto:   {ports}: {}", errno_text(f.errno));
                 }
             }
+        }
+    }
+
+    fn attempts(&mut self, n: u32) {
+        match &mut self.json {
+            Some(m) => {
+                m.insert("attempts".into(), json!(n));
+            }
+            None if n > 1 => eprintln!("pesto: done after {n} attempts"),
+            None => {}
         }
     }
 

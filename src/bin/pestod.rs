@@ -69,6 +69,11 @@ struct Args {
     /// then it rolls back.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     commit_timeout: f64,
+
+    /// Most control connections at once; more are answered BUSY at once.
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_clients: u64,
 }
 
 const AFTER_HELP: &str = "\
@@ -224,6 +229,7 @@ fn options(args: &Args) -> Result<Options, String> {
         shutdown_grace,
         control: args.control.clone(),
         timeouts,
+        max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
     })
 }
 

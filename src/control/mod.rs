@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -45,12 +46,18 @@ pub struct ControlServer {
     path: PathBuf,
     stop: CancellationToken,
     tasks: TaskTracker,
+    shared: Arc<Shared>,
 }
 
 impl ControlServer {
-    /// Opens the control socket at `path` (mode 0600) and serves it. A stale
-    /// socket file left by a dead daemon is replaced.
-    pub fn start(path: &Path, shared: Arc<Shared>) -> Result<ControlServer, ControlError> {
+    /// Opens the control socket at `path` (mode 0600) and serves it, at most
+    /// `max_clients` connections at once. A stale socket file left by a dead
+    /// daemon is replaced.
+    pub fn start(
+        path: &Path,
+        shared: Arc<Shared>,
+        max_clients: usize,
+    ) -> Result<ControlServer, ControlError> {
         let io_err = |error| ControlError::Io {
             path: path.to_owned(),
             error,
@@ -75,12 +82,20 @@ impl ControlServer {
         let listener = bound.map_err(io_err)?;
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(accept_loop(listener, shared, stop.clone(), tasks.clone()));
+        let slots = Arc::new(Semaphore::new(max_clients.max(1)));
+        tasks.spawn(accept_loop(
+            listener,
+            Arc::clone(&shared),
+            slots,
+            stop.clone(),
+            tasks.clone(),
+        ));
         info!("control socket {}", path.display());
         Ok(ControlServer {
             path: path.to_owned(),
             stop,
             tasks,
+            shared,
         })
     }
 
@@ -93,12 +108,14 @@ impl ControlServer {
         if let Err(e) = std::fs::remove_file(&self.path) {
             warn!("cannot remove {}: {e}", self.path.display());
         }
+        info!("control: {}", self.shared.counters());
     }
 }
 
 async fn accept_loop(
     listener: UnixListener,
     shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
     stop: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -110,7 +127,20 @@ async fn accept_loop(
         match accepted {
             Ok((stream, _)) => {
                 let peer = peer_of(&stream);
-                tasks.spawn(txn::run(stream, peer, Arc::clone(&shared), stop.clone()));
+                match Arc::clone(&slots).try_acquire_owned() {
+                    Ok(slot) => {
+                        let run = txn::run(stream, peer, Arc::clone(&shared), stop.clone());
+                        tasks.spawn(async move {
+                            run.await;
+                            drop(slot);
+                        });
+                    }
+                    // Told at once, rather than left waiting in the backlog.
+                    Err(_) => {
+                        let max = shared.timeouts().step;
+                        tasks.spawn(txn::turn_away(stream, peer, Arc::clone(&shared), max));
+                    }
+                }
             }
             Err(e) => {
                 warn!("control accept failed: {e}");

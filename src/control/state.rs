@@ -3,6 +3,7 @@
 //! is applied and not yet committed may hold.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -35,6 +36,57 @@ impl Default for Timeouts {
     }
 }
 
+/// Counters of transaction outcomes.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Applied and committed.
+    pub committed: AtomicU64,
+    /// Applied and rolled back (asked for, or after a disconnect or timeout).
+    pub rolled_back: AtomicU64,
+    /// Refused as STALE.
+    pub stale: AtomicU64,
+    /// Refused as BUSY.
+    pub busy: AtomicU64,
+    /// Refused as INVALID or LIMIT.
+    pub invalid: AtomicU64,
+    /// Ended by PROTOCOL or VERSION.
+    pub protocol: AtomicU64,
+    /// Ended by TIMEOUT.
+    pub timeout: AtomicU64,
+}
+
+impl Counters {
+    /// Counts a refusal by its code.
+    pub fn refused(&self, code: Code) {
+        let c = match code {
+            Code::Stale => &self.stale,
+            Code::Busy => &self.busy,
+            Code::Invalid | Code::Limit => &self.invalid,
+            Code::Protocol | Code::Version => &self.protocol,
+            Code::Timeout => &self.timeout,
+            Code::Ok | Code::Internal => return,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Display for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        write!(
+            f,
+            "{} committed, {} rolled back, {} stale, {} busy, {} invalid, {} protocol errors, {} timeouts",
+            n(&self.committed),
+            n(&self.rolled_back),
+            n(&self.stale),
+            n(&self.busy),
+            n(&self.invalid),
+            n(&self.protocol),
+            n(&self.timeout)
+        )
+    }
+}
+
 /// Tables and generations: what readers see.
 #[derive(Debug)]
 struct Tables {
@@ -57,6 +109,7 @@ pub struct Shared {
     registry: Arc<tokio::sync::Mutex<Registry>>,
     targets: Targets,
     timeouts: Timeouts,
+    counters: Counters,
 }
 
 /// Validated new tables of one connection, not yet active.
@@ -103,7 +156,13 @@ impl Shared {
             registry: Arc::new(tokio::sync::Mutex::new(registry)),
             targets,
             timeouts,
+            counters: Counters::default(),
         }
+    }
+
+    /// The transaction counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {
@@ -234,6 +293,7 @@ impl Shared {
         for change in &applied.old {
             applied.registry.close_parked(change.id).await;
         }
+        self.counters.committed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Step 9, ROLLBACK (also after a disconnect or a timeout): the old
@@ -250,6 +310,7 @@ impl Shared {
                 bump(&mut t, change.id);
             }
         }
+        self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
         reports
     }
 

@@ -56,19 +56,36 @@ pub(super) async fn run(
     let mut conn: Conn<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
     let client = match handshake(&mut conn, &shared, &stop).await {
         Ok(c) => c,
-        Err(status) => return refuse(&mut conn, peer, status).await,
+        Err(status) => return refuse(&mut conn, &shared, peer, status).await,
     };
     // From here on every client message is typed.
     let mut conn: Conn<ClientMsg> = conn.map_codec(|c| c.expect());
     match transaction(&mut conn, client, &shared, &stop, peer).await {
         Ok(outcome) => info!(%peer, "transaction: {outcome}"),
-        Err(status) => refuse(&mut conn, peer, status).await,
+        Err(status) => refuse(&mut conn, &shared, peer, status).await,
     }
 }
 
+/// Answers a connection beyond `--max-clients`: the hello, then BUSY. Gives
+/// up after `limit` on a client that does not read.
+pub(super) async fn turn_away(stream: UnixStream, peer: Peer, shared: Arc<Shared>, limit: Duration) {
+    let mut conn: Conn<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
+    let status = Status::new(
+        Code::Busy,
+        "too many control clients at once; retry later",
+    );
+    let _ = tokio::time::timeout(limit, async {
+        send(&mut conn, &server_hello(&shared)).await?;
+        refuse(&mut conn, &shared, peer, status).await;
+        Ok::<(), CodecError>(())
+    })
+    .await;
+}
+
 /// Sends the error that ends the transaction; the connection closes after.
-async fn refuse<D>(conn: &mut Conn<D>, peer: Peer, status: Status) {
+async fn refuse<D>(conn: &mut Conn<D>, shared: &Shared, peer: Peer, status: Status) {
     info!(%peer, "transaction: {status}");
+    shared.counters().refused(status.code);
     // The client may be gone already; nothing more to do then.
     let _ = send(conn, &ServerMsg::Status(status)).await;
 }
@@ -118,18 +135,7 @@ async fn handshake(
 ) -> Result<ClientHello, Status> {
     let t = shared.timeouts();
     // Step 1.
-    let hello = ServerHello {
-        base: HelloV2::new(VERSION_3),
-        ext: Some(HelloV3Ext {
-            features: features::TRANSACTIONS | features::GENERATIONS,
-            max_rules: MAX_RULES as u32,
-            max_sockets: MAX_SOCKETS,
-            max_pifs: Limits::default().max_pifs as u32,
-            step_timeout_ms: millis(t.step),
-            commit_timeout_ms: millis(t.commit),
-        }),
-    };
-    send(conn, &hello).await.map_err(protocol)?;
+    send(conn, &server_hello(shared)).await.map_err(protocol)?;
     // Step 2.
     let client = recv(conn, t.step, stop)
         .await
@@ -224,6 +230,22 @@ async fn transaction(
             status.message.push_str("; rolled back");
             Err(status)
         }
+    }
+}
+
+/// Step 1: the version-2 hello with version 3, features, limits, timeouts.
+fn server_hello(shared: &Shared) -> ServerHello {
+    let t = shared.timeouts();
+    ServerHello {
+        base: HelloV2::new(VERSION_3),
+        ext: Some(HelloV3Ext {
+            features: features::TRANSACTIONS | features::GENERATIONS,
+            max_rules: MAX_RULES as u32,
+            max_sockets: MAX_SOCKETS,
+            max_pifs: Limits::default().max_pifs as u32,
+            step_timeout_ms: millis(t.step),
+            commit_timeout_ms: millis(t.commit),
+        }),
     }
 }
 
