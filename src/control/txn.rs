@@ -68,12 +68,14 @@ pub(super) async fn run(
 
 /// Answers a connection beyond `--max-clients`: the hello, then BUSY. Gives
 /// up after `limit` on a client that does not read.
-pub(super) async fn turn_away(stream: UnixStream, peer: Peer, shared: Arc<Shared>, limit: Duration) {
+pub(super) async fn turn_away(
+    stream: UnixStream,
+    peer: Peer,
+    shared: Arc<Shared>,
+    limit: Duration,
+) {
     let mut conn: Conn<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
-    let status = Status::new(
-        Code::Busy,
-        "too many control clients at once; retry later",
-    );
+    let status = Status::new(Code::Busy, "too many control clients at once; retry later");
     let _ = tokio::time::timeout(limit, async {
         send(&mut conn, &server_hello(&shared)).await?;
         refuse(&mut conn, &shared, peer, status).await;

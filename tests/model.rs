@@ -1,0 +1,233 @@
+//! The concurrency model, checked on the real server code: random
+//! interleavings of several clients' transaction steps against one
+//! [`Shared`] state (with real sockets), compared with the serial
+//! application of the committed transactions in commit order.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use pesto::codec::Update;
+use pesto::codec::v3::Code;
+use pesto::control::state::{Applied, Shadow, Shared, Snapshot, Timeouts};
+use pesto::dataplane::{DataPlane, UdpSettings};
+use pesto::registry::Registry;
+use pesto::rule::{Caps, PifId, Proto, Rule};
+use pesto::table::{Config, PifTable, Table};
+use pesto::target::Targets;
+
+/// Ports the clients add and delete: UDP on 127.0.0.1, so binds are cheap
+/// and nothing else in the test suite uses them.
+fn port_pool() -> u16 {
+    let seed = std::process::id() as u16;
+    for i in 0..2000u16 {
+        let base = 40_000 + (seed.wrapping_add(i.wrapping_mul(7919)) % 8_000);
+        if (base..base + 8).all(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free ports");
+}
+
+fn rule(port: u16) -> Rule {
+    Rule::new(Proto::Udp, IpAddr::from([127, 0, 0, 1]), port, port, 9)
+}
+
+/// One client's transaction: add or delete one port.
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    add: bool,
+    port: usize,
+    commit: bool,
+}
+
+enum Phase {
+    Start,
+    Listed(Snapshot, Vec<Rule>),
+    Validated(Snapshot, Shadow),
+    Applied(Applied),
+    Done,
+}
+
+struct Client {
+    op: Op,
+    phase: Phase,
+    /// Attempts left after STALE or BUSY, as `transact` retries.
+    retries: u32,
+}
+
+impl Client {
+    /// Starts over on fresh state, if attempts are left.
+    fn retry(&mut self) -> Phase {
+        if self.retries == 0 {
+            return Phase::Done;
+        }
+        self.retries -= 1;
+        Phase::Start
+    }
+}
+
+/// The table after `op`, or `None` if the op does not apply to it.
+fn edit(rules: &[Rule], op: Op, base: u16) -> Option<Vec<Rule>> {
+    let r = rule(base + op.port as u16);
+    let present = rules.contains(&r);
+    match (op.add, present) {
+        (true, false) => Some(rules.iter().cloned().chain([r]).collect()),
+        (false, true) => Some(rules.iter().filter(|x| **x != r).cloned().collect()),
+        _ => None,
+    }
+}
+
+fn host_rules(shared: &Shared) -> Vec<Rule> {
+    shared
+        .config()
+        .by_id(PifId::HOST)
+        .map(|p| p.table.rules().to_vec())
+        .unwrap_or_default()
+}
+
+fn run_case(ops: Vec<Op>, schedule: Vec<usize>, base: u16) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let caps = Caps::IPV4 | Caps::TCP | Caps::UDP;
+        let initial: Vec<Rule> = (0..3).map(|p| rule(base + p)).collect();
+        let config = Config {
+            pifs: vec![PifTable {
+                id: PifId::HOST,
+                name: "HOST".into(),
+                table: Table::with_rules(caps, initial.clone()).unwrap(),
+            }],
+        };
+        let dp = DataPlane::new(UdpSettings::default());
+        let mut registry = Registry::new(dp);
+        let routes: Vec<_> = initial
+            .iter()
+            .map(|r| Arc::new(pesto::target::Route::new(r.clone(), Targets::default())))
+            .collect();
+        assert!(registry.sync(PifId::HOST, &routes, true).is_ok());
+        // Apply waits 1 ms for another applied transaction, then BUSY: a
+        // sequential driver must not block on a client it has not run yet.
+        let timeouts = Timeouts {
+            step: Duration::from_millis(1),
+            commit: Duration::from_secs(1),
+        };
+        let shared = Arc::new(Shared::new(config, registry, Targets::default(), timeouts));
+        let mut clients: Vec<Client> = ops
+            .iter()
+            .map(|&op| Client {
+                op,
+                phase: Phase::Start,
+                retries: 3,
+            })
+            .collect();
+        let mut committed: Vec<Op> = Vec::new();
+        let mut rollbacks = 0u64;
+        let mut last_gen = shared.generation(PifId::HOST).unwrap();
+        // Drive the schedule, then finish every client in order.
+        let tail = (0..clients.len()).flat_map(|i| std::iter::repeat_n(i, 16));
+        for i in schedule.into_iter().chain(tail) {
+            let Some(c) = clients.get_mut(i % ops.len()) else {
+                continue;
+            };
+            let before = host_rules(&shared);
+            let phase = std::mem::replace(&mut c.phase, Phase::Done);
+            let mut changed_ok = false;
+            c.phase = match phase {
+                Phase::Start => {
+                    let (_, listed) = shared.listing();
+                    let snap: Snapshot = listed.iter().map(|p| (p.id, p.generation)).collect();
+                    Phase::Listed(snap, listed[0].rules.clone())
+                }
+                Phase::Listed(snap, rules) => match edit(&rules, c.op, base) {
+                    None => Phase::Done,
+                    Some(new) => {
+                        let update = Update {
+                            tables: vec![(PifId::HOST, new)],
+                        };
+                        match shared.validate(update, &snap) {
+                            Ok(shadow) => Phase::Validated(snap, shadow),
+                            Err(s) => {
+                                assert_eq!(s.code, Code::Stale, "{s}");
+                                c.retry()
+                            }
+                        }
+                    }
+                },
+                Phase::Validated(snap, shadow) => match shared.apply(shadow, &snap).await {
+                    Ok(applied) => {
+                        changed_ok = true;
+                        Phase::Applied(applied)
+                    }
+                    Err(s) => {
+                        assert!(matches!(s.code, Code::Stale | Code::Busy), "{s}");
+                        c.retry()
+                    }
+                },
+                Phase::Applied(applied) => {
+                    assert!(applied.report.ok, "{:?}", applied.report);
+                    changed_ok = true;
+                    if c.op.commit {
+                        shared.commit(applied).await;
+                        committed.push(c.op);
+                    } else {
+                        shared.rollback(applied).await;
+                        rollbacks += 1;
+                    }
+                    Phase::Done
+                }
+                Phase::Done => Phase::Done,
+            };
+            // Only an apply, commit or rollback may change the table.
+            if !changed_ok {
+                assert_eq!(
+                    host_rules(&shared),
+                    before,
+                    "a rejected step changed the table"
+                );
+            }
+            let g = shared.generation(PifId::HOST).unwrap();
+            assert!(g >= last_gen, "generation went back from {last_gen} to {g}");
+            last_gen = g;
+        }
+        // The serial application of the committed transactions.
+        let mut expect: Vec<Rule> = initial;
+        for op in &committed {
+            expect = edit(&expect, *op, base).expect("a committed op applied to its snapshot");
+        }
+        let got: BTreeSet<_> = host_rules(&shared).iter().map(|r| r.first).collect();
+        let want: BTreeSet<_> = expect.iter().map(|r| r.first).collect();
+        assert_eq!(got, want);
+        // And the sockets match the table: a forwarded port is taken, the
+        // others are free again.
+        for p in 0..8u16 {
+            let free = std::net::UdpSocket::bind(("127.0.0.1", base + p)).is_ok();
+            assert_eq!(free, !want.contains(&(base + p)), "port {}", base + p);
+        }
+        // Each commit is one generation, each rollback two (apply + undo).
+        let commits = u64::try_from(committed.len()).unwrap();
+        assert_eq!(last_gen, 1 + commits + 2 * rollbacks);
+        shared.close_all().await;
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn interleavings_match_serial_commit_order(
+        ops in proptest::collection::vec(
+            (any::<bool>(), 0usize..8, proptest::bool::weighted(0.8))
+                .prop_map(|(add, port, commit)| Op { add, port, commit }),
+            1..8,
+        ),
+        schedule in proptest::collection::vec(0usize..8, 0..60),
+    ) {
+        run_case(ops, schedule, port_pool());
+    }
+}
