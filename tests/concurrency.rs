@@ -1,0 +1,249 @@
+//! Many control clients at once against the real daemon: nothing lost,
+//! nobody blocked.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+use pesto::client::{ClientError, Options, Session, TransactOptions, transact};
+use pesto::codec::Update;
+use pesto::edit::Op;
+use pesto::rule::PifId;
+use pesto::spec::SpecOpt;
+
+struct Daemon {
+    _dir: tempfile::TempDir,
+    sock: PathBuf,
+    _proc: Pestod,
+}
+
+fn daemon(args: &[&str]) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("pestod.sock");
+    let mut all = vec!["-c", sock.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let proc = Pestod::start(&all);
+    Daemon {
+        _dir: dir,
+        sock,
+        _proc: proc,
+    }
+}
+
+/// HOST's rules as (first port) after a read-only session.
+async fn ports(sock: &Path) -> BTreeSet<u16> {
+    let opts = Options {
+        read_only: true,
+        ..Options::default()
+    };
+    let s = Session::connect(sock, opts).await.unwrap();
+    s.rules()[0].rules.iter().map(|r| r.first).collect()
+}
+
+/// UDP rules on 127.0.0.1 to a dead target: cheap to bind, no loop.
+fn spec(port: u16) -> String {
+    format!("127.0.0.1/{port}:9")
+}
+
+#[test]
+fn thirty_two_cli_processes_all_get_their_rule() {
+    let d = daemon(&[]);
+    let base = free_ports(32);
+    // All started before any is waited for.
+    let procs: Vec<_> = (0..32)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_pesto"))
+                .args(["-A", "-u", &spec(base + i)])
+                .arg(&d.sock)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut retried = 0;
+    for p in procs {
+        let out = p.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        retried += usize::from(err.contains("retrying"));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let got = rt.block_on(ports(&d.sock));
+    let want: BTreeSet<u16> = (base..base + 32).collect();
+    assert_eq!(got, want);
+    eprintln!("{retried} of 32 concurrent clients retried on STALE");
+}
+
+/// 64 clients x 20 random add/delete transactions through the library, each
+/// on ports of its own; readers list all the while. The end table is what
+/// the committed transactions imply.
+#[test]
+fn many_library_clients_lose_nothing() {
+    let d = daemon(&["--max-clients", "200"]);
+    let base = free_ports(128);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sock = Arc::new(d.sock.clone());
+    rt.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        let reads = Arc::new(AtomicU64::new(0));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (sock, stop, reads) =
+                    (Arc::clone(&sock), Arc::clone(&stop), Arc::clone(&reads));
+                tokio::spawn(async move {
+                    let mut last = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let opts = Options {
+                            read_only: true,
+                            ..Options::default()
+                        };
+                        let s = Session::connect(&sock, opts).await.unwrap();
+                        let g = s.generation(PifId::HOST).unwrap();
+                        assert!(g >= last, "generation went back");
+                        last = g;
+                        reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let writers: Vec<_> = (0..64u16)
+            .map(|c| {
+                let sock = Arc::clone(&sock);
+                tokio::spawn(async move {
+                    // Two ports per client; the truth is kept here.
+                    let mine = [base + 2 * c, base + 2 * c + 1];
+                    let mut present = BTreeSet::new();
+                    let mut attempts = 0;
+                    for n in 0..20u16 {
+                        let port = mine[usize::from((n ^ c) & 1)];
+                        let add = !present.contains(&port);
+                        let ops = [
+                            if add { Op::Add } else { Op::Delete },
+                            Op::Spec(SpecOpt::Udp, spec(port)),
+                        ];
+                        let t = TransactOptions {
+                            retries: 50,
+                            ..TransactOptions::default()
+                        };
+                        let plan =
+                            |s: &Session, _| -> Result<Update, ClientError> { Ok(s.edit(&ops)?.0) };
+                        let tx = transact(&sock, Options::default(), t, plan).await.unwrap();
+                        assert!(tx.committed);
+                        attempts += tx.attempts;
+                        if add {
+                            present.insert(port);
+                        } else {
+                            present.remove(&port);
+                        }
+                    }
+                    (present, attempts)
+                })
+            })
+            .collect();
+        let mut want = BTreeSet::new();
+        let mut attempts = 0;
+        for w in writers {
+            let (present, a) = w.await.unwrap();
+            want.extend(present);
+            attempts += a;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.await.unwrap();
+        }
+        assert_eq!(ports(&sock).await, want);
+        assert!(reads.load(Ordering::Relaxed) > 0);
+        eprintln!(
+            "1280 transactions in {attempts} attempts, {} reads",
+            reads.load(Ordering::Relaxed)
+        );
+    });
+}
+
+/// A client frozen after listing, or after applying (until its commit
+/// timeout), does not stop the others.
+#[test]
+fn frozen_clients_do_not_block_others() {
+    let d = daemon(&["--step-timeout", "5", "--commit-timeout", "1"]);
+    let base = free_ports(3);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pesto = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_pesto"))
+            .args(args)
+            .arg(&d.sock)
+            .output()
+            .unwrap()
+    };
+    // Frozen after step 4: a raw connection that read the state and sleeps.
+    let frozen =
+        rt.block_on(async { Session::connect(&d.sock, Options::default()).await.unwrap() });
+    let t0 = std::time::Instant::now();
+    let out = pesto(&["-A", "-u", &spec(base)]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(3), "blocked by a reader");
+    drop(frozen);
+
+    // Frozen after step 7: applied, never commits.
+    let applied = rt.block_on(async {
+        let s = Session::connect(&d.sock, Options::default()).await.unwrap();
+        let (update, _) = s
+            .edit(&[Op::Add, Op::Spec(SpecOpt::Udp, spec(base + 1))])
+            .unwrap();
+        s.propose(&update).await.unwrap().apply().await.unwrap()
+    });
+    // Listing does not wait for it.
+    let t0 = std::time::Instant::now();
+    assert_eq!(pesto(&[]).status.code(), Some(0));
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "a reader waited for a writer"
+    );
+    // A writer waits for it to roll back (commit timeout 1 s), then goes
+    // through on fresh state.
+    let out = pesto(&["-A", "-u", &spec(base + 2)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = rt.block_on(ports(&d.sock));
+    assert!(got.contains(&base) && got.contains(&(base + 2)));
+    assert!(
+        !got.contains(&(base + 1)),
+        "the frozen transaction was rolled back"
+    );
+    drop(applied);
+}
+
+#[test]
+fn clients_past_max_clients_get_busy_at_once() {
+    let d = daemon(&["--max-clients", "2"]);
+    let _a = UnixStream::connect(&d.sock).unwrap();
+    let _b = UnixStream::connect(&d.sock).unwrap();
+    // Let the daemon take both slots.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c = UnixStream::connect(&d.sock).unwrap();
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut all = Vec::new();
+    c.read_to_end(&mut all).unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    // The 44-byte hello, then STATUS with code 6 (BUSY).
+    assert_eq!(&all[..8], b"basil:s\0");
+    assert_eq!(all[44], 0x03);
+    assert_eq!(all[45], 6);
+}
