@@ -1,0 +1,239 @@
+//! Control-plane load: concurrent clients committing small transactions
+//! (add or delete one rule each) against a daemon holding a realistic table.
+//!
+//! ```text
+//! cargo build --release
+//! cargo run --release --example loadgen -- --clients 1,8,32 --seconds 10
+//! cargo run --release --example loadgen -- --socket /run/pestod.sock   # an existing daemon
+//! ```
+//!
+//! Without `--socket` it starts `target/release/pestod` with a private
+//! control socket and fills its HOST table with `--rules` UDP rules on
+//! 127.0.0.1 first. For each client count it prints committed transactions
+//! per second, the share of attempts refused as STALE or BUSY (and retried),
+//! and the latency of a whole transaction (retries included), p50 and p99.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pesto::client::{ClientError, Options, Session, TransactOptions, transact};
+use pesto::codec::Update;
+use pesto::edit::Op;
+use pesto::spec::SpecOpt;
+
+struct Args {
+    clients: Vec<usize>,
+    seconds: f64,
+    rules: u16,
+    socket: Option<PathBuf>,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        clients: vec![1, 8, 32],
+        seconds: 5.0,
+        rules: 200,
+        socket: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--clients" => {
+                a.clients = value()?
+                    .split(',')
+                    .map(|n| n.parse().map_err(|_| format!("bad client count '{n}'")))
+                    .collect::<Result<_, _>>()?;
+            }
+            "--seconds" => a.seconds = value()?.parse().map_err(|_| "bad --seconds")?,
+            "--rules" => a.rules = value()?.parse().map_err(|_| "bad --rules")?,
+            "--socket" => a.socket = Some(PathBuf::from(value()?)),
+            "--bench" => {} // passed by `cargo bench`
+            "-h" | "--help" => {
+                return Err(
+                    "usage: loadgen [--clients 1,8,32] [--seconds 5] [--rules 200] \
+                            [--socket PATH]"
+                        .into(),
+                );
+            }
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    if a.rules > 250 {
+        return Err("--rules: at most 250 (a table holds 255, clients need room)".into());
+    }
+    Ok(a)
+}
+
+fn main() {
+    let args = match args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            std::process::exit(1);
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon: Option<Child> = None;
+    let sock = match &args.socket {
+        Some(s) => s.clone(),
+        None => {
+            let sock = dir.path().join("pestod.sock");
+            daemon = Some(start_daemon(&sock));
+            sock
+        }
+    };
+    // Ports: the table's rules, then two per client.
+    let base = 20_000u16;
+    let client_base = base + args.rules;
+    rt.block_on(async {
+        if args.socket.is_none() {
+            fill(&sock, base, args.rules).await;
+        }
+        println!(
+            "{} rules in HOST; each transaction adds or deletes one UDP rule; {} s per run",
+            args.rules, args.seconds
+        );
+        println!(
+            "{:>8} {:>12} {:>10} {:>10} {:>10} {:>10}",
+            "clients", "commits/s", "retried", "p50 ms", "p99 ms", "max ms"
+        );
+        for &n in &args.clients {
+            run(&sock, n, client_base, Duration::from_secs_f64(args.seconds)).await;
+        }
+    });
+    if let Some(mut d) = daemon {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+}
+
+fn start_daemon(sock: &Path) -> Child {
+    let exe = std::env::current_exe().expect("own path");
+    // target/release/examples/loadgen -> target/release/pestod
+    let pestod = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("pestod"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| {
+            eprintln!("loadgen: build the daemon first: cargo build --release");
+            std::process::exit(1);
+        });
+    let child = Command::new(pestod)
+        .args(["-q", "--max-clients", "1000", "-c"])
+        .arg(sock)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start pestod");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(Instant::now() < deadline, "pestod did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn spec(port: u16) -> String {
+    format!("127.0.0.1/{port}:9")
+}
+
+/// One transaction adding `n` rules.
+async fn fill(sock: &Path, base: u16, n: u16) {
+    let mut ops = vec![Op::Add];
+    ops.extend((base..base + n).map(|p| Op::Spec(SpecOpt::Udp, spec(p))));
+    let plan = |s: &Session, _| -> Result<Update, ClientError> { Ok(s.edit(&ops)?.0) };
+    let tx = transact(sock, Options::default(), TransactOptions::default(), plan)
+        .await
+        .expect("fill the table");
+    assert!(tx.committed, "the table's ports could not all be bound");
+}
+
+async fn run(sock: &Path, clients: usize, base: u16, dur: Duration) {
+    let sock = Arc::new(sock.to_owned());
+    let deadline = Instant::now() + dur;
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let sock = Arc::clone(&sock);
+            tokio::spawn(async move {
+                let mine = [base + 2 * c as u16, base + 2 * c as u16 + 1];
+                let mut present = BTreeSet::new();
+                let mut latencies = Vec::new();
+                let mut attempts = 0u64;
+                let mut n = 0usize;
+                while Instant::now() < deadline {
+                    let port = mine[n % 2];
+                    n += 1;
+                    let add = !present.contains(&port);
+                    let ops = [
+                        if add { Op::Add } else { Op::Delete },
+                        Op::Spec(SpecOpt::Udp, spec(port)),
+                    ];
+                    let t = TransactOptions {
+                        retries: 1000,
+                        ..TransactOptions::default()
+                    };
+                    let plan =
+                        |s: &Session, _| -> Result<Update, ClientError> { Ok(s.edit(&ops)?.0) };
+                    let t0 = Instant::now();
+                    match transact(&sock, Options::default(), t, plan).await {
+                        Ok(tx) if tx.committed => {
+                            latencies.push(t0.elapsed());
+                            attempts += u64::from(tx.attempts);
+                            if add {
+                                present.insert(port);
+                            } else {
+                                present.remove(&port);
+                            }
+                        }
+                        Ok(_) => eprintln!("loadgen: rolled back (port {port} busy?)"),
+                        Err(e) => eprintln!("loadgen: {e}"),
+                    }
+                }
+                // Leave the table as it was.
+                for port in present {
+                    let ops = [Op::Delete, Op::Spec(SpecOpt::Udp, spec(port))];
+                    let plan =
+                        |s: &Session, _| -> Result<Update, ClientError> { Ok(s.edit(&ops)?.0) };
+                    let t = TransactOptions {
+                        retries: 1000,
+                        ..TransactOptions::default()
+                    };
+                    let _ = transact(&sock, Options::default(), t, plan).await;
+                }
+                (latencies, attempts)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut attempts = 0;
+    for t in tasks {
+        if let Ok((l, a)) = t.await {
+            all.extend(l);
+            attempts += a;
+        }
+    }
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 - 1.0) * p).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let committed = all.len() as f64;
+    let retried = if attempts > 0 {
+        (attempts as f64 - committed) / attempts as f64 * 100.0
+    } else {
+        0.0
+    };
+    println!(
+        "{clients:>8} {:>12.0} {:>9.1}% {:>10.2} {:>10.2} {:>10.2}",
+        committed / dur.as_secs_f64(),
+        retried,
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+}
