@@ -121,6 +121,9 @@ type Conn = Framed<UnixStream, WireCodec<ServerMsg>>;
 struct Link {
     conn: Conn,
     timeout: Duration,
+    /// The server's step timeout: how long it may wait for another
+    /// transaction before it answers APPLY.
+    server_step: Duration,
 }
 
 impl Link {
@@ -215,6 +218,7 @@ impl Session {
         let mut link = Link {
             conn: hello_conn.map_codec(|c| c.expect()),
             timeout: t,
+            server_step: Duration::from_millis(u64::from(ext.step_timeout_ms)),
         };
         let pifs = match link.recv("pif list", t).await? {
             ServerMsg::Pifs(p) => p,
@@ -324,7 +328,7 @@ impl Proposed {
     pub async fn apply(mut self) -> Result<Applied, ClientError> {
         self.link.send(&ClientMsg::Apply).await?;
         // The server may wait up to its step timeout for another transaction.
-        let t = self.link.timeout * 2;
+        let t = self.link.timeout + self.link.server_step;
         let report = match self.link.recv("report", t).await? {
             ServerMsg::Report(r) => r,
             other => return Err(unexpected("report", &other)),

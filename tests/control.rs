@@ -91,7 +91,7 @@ fn daemon_with_port(extra: &[&str]) -> (Daemon, u16, u16) {
     let mut args = vec!["-t", spec.as_str()];
     args.extend_from_slice(extra);
     let d = Daemon::start(&args);
-    assert!(forwards(port));
+    wait_until(|| forwards(port), "the daemon forwards");
     (d, port, target)
 }
 
@@ -434,16 +434,18 @@ fn disconnect_at_each_step_leaves_the_table_as_it_was() {
     let (d, port, target) = daemon_with_port(&[]);
     let before = d.listing();
     let new_port = free_ports(1);
-    for step in 2..=9 {
+    for step in 2..=10 {
         let mut c = d.raw();
         c.hello();
-        if step > 2 {
-            c.client_hello(3, 0);
-        } else {
+        if step == 2 {
             c.send(b"basil"); // half a hello
+        } else {
+            c.client_hello(3, 0);
         }
-        if step > 4 {
+        if step >= 4 {
             c.pifs();
+        }
+        if step >= 5 {
             let rules = c.rules();
             let mut table = rules[0].2.clone();
             table.push(tcp_rule(new_port, new_port, target));
@@ -453,33 +455,96 @@ fn disconnect_at_each_step_leaves_the_table_as_it_was() {
                 c.update(1, &table);
             }
         }
-        if step > 6 {
+        if step >= 7 {
             assert_eq!(c.status().code, 0);
-            c.send(&[0x11]);
         }
-        if step > 7 {
+        if step >= 8 {
+            c.send(&[0x11]); // APPLY, then (step 8) leave before the report
+        }
+        if step >= 9 {
             let (ok, _) = c.report();
             assert!(ok);
             // Applied: the new port works until the client goes.
             assert!(forwards(new_port), "step {step}");
         }
-        if step == 9 {
-            c.send(&[0x12][..0]); // nothing: just leave
+        if step == 10 {
+            c.send(&[0x13]); // ROLLBACK, and leave without the answer
         }
         drop(c);
         // The rollback (if any) is done when the next listing is served:
         // listings never wait on a writer, so poll briefly.
-        let deadline = std::time::Instant::now() + PATIENCE;
-        while d.listing() != before {
-            assert!(std::time::Instant::now() < deadline, "step {step}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(
+            || d.listing() == before,
+            &format!("step {step}: table back"),
+        );
         assert!(forwards(port), "step {step}");
         wait_until(
             || !forwards(new_port),
             &format!("step {step}: new port closed"),
         );
     }
+}
+
+/// Two applies at once: the second waits for the first to end, then is
+/// judged on its generations; past the step timeout it is BUSY.
+#[test]
+fn second_apply_waits_then_is_stale_or_busy() {
+    let (d, _, target) = daemon_with_port(&["--step-timeout", "1", "--commit-timeout", "20"]);
+    let (p1, p2) = (free_ports(1), free_ports(1));
+    let propose = |port: u16| {
+        let mut c = d.raw();
+        let (_, mut table) = c.read_state();
+        table.push(tcp_rule(port, port, target));
+        c.update(1, &table);
+        assert_eq!(c.status().code, 0);
+        c
+    };
+    // Both read generation 1; the first applies and sits uncommitted.
+    let mut first = propose(p1);
+    let mut second = propose(p2);
+    first.send(&[0x11]);
+    assert!(first.report().0);
+    // The second APPLY waits for the first, up to its step timeout: BUSY.
+    second.send(&[0x11]);
+    let st = second.status();
+    assert_eq!(st.code, 6, "BUSY {st:?}");
+    // Again, but the first commits meanwhile: the second's snapshot is from
+    // before the first applied, so it is STALE at step 7.
+    first.send(&[0x12]);
+    assert_eq!(first.status().code, 0);
+    let mut a = propose(free_ports(1));
+    let mut b = propose(free_ports(1));
+    a.send(&[0x11]);
+    assert!(a.report().0);
+    b.send(&[0x11]);
+    std::thread::sleep(Duration::from_millis(200));
+    a.send(&[0x12]);
+    assert_eq!(a.status().code, 0);
+    let st = b.status();
+    assert_eq!(st.code, 5, "STALE at step 7: {st:?}");
+    assert_eq!(st.snapshot + 1, st.current);
+}
+
+/// SIGTERM while a transaction is applied and uncommitted: it is rolled back
+/// and the daemon exits cleanly.
+#[test]
+fn sigterm_rolls_back_an_applied_transaction() {
+    let (mut d, port, target) = daemon_with_port(&[]);
+    let new_port = free_ports(1);
+    let mut c = d.raw();
+    let (_, mut table) = c.read_state();
+    table.push(tcp_rule(new_port, new_port, target));
+    c.update(1, &table);
+    assert_eq!(c.status().code, 0);
+    c.send(&[0x11]);
+    assert!(c.report().0);
+    d.proc.signal(rustix::process::Signal::TERM);
+    let status = d.proc.wait();
+    assert_eq!(status.code(), Some(0), "{}", d.proc.log());
+    let log = d.proc.log();
+    assert!(log.contains("rolled back"), "{log}");
+    assert!(!d.sock.exists());
+    let _ = port;
 }
 
 fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
@@ -492,7 +557,7 @@ fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
 
 #[test]
 fn silent_clients_time_out_and_applied_ones_roll_back() {
-    let (d, port, target) = daemon_with_port(&["--step-timeout", "0.3", "--commit-timeout", "0.5"]);
+    let (d, port, target) = daemon_with_port(&["--step-timeout", "1", "--commit-timeout", "2"]);
     let before = d.listing();
     let mut c = d.raw();
     c.hello();
@@ -594,6 +659,28 @@ fn cli_replaces_adds_deletes_and_clears() {
     let out = d.pesto(&["-C", "HOST"]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(d.listing(), "  HOST");
+    // Operations run in order, -A and -D as often as given.
+    let (a, b, c) = (free_ports(1), free_ports(1), free_ports(1));
+    let spec = |p: u16| format!("{p}:{target}");
+    let out = d.pesto(&[
+        "-A",
+        "-t",
+        &spec(a),
+        "-A",
+        "-t",
+        &spec(b),
+        "-D",
+        "-t",
+        &spec(a),
+        "-A",
+        "-t",
+        &spec(c),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        d.listing(),
+        format!("  HOST\n    TCP [*]:{b}  =>  {target} \n    TCP [*]:{c}  =>  {target} ")
+    );
     // Usage errors: exit 1.
     assert_eq!(d.pesto(&["-t", "nonsense"]).status.code(), Some(1));
     assert_eq!(d.pesto(&["--no-such-option"]).status.code(), Some(1));
@@ -616,7 +703,12 @@ fn wrong_versions_and_garbage_are_refused_cleanly() {
     assert_eq!(st.code, 2, "VERSION {st:?}");
     assert!(st.message.contains("version 2"), "{}", st.message);
     assert!(c.closed());
-    // A version-2-shaped client: it sends an update right after the hello.
+    // Upstream's version-2 client reads the hello, sees version 3 and leaves.
+    let mut c = d.raw();
+    c.hello();
+    drop(c);
+    // A version-2-shaped client that does not check: it sends a version-2
+    // update right after the hello, where the client hello belongs.
     let mut c = d.raw();
     c.hello();
     let mut v2 = vec![1u8, 0, 0, 0, 0];

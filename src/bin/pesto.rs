@@ -35,13 +35,17 @@ Exit status:
 #[derive(Debug, Parser)]
 #[command(name = "pesto", version, after_help = EXIT_CODES)]
 struct Args {
+    // Flags that may repeat, each occurrence with its own position: clap
+    // keeps only the last position of a counted flag.
     /// Add the following specs to the tables.
-    #[arg(short = 'A', long = "add", action = ArgAction::Count)]
-    add: u8,
+    #[arg(short = 'A', long = "add", action = ArgAction::Append, num_args = 0,
+          default_missing_value = "true")]
+    add: Vec<bool>,
 
     /// Delete the following specs from the tables.
-    #[arg(short = 'D', long = "delete", action = ArgAction::Count)]
-    delete: u8,
+    #[arg(short = 'D', long = "delete", action = ArgAction::Append, num_args = 0,
+          default_missing_value = "true")]
+    delete: Vec<bool>,
 
     /// Clear the table of pif PIF (e.g. HOST).
     #[arg(short = 'C', long = "clear", value_name = "PIF")]
@@ -186,6 +190,10 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         read_only: ops.is_empty(),
     };
     let path = args.path.display();
+    if !ops.is_empty() && ops.iter().all(|op| matches!(op, Op::Add | Op::Delete)) {
+        out.outcome("nothing to change: -A and -D apply to the specs after them");
+        return Exit::Done;
+    }
     if ops.is_empty() {
         let session = match Session::connect(&args.path, opts).await {
             Ok(s) => s,

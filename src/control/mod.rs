@@ -66,12 +66,15 @@ impl ControlServer {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(ControlError::NotSocket(path.to_owned()));
             }
-            Ok(_) => {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(ControlError::InUse(path.to_owned()));
+            // Only a socket nobody listens on is stale: any other failure
+            // (EACCES on another user's daemon) leaves it alone.
+            Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(ControlError::InUse(path.to_owned())),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path).map_err(io_err)?;
                 }
-                std::fs::remove_file(path).map_err(io_err)?;
-            }
+                Err(e) => return Err(io_err(e)),
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(e)),
         }
@@ -154,12 +157,14 @@ async fn accept_loop(
     }
 }
 
+/// SO_PEERCRED. The pid is 0 when the peer lives in a pid namespace this
+/// daemon cannot see.
 fn peer_of(stream: &tokio::net::UnixStream) -> txn::Peer {
-    match rustix::net::sockopt::socket_peercred(stream) {
+    match stream.peer_cred() {
         Ok(c) => txn::Peer {
-            pid: c.pid.as_raw_nonzero().get(),
-            uid: c.uid.as_raw(),
-            gid: c.gid.as_raw(),
+            pid: c.pid().unwrap_or(0),
+            uid: c.uid(),
+            gid: c.gid(),
         },
         Err(_) => txn::Peer {
             pid: 0,

@@ -258,16 +258,35 @@ impl Shared {
                 check_generation(&t, id, snapshot)?;
             }
         }
-        let mut report = Report {
-            ok: true,
-            pifs: Vec::new(),
+        // Binding runs on a blocking thread: a table may ask for hundreds of
+        // thousands of sockets, and no runtime worker may stall meanwhile.
+        let changes = shadow.tables;
+        let bound = tokio::task::spawn_blocking(move || {
+            let syncs: Vec<SyncReport> = changes
+                .iter()
+                .map(|c| registry.sync(c.id, &c.routes, true))
+                .collect();
+            (registry, changes, syncs)
+        })
+        .await;
+        let Ok((registry, changes, syncs)) = bound else {
+            return Err(Status::new(
+                Code::Internal,
+                "binding the new sockets failed",
+            ));
         };
-        let mut old = Vec::with_capacity(shadow.tables.len());
-        for change in shadow.tables {
-            let sync = registry.sync(change.id, &change.routes, true);
-            report.ok &= sync.is_ok();
-            report.pifs.push(pif_report(change.id, &sync));
-            let mut t = self.tables();
+        let report = Report {
+            ok: syncs.iter().all(SyncReport::is_ok),
+            pifs: changes
+                .iter()
+                .zip(&syncs)
+                .map(|(c, sync)| pif_report(c.id, sync))
+                .collect(),
+        };
+        // Every pif swaps under one lock: a reader sees all old or all new.
+        let mut old = Vec::with_capacity(changes.len());
+        let mut t = self.tables();
+        for change in changes {
             let Some(pif) = t.config.by_id_mut(change.id) else {
                 // Pifs never go away while the registry is held.
                 continue;
@@ -281,6 +300,7 @@ impl Shared {
                 routes,
             });
         }
+        drop(t);
         Ok(Applied {
             registry,
             old,
@@ -300,15 +320,25 @@ impl Shared {
     /// tables take their sockets back, without binding anything, and the
     /// sockets bound for the new tables are closed.
     pub async fn rollback(&self, mut applied: Applied) -> Vec<SyncReport> {
-        let mut reports = Vec::new();
-        for change in applied.old {
-            reports.push(applied.registry.sync(change.id, &change.routes, false));
-            applied.registry.close_parked(change.id).await;
+        // No bind happens here: quick enough to run in place.
+        let reports: Vec<SyncReport> = applied
+            .old
+            .iter()
+            .map(|c| applied.registry.sync(c.id, &c.routes, false))
+            .collect();
+        let mut ids = Vec::with_capacity(applied.old.len());
+        {
             let mut t = self.tables();
-            if let Some(pif) = t.config.by_id_mut(change.id) {
-                pif.table = change.table;
-                bump(&mut t, change.id);
+            for change in applied.old {
+                if let Some(pif) = t.config.by_id_mut(change.id) {
+                    pif.table = change.table;
+                    bump(&mut t, change.id);
+                }
+                ids.push(change.id);
             }
+        }
+        for id in ids {
+            applied.registry.close_parked(id).await;
         }
         self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
         reports

@@ -76,12 +76,9 @@ pub(super) async fn turn_away(
 ) {
     let mut conn: Conn<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
     let status = Status::new(Code::Busy, "too many control clients at once; retry later");
-    let _ = tokio::time::timeout(limit, async {
-        send(&mut conn, &server_hello(&shared)).await?;
+    if send(&mut conn, &server_hello(&shared), limit).await.is_ok() {
         refuse(&mut conn, &shared, peer, status).await;
-        Ok::<(), CodecError>(())
-    })
-    .await;
+    }
 }
 
 /// Sends the error that ends the transaction; the connection closes after.
@@ -89,11 +86,19 @@ async fn refuse<D>(conn: &mut Conn<D>, shared: &Shared, peer: Peer, status: Stat
     info!(%peer, "transaction: {status}");
     shared.counters().refused(status.code);
     // The client may be gone already; nothing more to do then.
-    let _ = send(conn, &ServerMsg::Status(status)).await;
+    let _ = send(conn, &ServerMsg::Status(status), shared.timeouts().step).await;
 }
 
-async fn send<D, M: Wire>(conn: &mut Conn<D>, msg: &M) -> Result<(), CodecError> {
-    conn.send(msg).await
+/// Sends `msg`, giving up after the step timeout: a client that stops
+/// reading must not hold the transaction (or the daemon's shutdown) forever.
+async fn send<D, M: Wire>(conn: &mut Conn<D>, msg: &M, limit: Duration) -> Result<(), CodecError> {
+    match tokio::time::timeout(limit, conn.send(msg)).await {
+        Ok(r) => r,
+        Err(_) => Err(CodecError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client does not read",
+        ))),
+    }
 }
 
 /// The next message, within `limit`.
@@ -137,7 +142,9 @@ async fn handshake(
 ) -> Result<ClientHello, Status> {
     let t = shared.timeouts();
     // Step 1.
-    send(conn, &server_hello(shared)).await.map_err(protocol)?;
+    send(conn, &server_hello(shared), t.step)
+        .await
+        .map_err(protocol)?;
     // Step 2.
     let client = recv(conn, t.step, stop)
         .await
@@ -150,6 +157,12 @@ async fn handshake(
                 client.version
             ),
         ));
+    }
+    if client.flags & !READ_ONLY != 0 {
+        return Err(protocol(format!(
+            "unknown client hello flags 0x{:08x}",
+            client.flags & !READ_ONLY
+        )));
     }
     Ok(client)
 }
@@ -166,8 +179,10 @@ async fn transaction(
     // Steps 3 and 4, read in one go so that they agree.
     let (pifs, rules) = shared.listing();
     let snapshot: Snapshot = rules.iter().map(|p| (p.id, p.generation)).collect();
-    send(conn, &ServerMsg::Pifs(pifs)).await.map_err(protocol)?;
-    send(conn, &ServerMsg::Rules(rules))
+    send(conn, &ServerMsg::Pifs(pifs), t.step)
+        .await
+        .map_err(protocol)?;
+    send(conn, &ServerMsg::Rules(rules), t.step)
         .await
         .map_err(protocol)?;
     if client.flags & READ_ONLY != 0 {
@@ -183,7 +198,7 @@ async fn transaction(
     };
     // Step 6.
     let shadow = shared.validate(update, &snapshot)?;
-    send(conn, &ServerMsg::Status(Status::ok("valid")))
+    send(conn, &ServerMsg::Status(Status::ok("valid")), t.step)
         .await
         .map_err(protocol)?;
     // Step 7.
@@ -196,7 +211,7 @@ async fn transaction(
     let applied = shared.apply(shadow, &snapshot).await?;
     let verdict = if applied.report.ok { "ok" } else { "failed" };
     // Step 8.
-    let sent = send(conn, &ServerMsg::Report(applied.report.clone())).await;
+    let sent = send(conn, &ServerMsg::Report(applied.report.clone()), t.step).await;
     // Step 9: anything but COMMIT rolls back.
     let answer = match sent {
         Err(e) => Err(End::Bad(e)),
@@ -205,18 +220,13 @@ async fn transaction(
     match answer {
         Ok(ClientMsg::Commit) => {
             shared.commit(applied).await;
-            let _ = send(conn, &ServerMsg::Status(Status::ok("committed"))).await;
+            let _ = send(conn, &ServerMsg::Status(Status::ok("committed")), t.step).await;
             Ok(format!("applied ({verdict}) and committed"))
         }
         Ok(ClientMsg::Rollback) => {
             shared.rollback(applied).await;
-            let _ = send(
-                conn,
-                &ServerMsg::Status(Status::ok(
-                    "rolled back: the previous tables are active and listening",
-                )),
-            )
-            .await;
+            let ok = Status::ok("rolled back: the previous tables are active and listening");
+            let _ = send(conn, &ServerMsg::Status(ok), t.step).await;
             Ok(format!("applied ({verdict}) and rolled back"))
         }
         Ok(other) => {
