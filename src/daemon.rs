@@ -12,18 +12,24 @@ use tracing::{info, warn};
 use crate::control::state::{Shared, Timeouts};
 use crate::control::{ControlError, ControlServer};
 use crate::dataplane::{DataPlane, UdpSettings};
-use crate::edit::HOST_NAME;
+use crate::edit::{HOST_NAME, SPLICE_NAME};
+use crate::netns::Netns;
 use crate::registry::{Registry, SyncReport};
 use crate::rule::{Caps, PifId, Rule};
 use crate::socket;
 use crate::table::{Config, PifTable, Table};
-use crate::target::{LoopError, Route, Targets};
+use crate::target::{LoopError, Placement, Route, Targets};
 
 /// How to run the daemon.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// The HOST pif's rules at start.
     pub host: Table,
+    /// The SPLICE pif's rules at start (only with a namespace).
+    pub splice: Table,
+    /// The attached network namespace: HOST rules connect into it, SPLICE
+    /// rules listen in it.
+    pub netns: Option<Arc<Netns>>,
     /// Default targets.
     pub targets: Targets,
     /// UDP flow settings.
@@ -57,6 +63,9 @@ pub enum StartError {
     /// The control socket could not be opened.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// SPLICE rules without a namespace to listen in.
+    #[error("-T and -U rules need a namespace (--netns)")]
+    NoNamespace,
 }
 
 /// The running daemon.
@@ -70,20 +79,58 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// The capabilities of the HOST pif on this machine.
-    pub fn host_caps() -> Caps {
+    /// The capabilities of the HOST pif on this machine; SCAN when a
+    /// namespace is attached (its rules' targets are in it).
+    pub fn host_caps(netns: bool) -> Caps {
         let v6 = if socket::ipv6_available() {
             Caps::IPV6
         } else {
             Caps::from_bits_retain(0)
         };
-        Caps::IPV4 | v6 | Caps::TCP | Caps::UDP | Caps::IFNAME
+        let scan = if netns {
+            Caps::SCAN
+        } else {
+            Caps::from_bits_retain(0)
+        };
+        Caps::IPV4 | v6 | Caps::TCP | Caps::UDP | Caps::IFNAME | scan
     }
 
-    /// The routes of a table, refusing a rule that forwards to itself; the
-    /// error comes with the rule's index.
-    pub fn routes(table: &Table, targets: Targets) -> Result<Vec<Arc<Route>>, (usize, LoopError)> {
-        crate::target::routes(table, targets)
+    /// The capabilities of the SPLICE pif (listening in the namespace).
+    pub fn splice_caps() -> Caps {
+        Daemon::host_caps(true)
+    }
+
+    /// The pifs the daemon has with `netns`: id, name, placement.
+    pub fn pifs(netns: Option<&Arc<Netns>>) -> Vec<(PifId, &'static str, Placement)> {
+        let mut pifs = vec![(
+            PifId::HOST,
+            HOST_NAME,
+            Placement {
+                listen: None,
+                connect: netns.cloned(),
+            },
+        )];
+        if let Some(ns) = netns {
+            pifs.push((
+                PifId::SPLICE,
+                SPLICE_NAME,
+                Placement {
+                    listen: Some(Arc::clone(ns)),
+                    connect: None,
+                },
+            ));
+        }
+        pifs
+    }
+
+    /// The routes of a table placed as `place` says, refusing a rule that
+    /// forwards to itself; the error comes with the rule's index.
+    pub fn routes(
+        table: &Table,
+        targets: Targets,
+        place: &Placement,
+    ) -> Result<Vec<Arc<Route>>, (usize, LoopError)> {
+        crate::target::routes(table, targets, place)
     }
 
     /// Validates the rules, binds their sockets and starts serving them. A
@@ -91,36 +138,56 @@ impl Daemon {
     /// rule) stops the start, with every socket closed again. Must be called
     /// from within a tokio runtime.
     pub async fn start(opts: Options) -> Result<Daemon, StartError> {
-        let routes = Daemon::routes(&opts.host, opts.targets).map_err(|(_, e)| e)?;
+        if opts.netns.is_none() && !opts.splice.is_empty() {
+            return Err(StartError::NoNamespace);
+        }
         let dp = DataPlane::new(opts.udp);
         let mut registry = Registry::new(Arc::clone(&dp));
-        let report = registry.sync(PifId::HOST, &routes, true);
-        if let Some(failed) = report.rules.iter().find(|r| !r.is_ok()) {
-            registry.close_all().await;
-            let (port, reason) = failed
-                .failed
-                .first()
-                .map_or((failed.rule.first, String::new()), |f| {
-                    (f.first, f.reason())
+        let mut config = Config::default();
+        let mut placements = Vec::new();
+        let mut tables = vec![opts.host, opts.splice].into_iter();
+        for (id, name, place) in Daemon::pifs(opts.netns.as_ref()) {
+            let table = tables.next().unwrap_or_default();
+            let routes = Daemon::routes(&table, opts.targets, &place).map_err(|(_, e)| e)?;
+            if let Some(ns) = &place.listen {
+                registry.set_namespace(id, Arc::clone(ns));
+            }
+            let report = registry.sync(id, &routes, true);
+            if let Some(failed) = report.rules.iter().find(|r| !r.is_ok()) {
+                registry.close_all().await;
+                let (port, reason) = failed
+                    .failed
+                    .first()
+                    .map_or((failed.rule.first, String::new()), |f| {
+                        (f.first, f.reason())
+                    });
+                return Err(StartError::Bind {
+                    rule: Box::new(failed.rule.clone()),
+                    port,
+                    reason,
                 });
-            return Err(StartError::Bind {
-                rule: Box::new(failed.rule.clone()),
-                port,
-                reason,
+            }
+            warn_weak_failures(&report);
+            config.pifs.push(PifTable {
+                id,
+                name: name.to_owned(),
+                table,
             });
+            placements.push((id, place));
         }
-        warn_weak_failures(&report);
-        let config = Config {
-            pifs: vec![PifTable {
-                id: PifId::HOST,
-                name: HOST_NAME.to_owned(),
-                table: opts.host,
-            }],
-        };
-        for rule in config.pifs.iter().flat_map(|p| p.table.rules()) {
-            info!("forwarding {}", rule.to_string().trim_end());
+        for pif in &config.pifs {
+            for rule in pif.table.rules() {
+                info!("forwarding {} {}", pif.name, rule.to_string().trim_end());
+            }
         }
-        let shared = Arc::new(Shared::new(config, registry, opts.targets, opts.timeouts));
+        let mut shared = Shared::new(config, registry, opts.targets, opts.timeouts);
+        for (id, place) in placements {
+            shared = shared.placed(id, place);
+        }
+        let shared = Arc::new(shared);
+        if let Some(ns) = &opts.netns {
+            tokio::spawn(watch_namespace(Arc::clone(ns), Arc::downgrade(&shared)));
+        }
         let control = match &opts.control {
             None => None,
             Some(path) => match ControlServer::start(path, Arc::clone(&shared), opts.max_clients) {
@@ -174,6 +241,26 @@ impl Daemon {
         }
         self.shared.close_all().await;
         self.dp.shutdown(self.grace).await;
+    }
+}
+
+/// Notices the namespace going away (the container exited, the name was
+/// deleted): closes the SPLICE pif's sockets and keeps serving HOST.
+async fn watch_namespace(ns: Arc<Netns>, shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else { return };
+        if ns.is_present() {
+            continue;
+        }
+        warn!(
+            "network namespace {} is gone: closing its listening sockets, HOST goes on",
+            ns.path().display()
+        );
+        shared.drop_pif(PifId::SPLICE).await;
+        ns.detach();
+        return;
     }
 }
 

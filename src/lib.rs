@@ -8,6 +8,7 @@
 //! - [`edit`]: upstream pesto's sequential `-A`/`-D`/`-C` table operations;
 //! - [`codec`]: control-protocol messages to and from bytes;
 //! - [`socket`]: what identifies a listening socket, and how one is made;
+//! - [`netns`]: network namespaces, and making sockets inside one;
 //! - [`target`]: where a rule's traffic goes, and loop detection;
 //! - [`registry`]: the listening sockets, kept across table swaps;
 //! - [`dataplane`]: TCP relaying with splice(2), UDP flows;
@@ -37,6 +38,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod edit;
+pub mod netns;
 pub mod registry;
 pub mod rule;
 pub mod socket;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::dataplane::{DataPlane, SocketClosed, SocketLife};
+use crate::netns::Netns;
 use crate::rule::{PifId, Rule};
 use crate::socket::{self, SocketKey};
 use crate::target::Route;
@@ -126,6 +127,8 @@ impl SyncReport {
 pub struct Registry {
     dp: Arc<DataPlane>,
     pifs: HashMap<PifId, PifSockets>,
+    /// Pifs whose sockets live in another network namespace.
+    namespaces: HashMap<PifId, Arc<Netns>>,
 }
 
 impl Registry {
@@ -134,6 +137,23 @@ impl Registry {
         Registry {
             dp,
             pifs: HashMap::new(),
+            namespaces: HashMap::new(),
+        }
+    }
+
+    /// Makes `pif`'s sockets in `ns`.
+    pub fn set_namespace(&mut self, pif: PifId, ns: Arc<Netns>) {
+        self.namespaces.insert(pif, ns);
+    }
+
+    /// Binds `key`'s socket in its pif's namespace.
+    fn bind(&self, key: &SocketKey) -> io::Result<socket::Bound> {
+        match self.namespaces.get(&key.pif) {
+            None => socket::bind(key),
+            Some(ns) => {
+                let key = key.clone();
+                ns.run(move || socket::bind(&key))
+            }
         }
     }
 
@@ -141,7 +161,7 @@ impl Registry {
     /// the same key (active or parked), binds the missing ones if `bind`,
     /// parks the rest. Must be called from within a tokio runtime.
     pub fn sync(&mut self, pif: PifId, routes: &[Arc<Route>], bind: bool) -> SyncReport {
-        let sockets = self.pifs.entry(pif).or_default();
+        let mut sockets = self.pifs.remove(&pif).unwrap_or_default();
         let mut pool = std::mem::take(&mut sockets.active);
         pool.extend(sockets.parked.drain());
         let wanted: usize = routes.iter().map(|r| r.rule.port_count() as usize).sum();
@@ -173,7 +193,7 @@ impl Registry {
                     rr.fail(port, 0);
                     continue;
                 }
-                match socket::bind(&key) {
+                match self.bind(&key) {
                     Ok(bound) => {
                         let (tx, rx) = watch::channel(Some(Arc::clone(route)));
                         let (life, closed) = SocketLife::new();
@@ -193,6 +213,7 @@ impl Registry {
         report.parked = pool.len();
         sockets.active = active;
         sockets.parked = pool;
+        self.pifs.insert(pif, sockets);
         report
     }
 

@@ -117,6 +117,29 @@ pub fn bind(key: &SocketKey) -> io::Result<Bound> {
     })
 }
 
+/// An unconnected, non-blocking TCP socket of `target`'s family, to connect
+/// to it (made here so that it can be made inside a namespace).
+pub fn tcp_for(target: SocketAddr) -> io::Result<std::net::TcpStream> {
+    let s = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    Ok(s.into())
+}
+
+/// A non-blocking UDP socket of `target`'s family, connected to it.
+pub fn udp_connected(target: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let s = Socket::new(
+        Domain::for_address(target),
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    s.connect(&SockAddr::from(target))?;
+    Ok(s.into())
+}
+
 /// Whether this host can make IPv6 sockets at all.
 pub fn ipv6_available() -> bool {
     Socket::new(Domain::IPV6, Type::DGRAM.cloexec(), None).is_ok()

@@ -2,6 +2,9 @@
 //! default target for the peer's family, at the rule's mapped port.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use crate::netns::Netns;
 
 use crate::rule::{Rule, canonical_ip};
 use crate::socket;
@@ -43,21 +46,58 @@ impl Targets {
     }
 }
 
-/// What a listening socket needs to forward: its rule and the targets in
-/// force when the rule was installed. A table swap hands the listener a new
-/// route; connections already made keep the target they were given.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a pif's sockets live and where its rules' targets are reached:
+/// `None` is the daemon's own network namespace.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// The namespace of the listening sockets.
+    pub listen: Option<Arc<Netns>>,
+    /// The namespace the targets are reached from.
+    pub connect: Option<Arc<Netns>>,
+}
+
+/// What a listening socket needs to forward: its rule, the targets in force
+/// when the rule was installed, and the namespace they are reached from. A
+/// table swap hands the listener a new route; connections already made keep
+/// the target they were given.
+#[derive(Debug, Clone)]
 pub struct Route {
     /// The rule.
     pub rule: Rule,
     /// Default targets for a rule without a target address.
     pub defaults: Targets,
+    /// The namespace targets are reached from (`None`: the daemon's own).
+    pub connect_ns: Option<Arc<Netns>>,
 }
 
+impl PartialEq for Route {
+    fn eq(&self, other: &Route) -> bool {
+        self.rule == other.rule
+            && self.defaults == other.defaults
+            && match (&self.connect_ns, &other.connect_ns) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl Eq for Route {}
+
 impl Route {
-    /// The route of `rule`.
+    /// The route of `rule`, to targets in the daemon's own namespace.
     pub fn new(rule: Rule, defaults: Targets) -> Route {
-        Route { rule, defaults }
+        Route {
+            rule,
+            defaults,
+            connect_ns: None,
+        }
+    }
+
+    /// The same route, to targets reached from `ns`.
+    pub fn connect_from(mut self, ns: Option<Arc<Netns>>) -> Route {
+        self.connect_ns = ns;
+        self
     }
 
     /// Where a connection from `peer` to listening port `port` goes.
@@ -123,20 +163,25 @@ pub fn check_loop(route: &Route) -> Result<(), LoopError> {
     Ok(())
 }
 
-/// The routes of a table's rules, refusing a rule that forwards to itself;
-/// the error comes with the rule's index.
+/// The routes of a table's rules placed as `place` says, refusing a rule
+/// that forwards to itself; the error comes with the rule's index. Only a
+/// pif that listens and connects in the daemon's own namespace can loop.
 pub fn routes(
     table: &crate::table::Table,
     targets: Targets,
-) -> Result<Vec<std::sync::Arc<Route>>, (usize, LoopError)> {
+    place: &Placement,
+) -> Result<Vec<Arc<Route>>, (usize, LoopError)> {
+    let same_place = place.listen.is_none() && place.connect.is_none();
     table
         .rules()
         .iter()
         .enumerate()
         .map(|(i, rule)| {
-            let route = Route::new(rule.clone(), targets);
-            check_loop(&route).map_err(|e| (i, e))?;
-            Ok(std::sync::Arc::new(route))
+            let route = Route::new(rule.clone(), targets).connect_from(place.connect.clone());
+            if same_place {
+                check_loop(&route).map_err(|e| (i, e))?;
+            }
+            Ok(Arc::new(route))
         })
         .collect()
 }

@@ -13,6 +13,7 @@ use tracing_subscriber::EnvFilter;
 use pesto::control::state::Timeouts;
 use pesto::daemon::{Daemon, Options, raise_nofile_limit};
 use pesto::dataplane::UdpSettings;
+use pesto::netns::Netns;
 use pesto::rule::Caps;
 use pesto::spec::{Ephemeral, SpecOpt, parse_rules};
 use pesto::table::Table;
@@ -33,6 +34,21 @@ struct Args {
     /// UDP ports to forward; repeatable.
     #[arg(short = 'u', long = "udp-ports", value_name = "SPEC")]
     udp: Vec<String>,
+
+    /// TCP ports to forward from the namespace's loopback to the host's
+    /// (needs --netns); repeatable.
+    #[arg(short = 'T', long = "tcp-ns", value_name = "SPEC")]
+    tcp_ns: Vec<String>,
+
+    /// UDP ports to forward from the namespace's loopback to the host's.
+    #[arg(short = 'U', long = "udp-ns", value_name = "SPEC")]
+    udp_ns: Vec<String>,
+
+    /// Attach this network namespace (e.g. /run/netns/NAME,
+    /// /proc/PID/ns/net): -t/-u rules then connect into it, -T/-U rules
+    /// listen in it.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
 
     /// Default target of rules without a target address, one per family
     /// [default: 127.0.0.1 and ::1].
@@ -82,6 +98,9 @@ Examples:
   pestod -t 2222:22 -u 5353:53     TCP 2222 to 22, UDP 5353 to 53
   pestod -t 127.0.0.1/8443:192.0.2.10/443
                                    forward 127.0.0.1:8443 to 192.0.2.10:443
+  pestod --netns /run/netns/ctr -t 8080:80 -T 5432
+                                   host port 8080 to port 80 in the namespace; port
+                                   5432 on its loopback to the host's port 5432
   pestod -c /run/pestod.sock -t 8080:80
                                    ... and take rule changes from `pesto /run/pestod.sock`
 
@@ -188,25 +207,43 @@ fn init_logging(args: &Args) {
 
 /// The daemon's options from the command line, or a message for the user.
 fn options(args: &Args) -> Result<Options, String> {
-    let caps = Daemon::host_caps();
+    let netns = match &args.netns {
+        Some(path) => Some(Netns::open(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    if netns.is_none() && !(args.tcp_ns.is_empty() && args.udp_ns.is_empty()) {
+        return Err("-T and -U forward out of a namespace: give it with --netns".to_owned());
+    }
+    let caps = Daemon::host_caps(netns.is_some());
     let eph = Ephemeral::probe();
     let mut host = Table::new(caps);
-    let specs = args
-        .tcp
-        .iter()
-        .map(|s| (SpecOpt::Tcp, s))
-        .chain(args.udp.iter().map(|s| (SpecOpt::Udp, s)));
-    for (opt, text) in specs {
-        let rules = parse_rules(opt, text, caps, eph).map_err(|e| e.to_string())?;
-        for rule in rules {
-            host.add(rule).map_err(|e| format!("{opt} {text}: {e}"))?;
+    let mut splice = Table::new(Daemon::splice_caps());
+    let specs = [
+        (SpecOpt::Tcp, &args.tcp),
+        (SpecOpt::Udp, &args.udp),
+        (SpecOpt::TcpNs, &args.tcp_ns),
+        (SpecOpt::UdpNs, &args.udp_ns),
+    ];
+    for (opt, texts) in specs {
+        let table = if opt.is_namespace() {
+            &mut splice
+        } else {
+            &mut host
+        };
+        for text in texts {
+            let rules = parse_rules(opt, text, table.caps(), eph).map_err(|e| e.to_string())?;
+            for rule in rules {
+                table.add(rule).map_err(|e| format!("{opt} {text}: {e}"))?;
+            }
         }
     }
-    if host.is_empty() {
-        warn!("no rules: nothing to forward (give -t or -u)");
+    if host.is_empty() && splice.is_empty() && args.control.is_none() {
+        warn!("no rules and no control socket: nothing to forward (give -t or -u)");
     }
     let targets = targets(&args.target, caps)?;
-    Daemon::routes(&host, targets).map_err(|(_, e)| e.to_string())?;
+    for ((_, name, place), table) in Daemon::pifs(netns.as_ref()).iter().zip([&host, &splice]) {
+        Daemon::routes(table, targets, place).map_err(|(_, e)| format!("{name}: {e}"))?;
+    }
     let secs = |name: &str, v: f64, min: f64| {
         if v.is_finite() && (min..=3600.0).contains(&v) {
             Ok(Duration::from_secs_f64(v))
@@ -221,6 +258,8 @@ fn options(args: &Args) -> Result<Options, String> {
     };
     Ok(Options {
         host,
+        splice,
+        netns,
         targets,
         udp: UdpSettings {
             idle_timeout: Duration::from_secs(args.udp_timeout),

@@ -16,7 +16,7 @@ use crate::codec::v3::{
 use crate::registry::{Registry, SyncReport};
 use crate::rule::PifId;
 use crate::table::{Config, Table};
-use crate::target::{Route, Targets, routes};
+use crate::target::{Placement, Route, Targets, routes};
 
 /// The server's timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +110,7 @@ pub struct Shared {
     targets: Targets,
     timeouts: Timeouts,
     counters: Counters,
+    placements: BTreeMap<PifId, Placement>,
 }
 
 /// Validated new tables of one connection, not yet active.
@@ -157,7 +158,19 @@ impl Shared {
             targets,
             timeouts,
             counters: Counters::default(),
+            placements: BTreeMap::new(),
         }
+    }
+
+    /// Says where `pif`'s sockets live and its targets are reached (the
+    /// daemon's own namespace unless said).
+    pub fn placed(mut self, pif: PifId, place: Placement) -> Shared {
+        self.placements.insert(pif, place);
+        self
+    }
+
+    fn placement(&self, pif: PifId) -> Placement {
+        self.placements.get(&pif).cloned().unwrap_or_default()
     }
 
     /// The transaction counters.
@@ -230,7 +243,7 @@ impl Shared {
                 };
                 rule_status(code, id, i, format!("{}: {e}", pif.name))
             })?;
-            let routes = routes(&table, self.targets).map_err(|(i, e)| {
+            let routes = routes(&table, self.targets, &self.placement(id)).map_err(|(i, e)| {
                 rule_status(Code::Invalid, id, i, format!("{}: {e}", pif.name))
             })?;
             tables.push(PifChange { id, table, routes });
@@ -293,7 +306,7 @@ impl Shared {
             };
             let table = std::mem::replace(&mut pif.table, change.table);
             bump(&mut t, change.id);
-            let routes = self.plain_routes(&table);
+            let routes = self.plain_routes(change.id, &table);
             old.push(PifChange {
                 id: change.id,
                 table,
@@ -361,12 +374,25 @@ impl Shared {
     }
 
     /// Routes of a table that was active, hence already checked for loops.
-    fn plain_routes(&self, table: &Table) -> Vec<Arc<Route>> {
+    fn plain_routes(&self, pif: PifId, table: &Table) -> Vec<Arc<Route>> {
+        let connect = self.placement(pif).connect;
         table
             .rules()
             .iter()
-            .map(|r| Arc::new(Route::new(r.clone(), self.targets)))
+            .map(|r| Arc::new(Route::new(r.clone(), self.targets).connect_from(connect.clone())))
             .collect()
+    }
+
+    /// Empties `pif`'s table and closes its sockets: its namespace is gone.
+    pub async fn drop_pif(&self, pif: PifId) {
+        let mut registry = self.registry.lock().await;
+        registry.sync(pif, &[], false);
+        registry.close_parked(pif).await;
+        let mut t = self.tables();
+        if let Some(p) = t.config.by_id_mut(pif) {
+            p.table.clear();
+            bump(&mut t, pif);
+        }
     }
 }
 

@@ -1,12 +1,16 @@
 //! TCP: the accept loop of a listening socket, and one task per connection.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, warn};
+
+use crate::netns::Netns;
+use crate::socket;
 
 use super::{DataPlane, RouteWatch, SocketLife, Stats, is_resource_error, relay};
 
@@ -55,7 +59,8 @@ pub(super) async fn serve(
                     backoff = BACKOFF_MIN;
                     Stats::inc(&dp.stats.tcp_accepted);
                     let target = route.target(peer.ip(), port);
-                    dp.tracker.spawn(forward(stream, peer, target, Arc::clone(&dp)));
+                    let ns = route.connect_ns.clone();
+                    dp.tracker.spawn(forward(stream, peer, target, ns, Arc::clone(&dp)));
                 }
                 Err(e) if is_resource_error(&e) => {
                     warn!(port, error = %e, pause = ?backoff, "accept failed, backing off");
@@ -88,12 +93,19 @@ impl Drop for Active<'_> {
     }
 }
 
-/// Connects to `target` and relays until both sides are done.
-async fn forward(inbound: TcpStream, peer: SocketAddr, target: SocketAddr, dp: Arc<DataPlane>) {
+/// Connects to `target` (from namespace `ns`) and relays until both sides
+/// are done.
+async fn forward(
+    inbound: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    ns: Option<Arc<Netns>>,
+    dp: Arc<DataPlane>,
+) {
     let _active = Active::new(&dp.stats);
     let outbound = tokio::select! {
         _ = dp.stop.cancelled() => return,
-        r = TcpStream::connect(target) => r,
+        r = connect(target, ns.as_deref()) => r,
     };
     let outbound = match outbound {
         Ok(s) => s,
@@ -116,6 +128,15 @@ async fn forward(inbound: TcpStream, peer: SocketAddr, target: SocketAddr, dp: A
         reset(&inbound);
         reset(&outbound);
     }
+}
+
+/// A connection to `target`, its socket made in `ns`.
+async fn connect(target: SocketAddr, ns: Option<&Netns>) -> io::Result<TcpStream> {
+    let Some(ns) = ns else {
+        return TcpStream::connect(target).await;
+    };
+    let socket = ns.run_async(move || socket::tcp_for(target)).await?;
+    TcpSocket::from_std_stream(socket).connect(target).await
 }
 
 /// Makes the coming close send RST instead of FIN.

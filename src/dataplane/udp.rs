@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{DataPlane, RouteWatch, SocketLife, Stats, is_resource_error};
-use crate::rule::wildcard;
+use crate::netns::Netns;
+use crate::socket;
 
 /// Largest UDP payload (IPv6 without jumbograms, rounded up).
 const MAX_DATAGRAM: usize = 1 << 16;
@@ -190,7 +191,9 @@ pub(super) async fn serve(
                     let (now, later) = rest.split_at(run);
                     rest = later;
                     let target = route.target(peer.ip(), port);
-                    let Some(flow) = flow_for(&mut flows, &socket, &life, peer, target, &dp) else {
+                    let ns = route.connect_ns.as_deref();
+                    let flow = flow_for(&mut flows, &socket, &life, peer, target, ns, &dp).await;
+                    let Some(flow) = flow else {
                         continue;
                     };
                     flow.shared.touch(&dp);
@@ -284,13 +287,14 @@ fn sendmmsg(
     )?)
 }
 
-/// The live flow of `peer`, made if there is none.
-fn flow_for<'a>(
+/// The live flow of `peer`, made if there is none (its socket in `ns`).
+async fn flow_for<'a>(
     flows: &'a mut HashMap<SocketAddr, Flow>,
     listening: &Arc<UdpSocket>,
     life: &SocketLife,
     peer: SocketAddr,
     target: SocketAddr,
+    ns: Option<&Netns>,
     dp: &Arc<DataPlane>,
 ) -> Option<&'a Flow> {
     if flows
@@ -303,7 +307,11 @@ fn flow_for<'a>(
         Entry::Occupied(e) => return Some(e.into_mut()),
         Entry::Vacant(e) => e,
     };
-    let socket = match connect(target) {
+    let made = match ns {
+        None => socket::udp_connected(target),
+        Some(ns) => ns.run_async(move || socket::udp_connected(target)).await,
+    };
+    let socket = match made.and_then(UdpSocket::from_std) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             debug!(%peer, %target, error = %e, "cannot open UDP flow");
@@ -331,15 +339,6 @@ fn flow_for<'a>(
         id,
         dp: Arc::clone(dp),
     }))
-}
-
-/// A socket of the target's family connected to `target`.
-fn connect(target: SocketAddr) -> io::Result<UdpSocket> {
-    let any = SocketAddr::new(wildcard(target.is_ipv4()), 0);
-    let socket = std::net::UdpSocket::bind(any)?;
-    socket.set_nonblocking(true)?;
-    socket.connect(target)?;
-    UdpSocket::from_std(socket)
 }
 
 /// Passes the target's datagrams back to `peer` until the flow ends.
