@@ -250,7 +250,9 @@ async fn watch_namespace(ns: Arc<Netns>, shared: std::sync::Weak<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let Some(shared) = shared.upgrade() else { return };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
         if ns.is_present() {
             continue;
         }

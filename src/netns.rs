@@ -66,8 +66,9 @@ impl Netns {
         std::thread::Builder::new()
             .name("pesto-netns".into())
             .spawn(move || {
-                let entered = move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
-                    .map_err(io::Error::from);
+                let entered =
+                    move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
+                        .map_err(io::Error::from);
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered);
                 if !ok {
@@ -83,9 +84,9 @@ impl Netns {
                 path: path.to_owned(),
                 error,
             })?;
-        let entered = ready_rx.recv().unwrap_or_else(|_| {
-            Err(io::Error::other("the namespace thread died"))
-        });
+        let entered = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the namespace thread died")));
         entered.map_err(|error| NetnsError::Enter {
             path: path.to_owned(),
             error,
@@ -106,7 +107,10 @@ impl Netns {
         let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
         // ENODEV: what a bind report can carry as an errno.
         let gone = || io::Error::from(rustix::io::Errno::NODEV);
-        jobs.as_ref().ok_or_else(gone)?.send(job).map_err(|_| gone())
+        jobs.as_ref()
+            .ok_or_else(gone)?
+            .send(job)
+            .map_err(|_| gone())
     }
 
     /// Runs `f` inside the namespace and waits for its result. For

@@ -1,0 +1,297 @@
+//! Forwarding between the host and a network namespace, as pasta does for
+//! containers. Each test makes its own namespace with `ip netns`; without
+//! root or namespaces the tests say so and skip.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+/// A namespace made for one test, deleted after it.
+struct Ns {
+    name: String,
+}
+
+impl Ns {
+    /// A new namespace with its loopback up, or `None` (with a message) where
+    /// this machine cannot make one.
+    fn new() -> Option<Ns> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "pesto-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let ok = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !ok(&["netns", "add", &name]) {
+            eprintln!("SKIPPED: cannot create a network namespace (needs root and iproute2)");
+            return None;
+        }
+        let ns = Ns { name };
+        assert!(ok(&["-n", &ns.name, "link", "set", "lo", "up"]));
+        Some(ns)
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs `f` on a thread that entered the namespace.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let file = std::fs::File::open(self.path()).unwrap();
+        std::thread::spawn(move || {
+            rustix::thread::move_into_link_name_space(
+                file.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// A TCP server inside answering `reply` to every connection.
+    fn reply_server(&self, addr: SocketAddr, reply: &'static str) {
+        let l = self.run(move || TcpListener::bind(addr).unwrap());
+        std::thread::spawn(move || {
+            for mut s in l.incoming().map_while(Result::ok) {
+                let _ = s.write_all(reply.as_bytes());
+            }
+        });
+    }
+
+    fn delete(&self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+fn v4(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn read_from(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn pestod(ns: &Ns, sock: &std::path::Path, args: &[&str]) -> Pestod {
+    let path = ns.path();
+    let mut all = vec![
+        "--netns",
+        path.to_str().unwrap(),
+        "-c",
+        sock.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    Pestod::start(&all)
+}
+
+fn pesto(sock: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pesto"))
+        .args(args)
+        .arg(sock)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn host_to_namespace_and_back() {
+    let Some(ns) = Ns::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    let p = free_ports(4);
+    // Servers: TCP and UDP inside the namespace; TCP and UDP on the host.
+    ns.reply_server(v4(p), "inside");
+    let inner5 = ns.run(|| TcpListener::bind("127.0.0.5:0").unwrap());
+    let inner5_port = inner5.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in inner5.incoming().map_while(Result::ok) {
+            let _ = s.write_all(b"at .5");
+        }
+    });
+    let udp_inside = ns.run(move || UdpSocket::bind(v4(p)).unwrap());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((n, peer)) = udp_inside.recv_from(&mut buf) {
+            let mut reply = b"in:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = udp_inside.send_to(&reply, peer);
+        }
+    });
+    let host = reply_server(v4(p + 1), "host".into());
+    let (host_udp, _) = udp_echo(v4(p + 1), "out:");
+
+    let _d = pestod(
+        &ns,
+        &sock,
+        &[
+            "-t",
+            &p.to_string(),
+            "-u",
+            &p.to_string(),
+            "-t",
+            &format!("{}:127.0.0.5/{inner5_port}", p + 2),
+            "-T",
+            &host.port().to_string(),
+            "-U",
+            &host_udp.port().to_string(),
+        ],
+    );
+    // Host -> namespace, TCP and UDP.
+    assert_eq!(read_from(v4(p)), "inside");
+    let c = UdpSocket::bind(v4(0)).unwrap();
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    c.connect(v4(p)).unwrap();
+    c.send(b"ping").unwrap();
+    let mut buf = [0u8; 64];
+    let n = c.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"in:ping");
+    // A target address inside the namespace.
+    assert_eq!(read_from(v4(p + 2)), "at .5");
+    // Namespace -> host, TCP and UDP, from the namespace's loopback.
+    let (tcp_port, udp_port) = (host.port(), host_udp.port());
+    let (tcp, udp) = ns.run(move || {
+        let tcp = read_from(v4(tcp_port));
+        let c = UdpSocket::bind(v4(0)).unwrap();
+        c.set_read_timeout(Some(PATIENCE)).unwrap();
+        c.connect(v4(udp_port)).unwrap();
+        c.send(b"pong").unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.recv(&mut buf).unwrap();
+        (tcp, buf[..n].to_vec())
+    });
+    assert_eq!(tcp, "host");
+    assert_eq!(udp, b"out:pong");
+}
+
+#[test]
+fn control_protocol_sees_both_pifs_and_replaces_only_splice() {
+    let Some(ns) = Ns::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    let p = free_ports(3);
+    let host = reply_server(v4(p), "host".into());
+    let _d = pestod(&ns, &sock, &["-t", &(p + 1).to_string()]);
+    let out = pesto(&sock, &[]);
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        listing.contains("  HOST\n") && listing.contains("  SPLICE\n"),
+        "{listing}"
+    );
+    // -T replaces SPLICE's table only.
+    let out = pesto(&sock, &["--json", "-T", &host.port().to_string()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = pesto(&sock, &["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pifs"][0]["name"], "HOST");
+    assert_eq!(v["pifs"][0]["generation"], 1, "HOST untouched");
+    assert_eq!(v["pifs"][0]["rules"].as_array().unwrap().len(), 1);
+    assert_eq!(v["pifs"][1]["name"], "SPLICE");
+    assert_eq!(v["pifs"][1]["generation"], 2);
+    let port = host.port();
+    assert_eq!(ns.run(move || read_from(v4(port))), "host");
+}
+
+/// Two clients, one changing HOST and one SPLICE, at the same time: both
+/// commit, neither is STALE.
+#[test]
+fn clients_of_different_pifs_never_conflict() {
+    let Some(ns) = Ns::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    let p = free_ports(2);
+    let _d = pestod(&ns, &sock, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use pesto::client::{Options, Session};
+        use pesto::edit::Op;
+        use pesto::spec::SpecOpt;
+        let a = Session::connect(&sock, Options::default()).await.unwrap();
+        let b = Session::connect(&sock, Options::default()).await.unwrap();
+        let (ua, _) = a
+            .edit(&[Op::Spec(SpecOpt::Udp, format!("127.0.0.1/{p}:9"))])
+            .unwrap();
+        let (ub, _) = b
+            .edit(&[Op::Spec(SpecOpt::UdpNs, format!("{}:9", p + 1))])
+            .unwrap();
+        assert_eq!(ua.tables.len(), 1);
+        assert_eq!(ub.tables.len(), 1);
+        let pa = a.propose(&ua).await.unwrap();
+        let pb = b.propose(&ub).await.unwrap();
+        let aa = pa.apply().await.unwrap();
+        // B's APPLY waits for A to end, then goes through: SPLICE did not move.
+        let bb = tokio::spawn(async move { pb.apply().await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        aa.commit().await.unwrap();
+        let bb = bb.await.unwrap().unwrap();
+        assert!(bb.report().ok);
+        bb.commit().await.unwrap();
+    });
+}
+
+#[test]
+fn losing_the_namespace_closes_splice_and_keeps_host() {
+    let Some(ns) = Ns::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    let p = free_ports(2);
+    let mut d = pestod(
+        &ns,
+        &sock,
+        &["-t", &p.to_string(), "-U", &(p + 1).to_string()],
+    );
+    ns.delete();
+    d.wait_for("is gone").expect("the loss is logged");
+    let out = pesto(&sock, &[]);
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(listing.ends_with("  SPLICE\n"), "SPLICE emptied: {listing}");
+    assert!(
+        listing.contains(&format!("TCP [*]:{p}")),
+        "HOST kept: {listing}"
+    );
+    // HOST still listens.
+    assert!(TcpStream::connect(v4(p)).is_ok());
+}
+
+#[test]
+fn bad_namespace_paths_are_start_up_errors() {
+    let (status, log) = pestod_exit(&["--netns", "/nonexistent/netns"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(log.contains("/nonexistent/netns"), "{log}");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let (status, log) = pestod_exit(&["--netns", file.path().to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(log.contains("not a network namespace"), "{log}");
+    let (status, log) = pestod_exit(&["-T", "5432"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(log.contains("--netns"), "{log}");
+}
