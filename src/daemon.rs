@@ -16,6 +16,7 @@ use crate::edit::{HOST_NAME, SPLICE_NAME};
 use crate::netns::Netns;
 use crate::registry::{Registry, SyncReport};
 use crate::rule::{Caps, PifId, Rule};
+use crate::scan::{self, Listening};
 use crate::socket;
 use crate::table::{Config, PifTable, Table};
 use crate::target::{LoopError, Placement, Route, Targets};
@@ -152,6 +153,17 @@ impl Daemon {
             if let Some(ns) = &place.listen {
                 registry.set_namespace(id, Arc::clone(ns));
             }
+            if table.rules().iter().any(Rule::is_scan) {
+                let net = std::path::Path::new(scan::SELF_NET);
+                let seen = match &place.connect {
+                    None => Listening::read(net),
+                    Some(ns) => ns.run(|| Listening::read(std::path::Path::new(scan::SELF_NET))),
+                };
+                match seen {
+                    Ok(seen) => registry.set_listening(id, seen),
+                    Err(e) => warn!("{name}: cannot read the targets' listeners: {e}"),
+                }
+            }
             let report = registry.sync(id, &routes, true);
             if let Some(failed) = report.rules.iter().find(|r| !r.is_ok()) {
                 registry.close_all().await;
@@ -187,6 +199,8 @@ impl Daemon {
         let shared = Arc::new(shared);
         if let Some(ns) = &opts.netns {
             tokio::spawn(watch_namespace(Arc::clone(ns), Arc::downgrade(&shared)));
+            // Only pifs with a namespace on one side have `auto` rules.
+            tokio::spawn(scan_loop(Arc::downgrade(&shared)));
         }
         let control = match &opts.control {
             None => None,
@@ -241,6 +255,19 @@ impl Daemon {
         }
         self.shared.close_all().await;
         self.dp.shutdown(self.grace).await;
+    }
+}
+
+/// Runs a round of `auto` every [`scan::INTERVAL`] while the daemon lives.
+async fn scan_loop(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(scan::INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.scan().await;
     }
 }
 

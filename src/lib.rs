@@ -11,6 +11,7 @@
 //! - [`netns`]: network namespaces, and making sockets inside one;
 //! - [`target`]: where a rule's traffic goes, and loop detection;
 //! - [`registry`]: the listening sockets, kept across table swaps;
+//! - [`scan`]: what `auto` rules' targets listen on;
 //! - [`dataplane`]: TCP relaying with splice(2), UDP flows;
 //! - [`client`]: the client library, one transaction step by step;
 //! - [`control`]: the control server, one transaction per connection;
@@ -41,6 +42,7 @@ pub mod edit;
 pub mod netns;
 pub mod registry;
 pub mod rule;
+pub mod scan;
 pub mod socket;
 pub mod spec;
 pub mod table;

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::dataplane::{DataPlane, SocketClosed, SocketLife};
 use crate::netns::Netns;
 use crate::rule::{PifId, Rule};
+use crate::scan::Listening;
 use crate::socket::{self, SocketKey};
 use crate::target::Route;
 
@@ -73,7 +74,7 @@ impl PortFailure {
 pub struct RuleReport {
     /// The rule.
     pub rule: Rule,
-    /// Ports asked for.
+    /// Ports asked for (for an `auto` rule, those whose target listens).
     pub requested: u32,
     /// Ports with a socket now.
     pub bound: u32,
@@ -129,6 +130,8 @@ pub struct Registry {
     pifs: HashMap<PifId, PifSockets>,
     /// Pifs whose sockets live in another network namespace.
     namespaces: HashMap<PifId, Arc<Netns>>,
+    /// What the targets of each pif's `auto` rules listen on.
+    listening: HashMap<PifId, Listening>,
 }
 
 impl Registry {
@@ -138,7 +141,20 @@ impl Registry {
             dp,
             pifs: HashMap::new(),
             namespaces: HashMap::new(),
+            listening: HashMap::new(),
         }
+    }
+
+    /// Sets what `pif`'s targets listen on: an `auto` rule's port is wanted
+    /// only while its target port has a listener. Takes effect at the next
+    /// sync.
+    pub fn set_listening(&mut self, pif: PifId, seen: Listening) {
+        self.listening.insert(pif, seen);
+    }
+
+    /// What `pif`'s targets were last seen listening on.
+    pub fn listening(&self, pif: PifId) -> Option<&Listening> {
+        self.listening.get(&pif)
     }
 
     /// Makes `pif`'s sockets in `ns`.
@@ -171,11 +187,19 @@ impl Registry {
             let rule = &route.rule;
             let mut rr = RuleReport {
                 rule: rule.clone(),
-                requested: rule.port_count(),
+                requested: 0,
                 bound: 0,
                 failed: Vec::new(),
             };
+            let seen = self.listening.get(&pif);
             for port in rule.first..=rule.last {
+                // An `auto` port is wanted only while its target listens.
+                if rule.is_scan()
+                    && !seen.is_some_and(|l| l.has(rule.proto, rule.target_port(port)))
+                {
+                    continue;
+                }
+                rr.requested += 1;
                 let key = SocketKey::new(pif, rule, port);
                 if active.contains_key(&key) {
                     // Validated tables never ask twice; refuse rather than lose one.

@@ -295,3 +295,33 @@ fn bad_namespace_paths_are_start_up_errors() {
     assert_eq!(status.code(), Some(1));
     assert!(log.contains("--netns"), "{log}");
 }
+
+/// `auto`: a port is forwarded only while something listens on it inside
+/// the namespace, within about two seconds either way.
+#[test]
+fn auto_follows_the_namespace_listeners() {
+    let Some(ns) = Ns::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    let p = free_ports(3);
+    let spec = format!("{p}-{},auto", p + 2);
+    let _d = pestod(&ns, &sock, &["-t", &spec]);
+    let listens = |port: u16| TcpStream::connect(v4(port)).is_ok();
+    assert!(!listens(p + 1), "nothing listens inside yet");
+    let wait = |want: bool, what: &str| {
+        let t0 = std::time::Instant::now();
+        while listens(p + 1) != want {
+            assert!(t0.elapsed() < Duration::from_secs(5), "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t0.elapsed()
+    };
+    let inside = ns.run(move || TcpListener::bind(v4(p + 1)).unwrap());
+    let up = wait(true, "forwarded once a server listens inside");
+    assert!(!listens(p) && !listens(p + 2), "only the port that listens");
+    drop(inside);
+    let down = wait(false, "closed once the server is gone");
+    eprintln!("auto: forwarded after {up:?}, closed after {down:?}");
+    let out = pesto(&sock, &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(auto-scan)"));
+}

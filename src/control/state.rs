@@ -3,7 +3,8 @@
 //! is applied and not yet committed may hold.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use crate::codec::v3::{
 };
 use crate::registry::{Registry, SyncReport};
 use crate::rule::PifId;
+use crate::scan::{self, Listening};
 use crate::table::{Config, Table};
 use crate::target::{Placement, Route, Targets, routes};
 
@@ -111,6 +113,8 @@ pub struct Shared {
     timeouts: Timeouts,
     counters: Counters,
     placements: BTreeMap<PifId, Placement>,
+    /// Set for good by [`Shared::close_all`]: nothing binds after it.
+    closed: AtomicBool,
 }
 
 /// Validated new tables of one connection, not yet active.
@@ -159,6 +163,7 @@ impl Shared {
             timeouts,
             counters: Counters::default(),
             placements: BTreeMap::new(),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -359,7 +364,9 @@ impl Shared {
 
     /// Closes every socket, once any applied transaction has ended.
     pub async fn close_all(&self) {
-        self.registry.lock().await.close_all().await;
+        let mut registry = self.registry.lock().await;
+        self.closed.store(true, Ordering::Relaxed);
+        registry.close_all().await;
     }
 
     /// Listening sockets serving now.
@@ -381,6 +388,61 @@ impl Shared {
             .iter()
             .map(|r| Arc::new(Route::new(r.clone(), self.targets).connect_from(connect.clone())))
             .collect()
+    }
+
+    /// One round of `auto`: reads what the targets of every pif with an
+    /// `auto` rule listen on and, where that changed, binds and closes that
+    /// pif's sockets to match. Skipped while a transaction is applied (the
+    /// next round catches up).
+    pub async fn scan(&self) {
+        let scanning: Vec<PifId> = {
+            let t = self.tables();
+            t.config
+                .pifs
+                .iter()
+                .filter(|p| p.table.rules().iter().any(|r| r.is_scan()))
+                .map(|p| p.id)
+                .collect()
+        };
+        for pif in scanning {
+            let seen = match self.placement(pif).connect {
+                None => Listening::read(Path::new(scan::SELF_NET)),
+                Some(ns) => {
+                    ns.run_async(|| Listening::read(Path::new(scan::SELF_NET)))
+                        .await
+                }
+            };
+            let seen = match seen {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%pif, "cannot read the targets' listeners: {e}");
+                    continue;
+                }
+            };
+            let Ok(mut registry) = self.registry.try_lock() else {
+                return;
+            };
+            if self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            if registry.listening(pif) == Some(&seen) {
+                continue;
+            }
+            registry.set_listening(pif, seen);
+            let table = match self.tables().config.by_id(pif) {
+                Some(p) => p.table.clone(),
+                None => continue,
+            };
+            let routes = self.plain_routes(pif, &table);
+            let report = registry.sync(pif, &routes, true);
+            registry.close_parked(pif).await;
+            tracing::info!(
+                %pif,
+                bound = report.bound,
+                closed = report.parked,
+                "auto: targets' listeners changed"
+            );
+        }
     }
 
     /// Empties `pif`'s table and closes its sockets: its namespace is gone.
