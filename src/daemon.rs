@@ -10,7 +10,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::control::state::{Shared, Timeouts};
-use crate::control::{ControlError, ControlServer};
+use crate::control::{ControlError, ControlOptions, ControlServer};
 use crate::dataplane::{DataPlane, UdpSettings};
 use crate::edit::{HOST_NAME, SPLICE_NAME};
 use crate::netns::Netns;
@@ -41,8 +41,8 @@ pub struct Options {
     pub control: Option<PathBuf>,
     /// The control server's timeouts.
     pub timeouts: Timeouts,
-    /// Most control connections at once.
-    pub max_clients: usize,
+    /// How the control socket is guarded.
+    pub control_options: ControlOptions,
 }
 
 /// Why the daemon did not start.
@@ -204,13 +204,16 @@ impl Daemon {
         }
         let control = match &opts.control {
             None => None,
-            Some(path) => match ControlServer::start(path, Arc::clone(&shared), opts.max_clients) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    shared.close_all().await;
-                    return Err(e.into());
+            Some(path) => {
+                match ControlServer::start(path, Arc::clone(&shared), opts.control_options.clone())
+                {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        shared.close_all().await;
+                        return Err(e.into());
+                    }
                 }
-            },
+            }
         };
         Ok(Daemon {
             shared,

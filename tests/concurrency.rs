@@ -229,21 +229,125 @@ fn frozen_clients_do_not_block_others() {
     drop(applied);
 }
 
+/// Reads the server hello and sends the client hello: the connection is
+/// then in a transaction, waiting at step 5.
+fn in_transaction(sock: &Path) -> UnixStream {
+    use std::io::Write;
+    let mut c = UnixStream::connect(sock).unwrap();
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut hello = [0u8; 44];
+    c.read_exact(&mut hello).unwrap();
+    let mut mine = b"basil:c\0".to_vec();
+    mine.extend(3u32.to_be_bytes());
+    mine.extend(0u32.to_be_bytes());
+    c.write_all(&mine).unwrap();
+    // The pif list's first byte: the server has taken the hello.
+    let mut t = [0u8; 1];
+    c.read_exact(&mut t).unwrap();
+    assert_eq!(t[0], 0x01);
+    c
+}
+
+/// Reads what the server sends until it closes.
+fn rest(mut c: UnixStream) -> Vec<u8> {
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut all = Vec::new();
+    let _ = c.read_to_end(&mut all);
+    all
+}
+
 #[test]
 fn clients_past_max_clients_get_busy_at_once() {
     let d = daemon(&["--max-clients", "2"]);
-    let _a = UnixStream::connect(&d.sock).unwrap();
-    let _b = UnixStream::connect(&d.sock).unwrap();
-    // Let the daemon take both slots.
-    std::thread::sleep(Duration::from_millis(100));
-    let mut c = UnixStream::connect(&d.sock).unwrap();
-    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _a = in_transaction(&d.sock);
+    let _b = in_transaction(&d.sock);
+    let c = UnixStream::connect(&d.sock).unwrap();
     let t0 = std::time::Instant::now();
-    let mut all = Vec::new();
-    c.read_to_end(&mut all).unwrap();
+    let all = rest(c);
     assert!(t0.elapsed() < Duration::from_secs(2));
     // The 44-byte hello, then STATUS with code 6 (BUSY).
     assert_eq!(&all[..8], b"basil:s\0");
     assert_eq!(all[44], 0x03);
     assert_eq!(all[45], 6);
+}
+
+/// With every slot taken by connections that have not sent their hello, a
+/// newcomer takes the oldest one's slot; that one gets BUSY.
+#[test]
+fn newcomers_push_out_connections_without_a_hello() {
+    let d = daemon(&["--max-clients", "2", "--hello-timeout", "30"]);
+    let idle_old = UnixStream::connect(&d.sock).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let _idle_new = UnixStream::connect(&d.sock).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let out = Command::new(env!("CARGO_BIN_EXE_pesto"))
+        .arg(&d.sock)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = rest(idle_old);
+    assert_eq!(all[44], 0x03);
+    assert_eq!(all[45], 6, "the oldest waiting connection was pushed out");
+}
+
+/// A connection that never sends its hello is closed after the hello
+/// timeout, with TIMEOUT.
+#[test]
+fn the_hello_has_its_own_timeout() {
+    let d = daemon(&["--hello-timeout", "0.3"]);
+    let t0 = std::time::Instant::now();
+    let all = rest(UnixStream::connect(&d.sock).unwrap());
+    assert_eq!(all[45], 7, "TIMEOUT");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+/// A thousand idle connections and a few that dribble a byte a second: a
+/// new client still gets its transaction through.
+#[test]
+fn idle_and_slow_connections_do_not_stop_a_transaction() {
+    use std::io::Write;
+    let d = daemon(&[]);
+    let idle: Vec<UnixStream> = (0..1000)
+        .map(|_| UnixStream::connect(&d.sock).unwrap())
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow: Vec<_> = (0..4)
+        .map(|_| {
+            let (sock, stop) = (d.sock.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut c = UnixStream::connect(&sock).unwrap();
+                for b in b"basil:c\0\0\0\0\x03" {
+                    if stop.load(Ordering::Relaxed) || c.write_all(&[*b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+        })
+        .collect();
+    let port = free_ports(1);
+    let t0 = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_pesto"))
+        .args(["-A", "-u", &spec(port)])
+        .arg(&d.sock)
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("transaction with 1000 idle and 4 slow connections: {took:?}");
+    stop.store(true, Ordering::Relaxed);
+    for s in slow {
+        s.join().unwrap();
+    }
+    drop(idle);
 }

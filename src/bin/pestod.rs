@@ -10,6 +10,7 @@ use clap::Parser;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+use pesto::control::ControlOptions;
 use pesto::control::state::Timeouts;
 use pesto::daemon::{Daemon, Options, raise_nofile_limit};
 use pesto::dataplane::UdpSettings;
@@ -86,10 +87,29 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     commit_timeout: f64,
 
-    /// Most control connections at once; more are answered BUSY at once.
+    /// Most control connections at once; a newcomer takes the slot of the
+    /// oldest one that has not sent its hello, else it gets BUSY at once.
     #[arg(long, value_name = "N", default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_clients: u64,
+
+    /// Seconds a new control connection has to send its client hello.
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    hello_timeout: f64,
+
+    /// File mode of the control socket, in octal (e.g. 0660 for a group).
+    #[arg(long, value_name = "MODE", default_value = "0600")]
+    control_mode: String,
+
+    /// Only this uid (and the daemon's own) may use the control socket;
+    /// repeatable, checked with SO_PEERCRED.
+    #[arg(long, value_name = "UID")]
+    allow_uid: Vec<u32>,
+
+    /// Only peers of this primary gid (or an allowed uid) may use it;
+    /// repeatable.
+    #[arg(long, value_name = "GID")]
+    allow_gid: Vec<u32>,
 }
 
 const AFTER_HELP: &str = "\
@@ -268,8 +288,29 @@ fn options(args: &Args) -> Result<Options, String> {
         shutdown_grace,
         control: args.control.clone(),
         timeouts,
-        max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
+        control_options: ControlOptions {
+            max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
+            mode: control_mode(&args.control_mode)?,
+            allow_uids: args.allow_uid.clone(),
+            allow_gids: args.allow_gid.clone(),
+            hello_timeout: secs("hello-timeout", args.hello_timeout, 0.001)?,
+        },
     })
+}
+
+/// An octal file mode for the control socket: owner read and write at least,
+/// never anything for others beyond what is asked.
+fn control_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("--control-mode {text}: give an octal mode such as 0660"))?;
+    if mode & 0o600 != 0o600 {
+        return Err(format!(
+            "--control-mode {text}: the owner needs read and write (0600 at least)"
+        ));
+    }
+    Ok(mode)
 }
 
 /// The default targets: at most one `--target` per family, each a unicast

@@ -185,6 +185,8 @@ pub enum Code {
     Timeout = 7,
     /// The server failed.
     Internal = 8,
+    /// The peer's uid and gid are not allowed to use this socket.
+    Denied = 9,
 }
 
 impl Code {
@@ -200,6 +202,7 @@ impl Code {
             6 => Code::Busy,
             7 => Code::Timeout,
             8 => Code::Internal,
+            9 => Code::Denied,
             _ => return None,
         })
     }
@@ -216,6 +219,7 @@ impl Code {
             Code::Busy => "BUSY",
             Code::Timeout => "TIMEOUT",
             Code::Internal => "INTERNAL",
+            Code::Denied => "DENIED",
         }
     }
 }

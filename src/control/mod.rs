@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::codec::v3::Code;
 use state::Shared;
 
 /// Why the control socket could not be opened.
@@ -40,6 +41,82 @@ pub enum ControlError {
     },
 }
 
+/// How the control socket is guarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlOptions {
+    /// Most connections at once; a newcomer takes the slot of the oldest one
+    /// still waiting for its client hello, else gets BUSY.
+    pub max_clients: usize,
+    /// File mode of the socket (0600: the daemon's user only).
+    pub mode: u32,
+    /// Peers whose uid is one of these may connect (with `allow_gids`; both
+    /// empty: anyone the file mode lets in). The daemon's own uid always may.
+    pub allow_uids: Vec<u32>,
+    /// Peers whose primary gid is one of these may connect.
+    pub allow_gids: Vec<u32>,
+    /// How long a new connection may take to send its client hello.
+    pub hello_timeout: std::time::Duration,
+}
+
+impl Default for ControlOptions {
+    fn default() -> ControlOptions {
+        ControlOptions {
+            max_clients: 64,
+            mode: 0o600,
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+            hello_timeout: std::time::Duration::from_secs(2),
+        }
+    }
+}
+
+impl ControlOptions {
+    fn allows(&self, peer: &txn::Peer) -> bool {
+        (self.allow_uids.is_empty() && self.allow_gids.is_empty())
+            || peer.uid == rustix::process::getuid().as_raw()
+            || self.allow_uids.contains(&peer.uid)
+            || self.allow_gids.contains(&peer.gid)
+    }
+}
+
+/// Connections that have not sent their client hello yet, oldest first:
+/// the ones a newcomer may push out when every slot is taken.
+#[derive(Debug, Default)]
+pub(crate) struct Waiting {
+    // A std mutex: held for a push, a pop or a removal.
+    queue: std::sync::Mutex<std::collections::VecDeque<(u64, CancellationToken)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Waiting {
+    /// Registers a connection; its token is cancelled if it is pushed out.
+    pub(crate) fn enter(&self) -> (u64, CancellationToken) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = CancellationToken::new();
+        self.lock().push_back((id, token.clone()));
+        (id, token)
+    }
+
+    /// The connection sent its hello (or ended): it can no longer be pushed out.
+    pub(crate) fn leave(&self, id: u64) {
+        self.lock().retain(|(i, _)| *i != id);
+    }
+
+    /// Pushes out the oldest waiting connection, if there is one.
+    fn evict_oldest(&self) -> bool {
+        let oldest = self.lock().pop_front();
+        oldest.map(|(_, token)| token.cancel()).is_some()
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, CancellationToken)>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// A running control server.
 #[derive(Debug)]
 pub struct ControlServer {
@@ -56,7 +133,7 @@ impl ControlServer {
     pub fn start(
         path: &Path,
         shared: Arc<Shared>,
-        max_clients: usize,
+        opts: ControlOptions,
     ) -> Result<ControlServer, ControlError> {
         let io_err = |error| ControlError::Io {
             path: path.to_owned(),
@@ -83,16 +160,22 @@ impl ControlServer {
         let bound = UnixListener::bind(path);
         rustix::process::umask(old);
         let listener = bound.map_err(io_err)?;
+        if opts.mode != 0o600 {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::Permissions::from_mode(opts.mode & 0o777);
+            std::fs::set_permissions(path, mode).map_err(io_err)?;
+        }
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(max_clients.max(1)));
-        tasks.spawn(accept_loop(
-            listener,
-            Arc::clone(&shared),
-            slots,
-            stop.clone(),
-            tasks.clone(),
-        ));
+        let server = Server {
+            shared: Arc::clone(&shared),
+            slots: Arc::new(Semaphore::new(opts.max_clients.max(1))),
+            waiting: Arc::new(Waiting::default()),
+            opts,
+            stop: stop.clone(),
+            tasks: tasks.clone(),
+        };
+        tasks.spawn(server.accept_loop(listener));
         info!("control socket {}", path.display());
         Ok(ControlServer {
             path: path.to_owned(),
@@ -115,45 +198,89 @@ impl ControlServer {
     }
 }
 
-async fn accept_loop(
-    listener: UnixListener,
+/// What the accept loop shares with the connections it starts.
+struct Server {
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
+    waiting: Arc<Waiting>,
+    opts: ControlOptions,
     stop: CancellationToken,
     tasks: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let peer = peer_of(&stream);
-                match Arc::clone(&slots).try_acquire_owned() {
-                    Ok(slot) => {
-                        let run = txn::run(stream, peer, Arc::clone(&shared), stop.clone());
-                        tasks.spawn(async move {
-                            run.await;
-                            drop(slot);
-                        });
+}
+
+impl Server {
+    async fn accept_loop(self, listener: UnixListener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => self.admit(stream).await,
+                Err(e) => {
+                    warn!("control accept failed: {e}");
+                    // EMFILE and the like: let connections finish first.
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
                     }
-                    // Told at once, rather than left waiting in the backlog.
-                    Err(_) => {
-                        let max = shared.timeouts().step;
-                        tasks.spawn(txn::turn_away(stream, peer, Arc::clone(&shared), max));
-                    }
-                }
-            }
-            Err(e) => {
-                warn!("control accept failed: {e}");
-                // EMFILE and the like: let connections finish first.
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
                 }
             }
         }
+    }
+
+    /// Checks the peer, finds it a slot (pushing out the oldest connection
+    /// still waiting for its hello if need be) and starts its transaction.
+    async fn admit(&self, stream: tokio::net::UnixStream) {
+        let peer = peer_of(&stream);
+        let step = self.shared.timeouts().step;
+        if !self.opts.allows(&peer) {
+            warn!(%peer, "control connection refused: uid and gid not allowed");
+            let denied = txn::turn_away(
+                stream,
+                peer,
+                Arc::clone(&self.shared),
+                step,
+                Code::Denied,
+                "this uid and gid may not use the control socket",
+            );
+            self.tasks.spawn(denied);
+            return;
+        }
+        let mut slot = Arc::clone(&self.slots).try_acquire_owned().ok();
+        if slot.is_none() && self.waiting.evict_oldest() {
+            // The pushed-out connection gives its slot back at once.
+            let acquire = Arc::clone(&self.slots).acquire_owned();
+            slot = tokio::time::timeout(step, acquire)
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        let Some(slot) = slot else {
+            // Told at once, rather than left waiting in the backlog.
+            let busy = txn::turn_away(
+                stream,
+                peer,
+                Arc::clone(&self.shared),
+                step,
+                Code::Busy,
+                "too many control clients at once; retry later",
+            );
+            self.tasks.spawn(busy);
+            return;
+        };
+        let conn = txn::Conn::new(
+            stream,
+            peer,
+            Arc::clone(&self.shared),
+            self.stop.clone(),
+            Arc::clone(&self.waiting),
+            self.opts.hello_timeout,
+        );
+        self.tasks.spawn(async move {
+            conn.run().await;
+            drop(slot);
+        });
     }
 }
 

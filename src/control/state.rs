@@ -66,7 +66,7 @@ impl Counters {
             Code::Invalid | Code::Limit => &self.invalid,
             Code::Protocol | Code::Version => &self.protocol,
             Code::Timeout => &self.timeout,
-            Code::Ok | Code::Internal => return,
+            Code::Ok | Code::Internal | Code::Denied => return,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }

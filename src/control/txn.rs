@@ -9,6 +9,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::Waiting;
 use super::state::{Shared, Snapshot};
 use crate::codec::v3::{
     ClientHello, ClientMsg, Code, HelloV3Ext, READ_ONLY, ServerHello, ServerMsg, Status, VERSION_3,
@@ -30,7 +31,7 @@ enum End {
     Bad(CodecError),
 }
 
-type Conn<D> = Framed<UnixStream, WireCodec<D>>;
+type Link<D> = Framed<UnixStream, WireCodec<D>>;
 
 /// Who is at the other end, for the logs.
 #[derive(Debug, Clone, Copy)]
@@ -46,43 +47,82 @@ impl std::fmt::Display for Peer {
     }
 }
 
-/// Runs the transaction of one connection to its end.
-pub(super) async fn run(
+/// A control connection and what its transaction needs.
+pub(super) struct Conn {
     stream: UnixStream,
     peer: Peer,
     shared: Arc<Shared>,
     stop: CancellationToken,
-) {
-    let mut conn: Conn<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
-    let client = match handshake(&mut conn, &shared, &stop).await {
-        Ok(c) => c,
-        Err(status) => return refuse(&mut conn, &shared, peer, status).await,
-    };
-    // From here on every client message is typed.
-    let mut conn: Conn<ClientMsg> = conn.map_codec(|c| c.expect());
-    match transaction(&mut conn, client, &shared, &stop, peer).await {
-        Ok(outcome) => info!(%peer, "transaction: {outcome}"),
-        Err(status) => refuse(&mut conn, &shared, peer, status).await,
+    waiting: Arc<Waiting>,
+    hello_timeout: Duration,
+}
+
+impl Conn {
+    /// A connection that has a slot.
+    pub(super) fn new(
+        stream: UnixStream,
+        peer: Peer,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+        waiting: Arc<Waiting>,
+        hello_timeout: Duration,
+    ) -> Conn {
+        Conn {
+            stream,
+            peer,
+            shared,
+            stop,
+            waiting,
+            hello_timeout,
+        }
+    }
+
+    /// Runs the transaction of the connection to its end.
+    pub(super) async fn run(self) {
+        let Conn {
+            stream,
+            peer,
+            shared,
+            stop,
+            waiting,
+            hello_timeout,
+        } = self;
+        let mut link: Link<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
+        // Until its hello, a newcomer may push this connection out.
+        let (id, pushed_out) = waiting.enter();
+        let hello = handshake(&mut link, &shared, &stop, &pushed_out, hello_timeout).await;
+        waiting.leave(id);
+        let client = match hello {
+            Ok(c) => c,
+            Err(status) => return refuse(&mut link, &shared, peer, status).await,
+        };
+        // From here on every client message is typed.
+        let mut link: Link<ClientMsg> = link.map_codec(|c| c.expect());
+        match transaction(&mut link, client, &shared, &stop, peer).await {
+            Ok(outcome) => info!(%peer, "transaction: {outcome}"),
+            Err(status) => refuse(&mut link, &shared, peer, status).await,
+        }
     }
 }
 
-/// Answers a connection beyond `--max-clients`: the hello, then BUSY. Gives
-/// up after `limit` on a client that does not read.
+/// Answers a connection that gets no slot or is not allowed: the hello,
+/// then `code`. Gives up after `limit` on a client that does not read.
 pub(super) async fn turn_away(
     stream: UnixStream,
     peer: Peer,
     shared: Arc<Shared>,
     limit: Duration,
+    code: Code,
+    message: &'static str,
 ) {
-    let mut conn: Conn<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
-    let status = Status::new(Code::Busy, "too many control clients at once; retry later");
-    if send(&mut conn, &server_hello(&shared), limit).await.is_ok() {
-        refuse(&mut conn, &shared, peer, status).await;
+    let mut link: Link<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
+    if send(&mut link, &server_hello(&shared), limit).await.is_ok() {
+        refuse(&mut link, &shared, peer, Status::new(code, message)).await;
     }
 }
 
 /// Sends the error that ends the transaction; the connection closes after.
-async fn refuse<D>(conn: &mut Conn<D>, shared: &Shared, peer: Peer, status: Status) {
+async fn refuse<D>(conn: &mut Link<D>, shared: &Shared, peer: Peer, status: Status) {
     info!(%peer, "transaction: {status}");
     shared.counters().refused(status.code);
     // The client may be gone already; nothing more to do then.
@@ -91,7 +131,7 @@ async fn refuse<D>(conn: &mut Conn<D>, shared: &Shared, peer: Peer, status: Stat
 
 /// Sends `msg`, giving up after the step timeout: a client that stops
 /// reading must not hold the transaction (or the daemon's shutdown) forever.
-async fn send<D, M: Wire>(conn: &mut Conn<D>, msg: &M, limit: Duration) -> Result<(), CodecError> {
+async fn send<D, M: Wire>(conn: &mut Link<D>, msg: &M, limit: Duration) -> Result<(), CodecError> {
     match tokio::time::timeout(limit, conn.send(msg)).await {
         Ok(r) => r,
         Err(_) => Err(CodecError::Io(std::io::Error::new(
@@ -103,7 +143,7 @@ async fn send<D, M: Wire>(conn: &mut Conn<D>, msg: &M, limit: Duration) -> Resul
 
 /// The next message, within `limit`.
 async fn recv<D: Wire>(
-    conn: &mut Conn<D>,
+    conn: &mut Link<D>,
     limit: Duration,
     stop: &CancellationToken,
 ) -> Result<D, End> {
@@ -134,11 +174,14 @@ fn ended(end: End, step: &str) -> Status {
     }
 }
 
-/// Steps 1 and 2.
+/// Steps 1 and 2. The hello has its own, short timeout; a connection
+/// pushed out by a newcomer meanwhile ends with BUSY.
 async fn handshake(
-    conn: &mut Conn<ClientHello>,
+    conn: &mut Link<ClientHello>,
     shared: &Shared,
     stop: &CancellationToken,
+    pushed_out: &CancellationToken,
+    hello_timeout: Duration,
 ) -> Result<ClientHello, Status> {
     let t = shared.timeouts();
     // Step 1.
@@ -146,9 +189,16 @@ async fn handshake(
         .await
         .map_err(protocol)?;
     // Step 2.
-    let client = recv(conn, t.step, stop)
-        .await
-        .map_err(|e| ended(e, "client hello"))?;
+    let client = tokio::select! {
+        _ = pushed_out.cancelled() => {
+            return Err(Status::new(
+                Code::Busy,
+                "every control slot is taken: this connection, still without its hello, \
+                 made room for a newer one",
+            ));
+        }
+        r = recv(conn, hello_timeout, stop) => r.map_err(|e| ended(e, "client hello"))?,
+    };
     if client.version != VERSION_3 {
         return Err(Status::new(
             Code::Version,
@@ -169,7 +219,7 @@ async fn handshake(
 
 /// Steps 3 to 10.
 async fn transaction(
-    conn: &mut Conn<ClientMsg>,
+    conn: &mut Link<ClientMsg>,
     client: ClientHello,
     shared: &Shared,
     stop: &CancellationToken,
