@@ -209,17 +209,25 @@ impl Session {
             return Err(ClientError::Version(hello.base.version));
         };
         let flags = if opts.read_only { READ_ONLY } else { 0 };
-        hello_conn
+        let sent = hello_conn
             .send(&ClientHello {
                 version: VERSION_3,
                 flags,
             })
-            .await?;
+            .await;
         let mut link = Link {
             conn: hello_conn.map_codec(|c| c.expect()),
             timeout: t,
             server_step: Duration::from_millis(u64::from(ext.step_timeout_ms)),
         };
+        if let Err(e) = sent {
+            // A server that turns us away (BUSY, DENIED) closes without
+            // reading our hello: its status is what to report.
+            return match link.recv("status", t).await {
+                Err(refused @ ClientError::Refused(_)) => Err(refused),
+                _ => Err(e.into()),
+            };
+        }
         let pifs = match link.recv("pif list", t).await? {
             ServerMsg::Pifs(p) => p,
             other => return Err(unexpected("pif list", &other)),

@@ -18,6 +18,7 @@ use crate::registry::{Registry, SyncReport};
 use crate::rule::{Caps, PifId, Rule};
 use crate::scan::{self, Listening};
 use crate::socket;
+use crate::statefile::StateFileError;
 use crate::table::{Config, PifTable, Table};
 use crate::target::{LoopError, Placement, Route, Targets};
 
@@ -43,6 +44,9 @@ pub struct Options {
     pub timeouts: Timeouts,
     /// How the control socket is guarded.
     pub control_options: ControlOptions,
+    /// Where committed tables are saved; at start, tables found there
+    /// replace `host` and `splice`.
+    pub state_file: Option<PathBuf>,
 }
 
 /// Why the daemon did not start.
@@ -67,6 +71,17 @@ pub enum StartError {
     /// SPLICE rules without a namespace to listen in.
     #[error("-T and -U rules need a namespace (--netns)")]
     NoNamespace,
+    /// The state file cannot be used.
+    #[error(transparent)]
+    State(#[from] StateFileError),
+    /// The state file holds a table this daemon cannot take.
+    #[error("state file {path}: {problem}; fix or remove it")]
+    BadState {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 /// The running daemon.
@@ -138,7 +153,13 @@ impl Daemon {
     /// rule that does not get its ports (all of them; one at least for a weak
     /// rule) stops the start, with every socket closed again. Must be called
     /// from within a tokio runtime.
-    pub async fn start(opts: Options) -> Result<Daemon, StartError> {
+    pub async fn start(mut opts: Options) -> Result<Daemon, StartError> {
+        if let Some(path) = opts.state_file.clone() {
+            if let Some(saved) = crate::statefile::read(&path)? {
+                restore(&mut opts, &path, saved)?;
+                info!("tables restored from {}", path.display());
+            }
+        }
         if opts.netns.is_none() && !opts.splice.is_empty() {
             return Err(StartError::NoNamespace);
         }
@@ -192,11 +213,17 @@ impl Daemon {
                 info!("forwarding {} {}", pif.name, rule.to_string().trim_end());
             }
         }
-        let mut shared = Shared::new(config, registry, opts.targets, opts.timeouts);
+        let mut shared = Shared::new(config, registry, opts.targets, opts.timeouts)
+            .saving_to(opts.state_file.clone());
         for (id, place) in placements {
             shared = shared.placed(id, place);
         }
         let shared = Arc::new(shared);
+        // The file always holds what runs, from the start on.
+        if let Err(e) = shared.save() {
+            shared.close_all().await;
+            return Err(e.into());
+        }
         if let Some(ns) = &opts.netns {
             tokio::spawn(watch_namespace(Arc::clone(ns), Arc::downgrade(&shared)));
             // Only pifs with a namespace on one side have `auto` rules.
@@ -259,6 +286,35 @@ impl Daemon {
         self.shared.close_all().await;
         self.dp.shutdown(self.grace).await;
     }
+}
+
+/// Puts the saved tables in place of the command line's.
+fn restore(
+    opts: &mut Options,
+    path: &std::path::Path,
+    saved: Vec<(PifId, Vec<Rule>)>,
+) -> Result<(), StartError> {
+    let bad = |problem: String| StartError::BadState {
+        path: path.to_owned(),
+        problem,
+    };
+    for (pif, rules) in saved {
+        let table = match pif {
+            PifId::HOST => &mut opts.host,
+            PifId::SPLICE if opts.netns.is_some() => &mut opts.splice,
+            PifId::SPLICE => {
+                return Err(bad("it has SPLICE rules, and no --netns is given".into()));
+            }
+            other => {
+                return Err(bad(format!(
+                    "it has rules for pif {other}, which this daemon lacks"
+                )));
+            }
+        };
+        *table = Table::with_rules(table.caps(), rules)
+            .map_err(|(i, e)| bad(format!("rule {i} of pif {pif}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Runs a round of `auto` every [`scan::INTERVAL`] while the daemon lives.

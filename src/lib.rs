@@ -15,6 +15,7 @@
 //! - [`dataplane`]: TCP relaying with splice(2), UDP flows;
 //! - [`client`]: the client library, one transaction step by step;
 //! - [`control`]: the control server, one transaction per connection;
+//! - [`statefile`]: the committed tables, saved and restored;
 //! - [`daemon`]: the daemon from start-up to shutdown.
 //!
 //! ```
@@ -45,5 +46,6 @@ pub mod rule;
 pub mod scan;
 pub mod socket;
 pub mod spec;
+pub mod statefile;
 pub mod table;
 pub mod target;

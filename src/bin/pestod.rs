@@ -110,6 +110,11 @@ struct Args {
     /// repeatable.
     #[arg(long, value_name = "GID")]
     allow_gid: Vec<u32>,
+
+    /// Save the tables here on every commit, and start from them when the
+    /// file exists (it then replaces the -t/-u/-T/-U rules).
+    #[arg(long, value_name = "PATH")]
+    state_file: Option<PathBuf>,
 }
 
 const AFTER_HELP: &str = "\
@@ -288,6 +293,7 @@ fn options(args: &Args) -> Result<Options, String> {
         shutdown_grace,
         control: args.control.clone(),
         timeouts,
+        state_file: args.state_file.clone(),
         control_options: ControlOptions {
             max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
             mode: control_mode(&args.control_mode)?,

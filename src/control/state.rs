@@ -115,6 +115,8 @@ pub struct Shared {
     placements: BTreeMap<PifId, Placement>,
     /// Set for good by [`Shared::close_all`]: nothing binds after it.
     closed: AtomicBool,
+    /// Where committed tables are saved.
+    state_file: Option<std::path::PathBuf>,
 }
 
 /// Validated new tables of one connection, not yet active.
@@ -164,7 +166,22 @@ impl Shared {
             counters: Counters::default(),
             placements: BTreeMap::new(),
             closed: AtomicBool::new(false),
+            state_file: None,
         }
+    }
+
+    /// Saves the tables to `path` on every commit.
+    pub fn saving_to(mut self, path: Option<std::path::PathBuf>) -> Shared {
+        self.state_file = path;
+        self
+    }
+
+    /// Writes the active tables to the state file, if there is one.
+    pub fn save(&self) -> Result<(), crate::statefile::StateFileError> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        crate::statefile::write(path, &self.config())
     }
 
     /// Says where `pif`'s sockets live and its targets are reached (the
@@ -330,6 +347,10 @@ impl Shared {
     pub async fn commit(&self, mut applied: Applied) {
         for change in &applied.old {
             applied.registry.close_parked(change.id).await;
+        }
+        // Under the registry lock: saves happen in commit order.
+        if let Err(e) = self.save() {
+            tracing::error!("{e}: the committed tables are active but not saved");
         }
         self.counters.committed.fetch_add(1, Ordering::Relaxed);
     }

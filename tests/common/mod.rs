@@ -75,7 +75,12 @@ impl Pestod {
 
     /// Starts `pestod` with `args`, without waiting.
     pub fn spawn(args: &[&str]) -> Pestod {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pestod"))
+        Pestod::spawn_with(env!("CARGO_BIN_EXE_pestod"), args)
+    }
+
+    /// Starts `program` with `args`: pestod under a wrapper such as prlimit.
+    pub fn spawn_with(program: &str, args: &[&str]) -> Pestod {
+        let mut child = Command::new(program)
             .args(args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
