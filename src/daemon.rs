@@ -292,7 +292,7 @@ impl Daemon {
 fn restore(
     opts: &mut Options,
     path: &std::path::Path,
-    saved: Vec<(PifId, Vec<Rule>)>,
+    saved: crate::statefile::Tables,
 ) -> Result<(), StartError> {
     let bad = |problem: String| StartError::BadState {
         path: path.to_owned(),

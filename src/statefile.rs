@@ -40,8 +40,11 @@ pub enum StateFileError {
     },
 }
 
+/// Saved tables: each pif with its rules.
+pub type Tables = Vec<(PifId, Vec<Rule>)>;
+
 /// Reads the tables saved at `path`; `None` if there is no file.
-pub fn read(path: &Path) -> Result<Option<Vec<(PifId, Vec<Rule>)>>, StateFileError> {
+pub fn read(path: &Path) -> Result<Option<Tables>, StateFileError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
