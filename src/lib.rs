@@ -40,6 +40,8 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod edit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod netns;
 pub mod registry;
 pub mod rule;

@@ -284,6 +284,26 @@ impl Server {
     }
 }
 
+/// Runs one transaction over an already connected `stream` (a socket pair,
+/// an inherited socket): what a control connection does, without the
+/// listener's slots. The fuzz targets play bytes against it.
+pub async fn serve_one(
+    stream: tokio::net::UnixStream,
+    shared: Arc<Shared>,
+    hello_timeout: std::time::Duration,
+) {
+    let peer = peer_of(&stream);
+    let conn = txn::Conn::new(
+        stream,
+        peer,
+        shared,
+        CancellationToken::new(),
+        Arc::new(Waiting::default()),
+        hello_timeout,
+    );
+    conn.run().await;
+}
+
 /// SO_PEERCRED. The pid is 0 when the peer lives in a pid namespace this
 /// daemon cannot see.
 fn peer_of(stream: &tokio::net::UnixStream) -> txn::Peer {

@@ -1,0 +1,127 @@
+//! The fuzz targets (fuzz/, for cargo-fuzz) run over a bounded corpus in
+//! the normal test suite: real transcripts, upstream's captured bytes, and
+//! deterministic mutations of them. Longer runs: see docs/security.md.
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::process::Command;
+
+use pesto::codec::Update;
+use pesto::codec::v3::ClientMsg;
+use pesto::codec::{encode_to_vec, v3::ClientHello};
+use pesto::fuzzing;
+use pesto::rule::{PifId, Proto, Rule};
+
+/// A whole client side of a transaction that adds a TCP rule and commits
+/// (or rolls back).
+fn transcript(commit: bool) -> Vec<u8> {
+    let mut b = encode_to_vec(&ClientHello {
+        version: 3,
+        flags: 0,
+    });
+    let rules = vec![
+        Rule::new(Proto::Udp, "127.0.0.1".parse().unwrap(), 9999, 9999, 9),
+        Rule::dual_stack(Proto::Tcp, 18000, 18001, 80),
+    ];
+    b.extend(encode_to_vec(&ClientMsg::Update(Update {
+        tables: vec![(PifId::HOST, rules)],
+    })));
+    b.extend(encode_to_vec(&ClientMsg::Apply));
+    b.extend(encode_to_vec(if commit {
+        &ClientMsg::Commit
+    } else {
+        &ClientMsg::Rollback
+    }));
+    b
+}
+
+fn seeds() -> Vec<Vec<u8>> {
+    let mut out = vec![transcript(true), transcript(false), Vec::new()];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/upstream-v2");
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "bin") {
+            out.push(std::fs::read(e.path()).unwrap());
+        }
+    }
+    out
+}
+
+/// Deterministic mutations: cuts, flipped bytes, inserted bytes.
+fn mutants(seeds: &[Vec<u8>], n: usize) -> Vec<Vec<u8>> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|i| {
+            let mut m = seeds[i % seeds.len()].clone();
+            match next() % 4 {
+                0 if !m.is_empty() => m.truncate((next() as usize) % m.len()),
+                1 if !m.is_empty() => {
+                    for _ in 0..1 + next() % 4 {
+                        let at = (next() as usize) % m.len();
+                        m[at] ^= 1 << (next() % 8);
+                    }
+                }
+                2 => {
+                    let at = (next() as usize) % (m.len() + 1);
+                    m.insert(at, next() as u8);
+                }
+                _ => m = (0..next() % 300).map(|_| next() as u8).collect(),
+            }
+            m
+        })
+        .collect()
+}
+
+#[test]
+fn decoders_survive_the_corpus() {
+    let seeds = seeds();
+    for input in seeds.iter().chain(&mutants(&seeds, 5000)) {
+        fuzzing::decode(input);
+    }
+}
+
+/// The transaction target binds what its bytes ask for, so it runs in a
+/// network namespace of its own.
+#[test]
+fn transactions_survive_the_corpus() {
+    let name = format!("pesto-fuzz-{}", std::process::id());
+    let made = Command::new("ip")
+        .args(["netns", "add", &name])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !made {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: the transaction fuzz target needs a network namespace (root, iproute2)"
+        );
+        return;
+    }
+    let path = format!("/run/netns/{name}");
+    let result = std::thread::spawn(move || {
+        let ns = std::fs::File::open(path).unwrap();
+        rustix::thread::move_into_link_name_space(
+            ns.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
+        // The real transcripts go all the way: apply and commit is one
+        // generation, apply and rollback two.
+        assert_eq!(fuzzing::transaction(&transcript(true)), 2);
+        assert_eq!(fuzzing::transaction(&transcript(false)), 3);
+        let seeds = seeds();
+        let inputs: Vec<Vec<u8>> = seeds.iter().cloned().chain(mutants(&seeds, 300)).collect();
+        for input in &inputs {
+            fuzzing::transaction(input);
+        }
+        inputs.len()
+    })
+    .join();
+    let _ = Command::new("ip").args(["netns", "del", &name]).output();
+    let played = result.expect("a transaction input broke an invariant");
+    assert!(played > 300);
+}
