@@ -163,6 +163,45 @@ fn out_of_descriptors_is_reported_and_rolled_back() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(forwards(many));
+
+    // Exhaust its descriptors with connections it cannot take: the accept
+    // loop pauses instead of spinning, and recovers when they go.
+    let held: Vec<TcpStream> = (0..200)
+        .filter_map(|_| TcpStream::connect(v4(port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = p.pid();
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<u64> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu() - before;
+    let hz = rustix::param::clock_ticks_per_second();
+    assert!(
+        used < hz / 2,
+        "{used} ticks of CPU in a second: spinning on EMFILE"
+    );
+    assert!(p.log().contains("backing off"), "{}", p.log());
+    drop(held);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !forwards(port) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recovery after EMFILE"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// --allow-uid: another uid gets DENIED and changes nothing; the daemon's
