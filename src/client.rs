@@ -407,6 +407,8 @@ pub struct Transaction {
     pub report: Option<Report>,
     /// Whether the new tables were committed.
     pub committed: bool,
+    /// The server's answer to COMMIT or ROLLBACK (none for a dry run).
+    pub answer: Option<Status>,
 }
 
 /// Reads the state, lets `plan` compute the update from it, proposes,
@@ -464,21 +466,23 @@ where
             ack,
             report: None,
             committed: false,
+            answer: None,
         });
     }
     let applied = proposed.apply().await?;
     let report = applied.report().clone();
     let committed = report.ok || t.keep_partial;
-    if committed {
-        applied.commit().await?;
+    let answer = if committed {
+        applied.commit().await?
     } else {
-        applied.rollback().await?;
-    }
+        applied.rollback().await?
+    };
     Ok(Transaction {
         attempts: attempt,
         ack,
         report: Some(report),
         committed,
+        answer: Some(answer),
     })
 }
 

@@ -343,11 +343,13 @@ async fn watch_namespace(ns: Arc<Netns>, shared: std::sync::Weak<Shared>) {
             continue;
         }
         warn!(
-            "network namespace {} is gone: closing its listening sockets, HOST goes on",
+            "network namespace {} is gone: closing its listening sockets; HOST rules, \
+             whose targets were in it, now reset their connections",
             ns.path().display()
         );
-        shared.drop_pif(PifId::SPLICE).await;
+        // Detached first: nothing binds in it from now on.
         ns.detach();
+        shared.drop_pif(PifId::SPLICE).await;
         return;
     }
 }

@@ -7,7 +7,7 @@
 //! closes them or a later sync takes them back. Start-up, a transaction's
 //! apply and rollback, and shutdown are all syncs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::dataplane::{DataPlane, SocketClosed, SocketLife};
 use crate::netns::Netns;
-use crate::rule::{PifId, Rule};
+use crate::rule::{PifId, Proto, Rule};
 use crate::scan::Listening;
 use crate::socket::{self, SocketKey};
 use crate::target::Route;
@@ -152,6 +152,25 @@ impl Registry {
         self.listening.insert(pif, seen);
     }
 
+    /// The (protocol, port) of every socket other pifs hold in namespace `ns`
+    /// (`None`: the daemon's own).
+    fn held_in(&self, ns: Option<&Arc<Netns>>, except: PifId) -> HashSet<(Proto, u16)> {
+        let mut out = HashSet::new();
+        for (pif, sockets) in &self.pifs {
+            let there = match (self.namespaces.get(pif), ns) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+            if *pif == except || !there {
+                continue;
+            }
+            let keys = sockets.active.keys().chain(sockets.parked.keys());
+            out.extend(keys.map(|k| (k.proto, k.port)));
+        }
+        out
+    }
+
     /// What `pif`'s targets were last seen listening on.
     pub fn listening(&self, pif: PifId) -> Option<&Listening> {
         self.listening.get(&pif)
@@ -177,6 +196,10 @@ impl Registry {
     /// the same key (active or parked), binds the missing ones if `bind`,
     /// parks the rest. Must be called from within a tokio runtime.
     pub fn sync(&mut self, pif: PifId, routes: &[Arc<Route>], bind: bool) -> SyncReport {
+        let ours = match routes.iter().find(|r| r.rule.is_scan()) {
+            Some(r) => self.held_in(r.connect_ns.as_ref(), pif),
+            None => HashSet::new(),
+        };
         let mut sockets = self.pifs.remove(&pif).unwrap_or_default();
         let mut pool = std::mem::take(&mut sockets.active);
         pool.extend(sockets.parked.drain());
@@ -193,9 +216,12 @@ impl Registry {
             };
             let seen = self.listening.get(&pif);
             for port in rule.first..=rule.last {
-                // An `auto` port is wanted only while its target listens.
+                // An `auto` port is wanted only while its target listens, and
+                // not when the listener is one of ours: that would forward
+                // in a loop and take the port from the other side.
+                let target = (rule.proto, rule.target_port(port));
                 if rule.is_scan()
-                    && !seen.is_some_and(|l| l.has(rule.proto, rule.target_port(port)))
+                    && (!seen.is_some_and(|l| l.has(target.0, target.1)) || ours.contains(&target))
                 {
                     continue;
                 }

@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::codec::{DecodeError, Limits, Update, decode_from, encode_to_vec};
@@ -107,9 +108,15 @@ pub fn write(path: &Path, config: &Config) -> Result<(), StateFileError> {
     let name = path
         .file_name()
         .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    // A fresh name, created exclusively (O_EXCL also refuses a symlink
+    // planted there) and private.
+    let tmp = dir.join(format!(".{name}.{}.{:x}.tmp", std::process::id(), nonce()));
     let written = (|| {
-        let mut f = File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -119,6 +126,14 @@ pub fn write(path: &Path, config: &Config) -> Result<(), StateFileError> {
         let _ = std::fs::remove_file(&tmp);
     }
     written.map_err(io_err)
+}
+
+/// A random number: a randomly keyed hasher's output.
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 #[cfg(test)]

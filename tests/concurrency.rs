@@ -177,7 +177,7 @@ fn many_library_clients_lose_nothing() {
 /// timeout), does not stop the others.
 #[test]
 fn frozen_clients_do_not_block_others() {
-    let d = daemon(&["--step-timeout", "5", "--commit-timeout", "1"]);
+    let d = daemon(&["--step-timeout", "8", "--commit-timeout", "4"]);
     let base = free_ports(3);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let pesto = |args: &[&str]| {
@@ -204,15 +204,16 @@ fn frozen_clients_do_not_block_others() {
             .unwrap();
         s.propose(&update).await.unwrap().apply().await.unwrap()
     });
-    // Listing does not wait for it.
+    // Listing does not wait for it: waiting would take the 4 s until its
+    // rollback.
     let t0 = std::time::Instant::now();
     assert_eq!(pesto(&[]).status.code(), Some(0));
     assert!(
-        t0.elapsed() < Duration::from_secs(1),
+        t0.elapsed() < Duration::from_secs(3),
         "a reader waited for a writer"
     );
-    // A writer waits for it to roll back (commit timeout 1 s), then goes
-    // through on fresh state.
+    // A writer waits for it to roll back (commit timeout 4 s, within its
+    // step timeout of 8 s), then goes through on fresh state.
     let out = pesto(&["-A", "-u", &spec(base + 2)]);
     assert_eq!(
         out.status.code(),

@@ -261,6 +261,9 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
     } else {
         "committed with ports missing (--keep-partial)"
     });
+    if let Some(answer) = tx.answer.as_ref().filter(|a| a.message != "committed") {
+        out.text_err(&format!("pesto: server: {}", answer.message));
+    }
     if args.show {
         out.text(&format!("Updated configuration ({path})\n{after}"));
     }
@@ -372,6 +375,15 @@ impl Output {
                     eprintln!("pesto:   {ports}: {}", errno_text(f.errno));
                 }
             }
+        }
+    }
+
+    /// A line for people on stderr (JSON output keeps it out of stdout).
+    fn text_err(&mut self, s: &str) {
+        if let Some(m) = &mut self.json {
+            m.insert("warning".into(), json!(s));
+        } else {
+            eprintln!("{s}");
         }
     }
 

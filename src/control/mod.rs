@@ -79,38 +79,72 @@ impl ControlOptions {
     }
 }
 
-/// Connections that have not sent their client hello yet, oldest first:
+/// A connection that has not sent its client hello yet.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    id: u64,
+    /// Cancelled when a newcomer pushes this connection out.
+    pub(crate) pushed_out: CancellationToken,
+    /// 0 waiting, 1 pushed out, 2 past its hello: whoever moves it from 0
+    /// first decides, so a connection is never both pushed out and served.
+    state: std::sync::atomic::AtomicU8,
+}
+
+impl Waiter {
+    /// The connection got its hello through; false if it was pushed out
+    /// meanwhile (it then gives way).
+    pub(crate) fn hello_done(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.state
+            .compare_exchange(0, 2, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// Connections that have not sent their client hello yet, in accept order:
 /// the ones a newcomer may push out when every slot is taken.
 #[derive(Debug, Default)]
 pub(crate) struct Waiting {
     // A std mutex: held for a push, a pop or a removal.
-    queue: std::sync::Mutex<std::collections::VecDeque<(u64, CancellationToken)>>,
+    queue: std::sync::Mutex<std::collections::VecDeque<Arc<Waiter>>>,
     next: std::sync::atomic::AtomicU64,
 }
 
 impl Waiting {
-    /// Registers a connection; its token is cancelled if it is pushed out.
-    pub(crate) fn enter(&self) -> (u64, CancellationToken) {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let token = CancellationToken::new();
-        self.lock().push_back((id, token.clone()));
-        (id, token)
+    /// Registers a connection, in accept order.
+    pub(crate) fn enter(&self) -> Arc<Waiter> {
+        let waiter = Arc::new(Waiter {
+            id: self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            pushed_out: CancellationToken::new(),
+            state: std::sync::atomic::AtomicU8::new(0),
+        });
+        self.lock().push_back(Arc::clone(&waiter));
+        waiter
     }
 
-    /// The connection sent its hello (or ended): it can no longer be pushed out.
-    pub(crate) fn leave(&self, id: u64) {
-        self.lock().retain(|(i, _)| *i != id);
+    /// The connection is past its hello (or ended).
+    pub(crate) fn leave(&self, waiter: &Waiter) {
+        self.lock().retain(|w| w.id != waiter.id);
     }
 
-    /// Pushes out the oldest waiting connection, if there is one.
+    /// Pushes out the oldest connection still waiting for its hello, if
+    /// there is one; its slot is freed as its task ends.
     fn evict_oldest(&self) -> bool {
-        let oldest = self.lock().pop_front();
-        oldest.map(|(_, token)| token.cancel()).is_some()
+        use std::sync::atomic::Ordering;
+        let mut queue = self.lock();
+        while let Some(w) = queue.pop_front() {
+            if w.state
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                w.pushed_out.cancel();
+                return true;
+            }
+        }
+        false
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, CancellationToken)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Arc<Waiter>>> {
         self.queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -247,16 +281,9 @@ impl Server {
             self.tasks.spawn(denied);
             return;
         }
-        let mut slot = Arc::clone(&self.slots).try_acquire_owned().ok();
-        if slot.is_none() && self.waiting.evict_oldest() {
-            // The pushed-out connection gives its slot back at once.
-            let acquire = Arc::clone(&self.slots).acquire_owned();
-            slot = tokio::time::timeout(step, acquire)
-                .await
-                .ok()
-                .and_then(Result::ok);
-        }
-        let Some(slot) = slot else {
+        let slot = Arc::clone(&self.slots).try_acquire_owned().ok();
+        let pushed = slot.is_none() && self.waiting.evict_oldest();
+        if slot.is_none() && !pushed {
             // Told at once, rather than left waiting in the backlog.
             let busy = txn::turn_away(
                 stream,
@@ -268,18 +295,36 @@ impl Server {
             );
             self.tasks.spawn(busy);
             return;
-        };
+        }
+        // In accept order, after any push-out: never its own victim.
+        let waiter = self.waiting.enter();
         let conn = txn::Conn::new(
             stream,
             peer,
             Arc::clone(&self.shared),
             self.stop.clone(),
             Arc::clone(&self.waiting),
+            waiter,
             self.opts.hello_timeout,
         );
+        let slots = Arc::clone(&self.slots);
+        // The wait for the pushed-out connection's slot happens here, not in
+        // the accept loop.
         self.tasks.spawn(async move {
-            conn.run().await;
-            drop(slot);
+            let slot = match slot {
+                Some(s) => Some(s),
+                None => tokio::time::timeout(step, slots.acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+            };
+            match slot {
+                Some(slot) => {
+                    conn.run().await;
+                    drop(slot);
+                }
+                None => conn.busy().await,
+            }
         });
     }
 }
@@ -293,12 +338,15 @@ pub async fn serve_one(
     hello_timeout: std::time::Duration,
 ) {
     let peer = peer_of(&stream);
+    let waiting = Arc::new(Waiting::default());
+    let waiter = waiting.enter();
     let conn = txn::Conn::new(
         stream,
         peer,
         shared,
         CancellationToken::new(),
-        Arc::new(Waiting::default()),
+        waiting,
+        waiter,
         hello_timeout,
     );
     conn.run().await;

@@ -117,6 +117,8 @@ pub struct Shared {
     closed: AtomicBool,
     /// Where committed tables are saved.
     state_file: Option<std::path::PathBuf>,
+    /// Pifs whose last `auto` round left ports unbound.
+    scan_retry: Mutex<std::collections::BTreeSet<PifId>>,
 }
 
 /// Validated new tables of one connection, not yet active.
@@ -167,6 +169,7 @@ impl Shared {
             placements: BTreeMap::new(),
             closed: AtomicBool::new(false),
             state_file: None,
+            scan_retry: Mutex::default(),
         }
     }
 
@@ -257,6 +260,14 @@ impl Shared {
                 return Err(s);
             };
             check_generation(&t, id, snapshot)?;
+            if self.placement(id).listen.is_some_and(|ns| ns.is_detached()) {
+                let mut s = Status::new(
+                    Code::Invalid,
+                    format!("{}: its network namespace is gone", pif.name),
+                );
+                s.pif = Some(id);
+                return Err(s);
+            }
             let table = Table::with_rules(pif.table.caps(), rules).map_err(|(i, e)| {
                 let code = if e.is_limit() {
                     Code::Limit
@@ -343,16 +354,34 @@ impl Shared {
         })
     }
 
-    /// Step 9, COMMIT: closes the sockets that only the old tables wanted.
-    pub async fn commit(&self, mut applied: Applied) {
+    /// Step 9, COMMIT: closes the sockets that only the old tables wanted,
+    /// and saves the tables. Returns a warning for the client if saving
+    /// failed (the new tables are active all the same).
+    pub async fn commit(&self, mut applied: Applied) -> Option<String> {
         for change in &applied.old {
             applied.registry.close_parked(change.id).await;
         }
-        // Under the registry lock: saves happen in commit order.
-        if let Err(e) = self.save() {
-            tracing::error!("{e}: the committed tables are active but not saved");
+        // Still under the registry lock, so saves happen in commit order; on
+        // a blocking thread, as fsync may take long.
+        let warning = match self.state_file.clone() {
+            None => None,
+            Some(path) => {
+                let config = self.config();
+                let saved =
+                    tokio::task::spawn_blocking(move || crate::statefile::write(&path, &config))
+                        .await;
+                match saved {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(format!("saving the state failed: {e}")),
+                }
+            }
+        };
+        if let Some(w) = &warning {
+            tracing::error!("{w}: the committed tables are active but not saved");
         }
         self.counters.committed.fetch_add(1, Ordering::Relaxed);
+        warning
     }
 
     /// Step 9, ROLLBACK (also after a disconnect or a timeout): the old
@@ -422,12 +451,20 @@ impl Shared {
                 .pifs
                 .iter()
                 .filter(|p| p.table.rules().iter().any(|r| r.is_scan()))
+                .filter(|p| {
+                    !self
+                        .placement(p.id)
+                        .listen
+                        .is_some_and(|ns| ns.is_detached())
+                })
                 .map(|p| p.id)
                 .collect()
         };
         for pif in scanning {
+            // A namespace that is gone has no listeners: its ports close.
             let seen = match self.placement(pif).connect {
                 None => Listening::read(Path::new(scan::SELF_NET)),
+                Some(ns) if ns.is_detached() => Ok(Listening::default()),
                 Some(ns) => {
                     ns.run_async(|| Listening::read(Path::new(scan::SELF_NET)))
                         .await
@@ -440,13 +477,19 @@ impl Shared {
                     continue;
                 }
             };
-            let Ok(mut registry) = self.registry.try_lock() else {
+            let Ok(mut registry) = Arc::clone(&self.registry).try_lock_owned() else {
                 return;
             };
             if self.closed.load(Ordering::Relaxed) {
                 return;
             }
-            if registry.listening(pif) == Some(&seen) {
+            // Again while the last round left ports unbound (taken, EMFILE).
+            let retry = self
+                .scan_retry
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&pif);
+            if registry.listening(pif) == Some(&seen) && !retry {
                 continue;
             }
             registry.set_listening(pif, seen);
@@ -455,27 +498,45 @@ impl Shared {
                 None => continue,
             };
             let routes = self.plain_routes(pif, &table);
-            let report = registry.sync(pif, &routes, true);
+            // Binding may enter a namespace: never on a runtime worker.
+            let synced = tokio::task::spawn_blocking(move || {
+                let report = registry.sync(pif, &routes, true);
+                (registry, report)
+            })
+            .await;
+            let Ok((mut registry, report)) = synced else {
+                continue;
+            };
             registry.close_parked(pif).await;
-            tracing::info!(
-                %pif,
-                bound = report.bound,
-                closed = report.parked,
-                "auto: targets' listeners changed"
-            );
+            {
+                let mut retry = self
+                    .scan_retry
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if report.is_ok() {
+                    retry.remove(&pif);
+                } else {
+                    retry.insert(pif);
+                }
+            }
+            if report.bound > 0 || report.parked > 0 {
+                tracing::info!(
+                    %pif,
+                    bound = report.bound,
+                    closed = report.parked,
+                    "auto: targets' listeners changed"
+                );
+            }
         }
     }
 
-    /// Empties `pif`'s table and closes its sockets: its namespace is gone.
+    /// Closes `pif`'s sockets because its namespace is gone. Its table is
+    /// kept (and stays in the state file): it is the configuration, served
+    /// again by a daemon that has the namespace.
     pub async fn drop_pif(&self, pif: PifId) {
         let mut registry = self.registry.lock().await;
         registry.sync(pif, &[], false);
         registry.close_parked(pif).await;
-        let mut t = self.tables();
-        if let Some(p) = t.config.by_id_mut(pif) {
-            p.table.clear();
-            bump(&mut t, pif);
-        }
     }
 }
 

@@ -9,8 +9,8 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::Waiting;
 use super::state::{Shared, Snapshot};
+use super::{Waiter, Waiting};
 use crate::codec::v3::{
     ClientHello, ClientMsg, Code, HelloV3Ext, READ_ONLY, ServerHello, ServerMsg, Status, VERSION_3,
     features,
@@ -54,6 +54,7 @@ pub(super) struct Conn {
     shared: Arc<Shared>,
     stop: CancellationToken,
     waiting: Arc<Waiting>,
+    waiter: Arc<Waiter>,
     hello_timeout: Duration,
 }
 
@@ -65,6 +66,7 @@ impl Conn {
         shared: Arc<Shared>,
         stop: CancellationToken,
         waiting: Arc<Waiting>,
+        waiter: Arc<Waiter>,
         hello_timeout: Duration,
     ) -> Conn {
         Conn {
@@ -73,8 +75,24 @@ impl Conn {
             shared,
             stop,
             waiting,
+            waiter,
             hello_timeout,
         }
+    }
+
+    /// Answers BUSY: no slot came free in time.
+    pub(super) async fn busy(self) {
+        self.waiting.leave(&self.waiter);
+        let step = self.shared.timeouts().step;
+        turn_away(
+            self.stream,
+            self.peer,
+            self.shared,
+            step,
+            Code::Busy,
+            "too many control clients at once; retry later",
+        )
+        .await;
     }
 
     /// Runs the transaction of the connection to its end.
@@ -85,13 +103,13 @@ impl Conn {
             shared,
             stop,
             waiting,
+            waiter,
             hello_timeout,
         } = self;
         let mut link: Link<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
         // Until its hello, a newcomer may push this connection out.
-        let (id, pushed_out) = waiting.enter();
-        let hello = handshake(&mut link, &shared, &stop, &pushed_out, hello_timeout).await;
-        waiting.leave(id);
+        let hello = handshake(&mut link, &shared, &stop, &waiter, hello_timeout).await;
+        waiting.leave(&waiter);
         let client = match hello {
             Ok(c) => c,
             Err(status) => return refuse(&mut link, &shared, peer, status).await,
@@ -180,7 +198,7 @@ async fn handshake(
     conn: &mut Link<ClientHello>,
     shared: &Shared,
     stop: &CancellationToken,
-    pushed_out: &CancellationToken,
+    waiter: &Waiter,
     hello_timeout: Duration,
 ) -> Result<ClientHello, Status> {
     let t = shared.timeouts();
@@ -189,16 +207,22 @@ async fn handshake(
         .await
         .map_err(protocol)?;
     // Step 2.
+    let pushed_out = || {
+        Status::new(
+            Code::Busy,
+            "every control slot is taken: this connection, still without its hello, \
+             made room for a newer one",
+        )
+    };
     let client = tokio::select! {
-        _ = pushed_out.cancelled() => {
-            return Err(Status::new(
-                Code::Busy,
-                "every control slot is taken: this connection, still without its hello, \
-                 made room for a newer one",
-            ));
-        }
+        _ = waiter.pushed_out.cancelled() => return Err(pushed_out()),
         r = recv(conn, hello_timeout, stop) => r.map_err(|e| ended(e, "client hello"))?,
     };
+    // A hello that arrived as it was pushed out: the push-out wins, its slot
+    // is promised to the newcomer.
+    if !waiter.hello_done() {
+        return Err(pushed_out());
+    }
     if client.version != VERSION_3 {
         return Err(Status::new(
             Code::Version,
@@ -269,8 +293,11 @@ async fn transaction(
     };
     match answer {
         Ok(ClientMsg::Commit) => {
-            shared.commit(applied).await;
-            let _ = send(conn, &ServerMsg::Status(Status::ok("committed")), t.step).await;
+            let message = match shared.commit(applied).await {
+                None => "committed".to_owned(),
+                Some(w) => format!("committed, but not saved: {w}"),
+            };
+            let _ = send(conn, &ServerMsg::Status(Status::ok(message)), t.step).await;
             Ok(format!("applied ({verdict}) and committed"))
         }
         Ok(ClientMsg::Rollback) => {
