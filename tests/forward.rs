@@ -359,3 +359,24 @@ fn udp_bursts_keep_datagram_boundaries() {
         );
     }
 }
+
+/// A wildcard rule answers from the address the peer sent to: a peer
+/// connected to 127.0.0.5 (any 127/8 address is local) drops a reply from
+/// 127.0.0.1.
+#[test]
+fn udp_replies_come_from_the_address_the_peer_used() {
+    let (target, _) = udp_echo(v4(0), "re:");
+    for listen in ["", "0.0.0.0/"] {
+        let port = free_ports(1);
+        let _d = Pestod::start(&["-u", &format!("{listen}{port}:{}", target.port())]);
+        for addr in ["127.0.0.5", "127.0.0.1"] {
+            let peer = udp_client(SocketAddr::new(addr.parse().unwrap(), port));
+            peer.send(b"x").unwrap();
+            let mut buf = [0u8; 16];
+            let n = peer
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no reply via {addr} ({listen:?}): {e}"));
+            assert_eq!(&buf[..n], b"re:x");
+        }
+    }
+}

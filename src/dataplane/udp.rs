@@ -9,13 +9,19 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::io::{self, IoSlice};
-use std::net::SocketAddr;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use nix::libc;
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt,
+    sockopt,
+};
 use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -162,7 +168,10 @@ pub(super) async fn serve(
     // Allocated on the first datagram: most of the sockets of `-u all` never
     // see one.
     let mut buf: Vec<u8> = Vec::new();
+    let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo);
     let mut batch: Vec<(SocketAddr, Range<usize>)> = Vec::new();
+    let mut locals: Vec<Option<IpAddr>> = Vec::new();
+    report_local_address(&socket);
     loop {
         let route = routes.borrow_and_update().clone();
         tokio::select! {
@@ -190,21 +199,24 @@ pub(super) async fn serve(
                     return;
                 }
                 let Some(route) = &route else { continue };
-                if buf.capacity() < BATCH_BYTES {
-                    buf.reserve_exact(BATCH_BYTES);
+                if buf.len() < BATCH_BYTES {
+                    buf.resize(BATCH_BYTES, 0);
                     batch.reserve_exact(BATCH);
+                    locals.reserve_exact(BATCH);
                 }
-                receive_batch(&socket, port, &mut buf, &mut batch).await;
+                receive_batch(&socket, port, &mut buf, &mut cmsg, &mut batch, &mut locals).await;
                 // Runs of datagrams from one peer go out in one sendmmsg(2):
                 // one system call, and one wake-up of the target, per run.
                 let mut rest = &batch[..];
                 while let Some(&(peer, _)) = rest.first() {
                     let run = rest.iter().take_while(|(p, _)| *p == peer).count();
+                    let local = locals.get(batch.len() - rest.len()).copied().flatten();
                     let (now, later) = rest.split_at(run);
                     rest = later;
                     let target = route.target(peer.ip(), port);
                     let ns = route.connect_ns.as_deref();
-                    let flow = flow_for(&mut flows, &socket, &life, peer, target, ns, &dp).await;
+                    let new = NewFlow { listening: &socket, life: &life, peer, local, target, ns };
+                    let flow = flow_for(&mut flows, new, &dp).await;
                     let Some(flow) = flow else {
                         continue;
                     };
@@ -217,21 +229,32 @@ pub(super) async fn serve(
 }
 
 /// Receives up to [`BATCH`] datagrams into `buf`, one after the other, with
-/// their peers and places in `batch`.
+/// their peers and places in `batch` and, where the socket reports it, the
+/// local address each was sent to in `locals`.
 async fn receive_batch(
     socket: &UdpSocket,
     port: u16,
-    buf: &mut Vec<u8>,
+    buf: &mut [u8],
+    cmsg: &mut [u8],
     batch: &mut Vec<(SocketAddr, Range<usize>)>,
+    locals: &mut Vec<Option<IpAddr>>,
 ) {
-    buf.clear();
     batch.clear();
+    locals.clear();
+    let mut used = 0;
     // Stop while a datagram of any size still fits: a short buffer would
     // truncate it.
-    while batch.len() < BATCH && buf.capacity() - buf.len() >= MAX_DATAGRAM {
-        let start = buf.len();
-        match socket.try_recv_buf_from(buf) {
-            Ok((_, peer)) => batch.push((peer, start..buf.len())),
+    while batch.len() < BATCH && buf.len() - used >= MAX_DATAGRAM {
+        let Some(room) = buf.get_mut(used..) else {
+            break;
+        };
+        let fd = socket.as_raw_fd();
+        match socket.try_io(Interest::READABLE, || recv_one(fd, room, cmsg)) {
+            Ok((n, peer, local)) => {
+                batch.push((peer, used..used + n));
+                locals.push(local);
+                used += n;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if is_resource_error(&e) => {
                 warn!(port, error = %e, "receive failed, backing off");
@@ -242,6 +265,104 @@ async fn receive_batch(
             Err(e) => debug!(port, error = %e, "receive failed"),
         }
     }
+}
+
+/// One datagram: its length, its peer, and the local address it was sent
+/// to (with IP_PKTINFO / IPV6_RECVPKTINFO on).
+fn recv_one(
+    fd: RawFd,
+    buf: &mut [u8],
+    cmsg: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(cmsg), MsgFlags::empty())?;
+    let peer = msg
+        .address
+        .as_ref()
+        .and_then(std_addr)
+        .ok_or_else(|| io::Error::other("a datagram without a peer address"))?;
+    let mut local = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            match c {
+                ControlMessageOwned::Ipv4PacketInfo(pi) => {
+                    local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr))));
+                }
+                ControlMessageOwned::Ipv6PacketInfo(pi) => {
+                    local = Some(IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((msg.bytes, peer, local))
+}
+
+fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    a.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+/// Asks a wildcard-bound socket to report each datagram's local address,
+/// so that replies go out from the address the peer sent to (a host with
+/// several addresses would otherwise answer from its primary one, and a
+/// connected peer would drop the answer). Returns whether it is on.
+fn report_local_address(socket: &UdpSocket) -> bool {
+    let Ok(local) = socket.local_addr() else {
+        return false;
+    };
+    if !local.ip().is_unspecified() {
+        return false;
+    }
+    let on = match local {
+        SocketAddr::V4(_) => setsockopt(socket, sockopt::Ipv4PacketInfo, &true),
+        SocketAddr::V6(_) => setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true),
+    };
+    on.is_ok()
+}
+
+/// Sends `data` to `peer` from local address `local` (IP_PKTINFO /
+/// IPV6_PKTINFO as the source).
+fn send_from(fd: RawFd, data: &[u8], peer: SocketAddr, local: IpAddr) -> io::Result<usize> {
+    let iov = [IoSlice::new(data)];
+    let dest = SockaddrStorage::from(peer);
+    let sent = match local {
+        IpAddr::V4(l) => {
+            let pi = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(l).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            sendmsg(
+                fd,
+                &iov,
+                &[ControlMessage::Ipv4PacketInfo(&pi)],
+                MsgFlags::empty(),
+                Some(&dest),
+            )
+        }
+        IpAddr::V6(l) => {
+            let pi = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: l.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            sendmsg(
+                fd,
+                &iov,
+                &[ControlMessage::Ipv6PacketInfo(&pi)],
+                MsgFlags::empty(),
+                Some(&dest),
+            )
+        }
+    };
+    Ok(sent?)
 }
 
 /// Sends the datagrams at `places` of `buf` on the flow's connected socket.
@@ -388,16 +509,32 @@ fn sendmmsg(
     )?)
 }
 
-/// The live flow of `peer`, made if there is none (its socket in `ns`).
+/// What a new flow is made from.
+struct NewFlow<'a> {
+    listening: &'a Arc<UdpSocket>,
+    life: &'a SocketLife,
+    peer: SocketAddr,
+    /// The address the peer sent to, where the socket reports it.
+    local: Option<IpAddr>,
+    target: SocketAddr,
+    /// Where the target is reached from.
+    ns: Option<&'a Netns>,
+}
+
+/// The live flow of the peer, made if there is none.
 async fn flow_for<'a>(
     flows: &'a mut HashMap<SocketAddr, Flow>,
-    listening: &Arc<UdpSocket>,
-    life: &SocketLife,
-    peer: SocketAddr,
-    target: SocketAddr,
-    ns: Option<&Netns>,
+    new: NewFlow<'_>,
     dp: &Arc<DataPlane>,
 ) -> Option<&'a Flow> {
+    let NewFlow {
+        listening,
+        life,
+        peer,
+        local,
+        target,
+        ns,
+    } = new;
     if flows
         .get(&peer)
         .is_some_and(|f| f.shared.end.is_cancelled())
@@ -431,6 +568,7 @@ async fn flow_for<'a>(
         Arc::clone(&socket),
         Arc::clone(listening),
         peer,
+        local,
         Arc::clone(&shared),
         Arc::clone(dp),
     ));
@@ -449,6 +587,7 @@ async fn replies(
     flow: Arc<UdpSocket>,
     listening: Arc<UdpSocket>,
     peer: SocketAddr,
+    local: Option<IpAddr>,
     shared: Arc<FlowShared>,
     dp: Arc<DataPlane>,
 ) {
@@ -463,7 +602,23 @@ async fn replies(
         match received {
             Ok(_) => {
                 shared.touch(&dp);
-                if let Err(e) = listening.send_to(&buf, peer).await {
+                let sent = match local {
+                    None => listening.send_to(&buf, peer).await,
+                    Some(local) => loop {
+                        let fd = listening.as_raw_fd();
+                        match listening
+                            .try_io(Interest::WRITABLE, || send_from(fd, &buf, peer, local))
+                        {
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                if let Err(e) = listening.writable().await {
+                                    break Err(e);
+                                }
+                            }
+                            other => break other,
+                        }
+                    },
+                };
+                if let Err(e) = sent {
                     debug!(%peer, error = %e, "reply to peer failed");
                 }
             }
