@@ -322,7 +322,10 @@ mod tests {
     /// A port range on loopback nobody else is using, found by binding, below
     /// the usual ephemeral ports (whose TIME_WAIT sockets block listeners).
     fn free_range(n: u16) -> u16 {
-        let seed = std::process::id() as u16;
+        // Tests of one binary run at once: each call starts elsewhere.
+        static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seed = (std::process::id() as u16).wrapping_add(call.wrapping_mul(4099));
         for i in 0..2000u16 {
             let base = 10_000 + seed.wrapping_add(i.wrapping_mul(7919)) % 20_000;
             if (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
