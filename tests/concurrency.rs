@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,23 +19,8 @@ use pesto::edit::Op;
 use pesto::rule::PifId;
 use pesto::spec::SpecOpt;
 
-struct Daemon {
-    _dir: tempfile::TempDir,
-    sock: PathBuf,
-    _proc: Pestod,
-}
-
 fn daemon(args: &[&str]) -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("pestod.sock");
-    let mut all = vec!["-c", sock.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let proc = Pestod::start(&all);
-    Daemon {
-        _dir: dir,
-        sock,
-        _proc: proc,
-    }
+    Daemon::start(args)
 }
 
 /// HOST's rules as (first port) after a read-only session.

@@ -6,8 +6,6 @@ mod common;
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -18,34 +16,11 @@ use pesto::codec::Update;
 use pesto::edit::Op;
 use pesto::spec::SpecOpt;
 
-struct Daemon {
-    _dir: tempfile::TempDir,
-    sock: PathBuf,
-    proc: Pestod,
-}
-
 fn daemon(args: &[&str]) -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("pestod.sock");
-    let mut all = vec!["-c", sock.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let proc = Pestod::start(&all);
-    Daemon {
-        _dir: dir,
-        sock,
-        proc,
-    }
+    Daemon::start(args)
 }
 
 impl Daemon {
-    fn pesto(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_pesto"))
-            .args(args)
-            .arg(&self.sock)
-            .output()
-            .unwrap()
-    }
-
     /// Inodes of the daemon's sockets bound to `port` (TCP listening or UDP),
     /// from /proc/PID/fd and /proc/PID/net.
     fn inodes(&self) -> HashMap<(&'static str, u16), u64> {

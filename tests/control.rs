@@ -7,37 +7,13 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
 
-/// A daemon with a control socket in its own directory.
-struct Daemon {
-    _dir: tempfile::TempDir,
-    sock: PathBuf,
-    proc: Pestod,
-}
-
 impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("pestod.sock");
-        let mut all = vec!["-c", sock.to_str().unwrap()];
-        all.extend_from_slice(args);
-        let proc = Pestod::start(&all);
-        Daemon {
-            _dir: dir,
-            sock,
-            proc,
-        }
-    }
-
-    fn pesto(&self, args: &[&str]) -> Output {
-        pesto(&self.sock, args)
-    }
-
     /// The table as `pesto PATH` prints it (rules only).
     fn listing(&self) -> String {
         let out = self.pesto(&[]);

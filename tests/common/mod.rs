@@ -156,6 +156,40 @@ impl Drop for Pestod {
     }
 }
 
+/// A running `pestod` with a control socket in a directory of its own.
+pub struct Daemon {
+    _dir: tempfile::TempDir,
+    /// The control socket.
+    pub sock: std::path::PathBuf,
+    /// The process.
+    pub proc: Pestod,
+}
+
+impl Daemon {
+    /// Starts `pestod -c SOCKET` with `args` and waits until it is ready.
+    pub fn start(args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("pestod.sock");
+        let mut all = vec!["-c", sock.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let proc = Pestod::start(&all);
+        Daemon {
+            _dir: dir,
+            sock,
+            proc,
+        }
+    }
+
+    /// Runs the `pesto` client with `args` against it.
+    pub fn pesto(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_pesto"))
+            .args(args)
+            .arg(&self.sock)
+            .output()
+            .expect("run pesto")
+    }
+}
+
 /// Runs `pestod` to completion (for arguments that make it exit).
 pub fn pestod_exit(args: &[&str]) -> (ExitStatus, String) {
     let mut p = Pestod::spawn(args);
