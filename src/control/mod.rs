@@ -298,15 +298,15 @@ impl Server {
         }
         // In accept order, after any push-out: never its own victim.
         let waiter = self.waiting.enter();
-        let conn = txn::Conn::new(
+        let conn = txn::Conn {
             stream,
             peer,
-            Arc::clone(&self.shared),
-            self.stop.clone(),
-            Arc::clone(&self.waiting),
+            shared: Arc::clone(&self.shared),
+            stop: self.stop.clone(),
+            waiting: Arc::clone(&self.waiting),
             waiter,
-            self.opts.hello_timeout,
-        );
+            hello_timeout: self.opts.hello_timeout,
+        };
         let slots = Arc::clone(&self.slots);
         // The wait for the pushed-out connection's slot happens here, not in
         // the accept loop.
@@ -340,15 +340,15 @@ pub async fn serve_one(
     let peer = peer_of(&stream);
     let waiting = Arc::new(Waiting::default());
     let waiter = waiting.enter();
-    let conn = txn::Conn::new(
+    let conn = txn::Conn {
         stream,
         peer,
         shared,
-        CancellationToken::new(),
+        stop: CancellationToken::new(),
         waiting,
         waiter,
         hello_timeout,
-    );
+    };
     conn.run().await;
 }
 

@@ -49,37 +49,18 @@ impl std::fmt::Display for Peer {
 
 /// A control connection and what its transaction needs.
 pub(super) struct Conn {
-    stream: UnixStream,
-    peer: Peer,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-    waiting: Arc<Waiting>,
-    waiter: Arc<Waiter>,
-    hello_timeout: Duration,
+    pub stream: UnixStream,
+    pub peer: Peer,
+    pub shared: Arc<Shared>,
+    /// Cancelled when the daemon shuts down.
+    pub stop: CancellationToken,
+    /// The connections still without their hello, this one among them.
+    pub waiting: Arc<Waiting>,
+    pub waiter: Arc<Waiter>,
+    pub hello_timeout: Duration,
 }
 
 impl Conn {
-    /// A connection that has a slot.
-    pub(super) fn new(
-        stream: UnixStream,
-        peer: Peer,
-        shared: Arc<Shared>,
-        stop: CancellationToken,
-        waiting: Arc<Waiting>,
-        waiter: Arc<Waiter>,
-        hello_timeout: Duration,
-    ) -> Conn {
-        Conn {
-            stream,
-            peer,
-            shared,
-            stop,
-            waiting,
-            waiter,
-            hello_timeout,
-        }
-    }
-
     /// Answers BUSY: no slot came free in time.
     pub(super) async fn busy(self) {
         self.waiting.leave(&self.waiter);
