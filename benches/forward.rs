@@ -36,10 +36,17 @@ fn main() {
     let sink = tcp_sink();
     let echo = tcp_echo();
     let (udp_sink, udp_count) = udp_sink();
+    let udp_echo = udp_echo();
+    let servers = Servers {
+        sink,
+        echo,
+        udp: udp_sink,
+        udp_echo,
+    };
 
-    let mut paths: Vec<Path> = vec![Path::direct(sink, echo, udp_sink)];
-    paths.push(Path::pestod(sink, echo, udp_sink));
-    match Path::socat(sink, echo, udp_sink) {
+    let mut paths: Vec<Path> = vec![Path::direct(&servers)];
+    paths.push(Path::pestod(&servers));
+    match Path::socat(&servers) {
         Some(p) => paths.push(p),
         None => eprintln!("socat not found: install it (apt-get install socat) to compare"),
     }
@@ -74,6 +81,11 @@ fn main() {
             let count = Arc::clone(&udp_count);
             Box::new(move |p| p.udp.map_or(f64::NAN, |u| udp(u, &count, dur)))
         }),
+        (
+            "UDP 1400 B echo, both ways",
+            "Mbit/s",
+            Box::new(move |p| p.udp_echo.map_or(f64::NAN, |u| udp_both_ways(u, dur))),
+        ),
     ];
 
     let only = std::env::var("PESTO_BENCH_ONLY").unwrap_or_default();
@@ -114,6 +126,15 @@ fn main() {
     }
 }
 
+/// The servers the loads end at.
+#[derive(Clone, Copy)]
+struct Servers {
+    sink: SocketAddr,
+    echo: SocketAddr,
+    udp: SocketAddr,
+    udp_echo: SocketAddr,
+}
+
 /// Where a load connects: the servers directly, or a forwarder in front.
 struct Path {
     name: String,
@@ -121,30 +142,39 @@ struct Path {
     echo: SocketAddr,
     /// `None` for a forwarder without UDP.
     udp: Option<SocketAddr>,
+    udp_echo: Option<SocketAddr>,
     child: Vec<Child>,
     /// Kept until the forwarder is gone.
     _config: Option<tempfile::NamedTempFile>,
 }
 
 impl Path {
-    fn direct(sink: SocketAddr, echo: SocketAddr, udp: SocketAddr) -> Path {
+    fn direct(s: &Servers) -> Path {
         Path {
             name: "direct".into(),
-            sink,
-            echo,
-            udp: Some(udp),
+            sink: s.sink,
+            echo: s.echo,
+            udp: Some(s.udp),
+            udp_echo: Some(s.udp_echo),
             child: Vec::new(),
             _config: None,
         }
     }
 
-    fn pestod(sink: SocketAddr, echo: SocketAddr, udp: SocketAddr) -> Path {
-        let (s, e, u) = (free_port(), free_port(), free_port());
+    fn pestod(servers: &Servers) -> Path {
+        let Servers {
+            sink,
+            echo,
+            udp,
+            udp_echo,
+        } = *servers;
+        let (s, e, u, ue) = (free_port(), free_port(), free_port(), free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_pestod"))
             .process_group(0)
             .args(["-q", "-t", &format!("127.0.0.1/{s}:{}", sink.port())])
             .args(["-t", &format!("127.0.0.1/{e}:{}", echo.port())])
             .args(["-u", &format!("127.0.0.1/{u}:{}", udp.port())])
+            .args(["-u", &format!("127.0.0.1/{ue}:{}", udp_echo.port())])
             .stdin(Stdio::null())
             .spawn()
             .expect("start pestod");
@@ -155,14 +185,21 @@ impl Path {
             sink: local(s),
             echo: local(e),
             udp: Some(local(u)),
+            udp_echo: Some(local(ue)),
             child: vec![child],
             _config: None,
         }
     }
 
-    fn socat(sink: SocketAddr, echo: SocketAddr, udp: SocketAddr) -> Option<Path> {
+    fn socat(servers: &Servers) -> Option<Path> {
+        let Servers {
+            sink,
+            echo,
+            udp,
+            udp_echo,
+        } = *servers;
         let mut child = Vec::new();
-        let (s, e, u) = (free_port(), free_port(), free_port());
+        let (s, e, u, ue) = (free_port(), free_port(), free_port(), free_port());
         for (listen, target) in [
             (
                 format!("TCP4-LISTEN:{s},fork,reuseaddr,bind=127.0.0.1"),
@@ -175,6 +212,10 @@ impl Path {
             (
                 format!("UDP4-LISTEN:{u},fork,reuseaddr,bind=127.0.0.1"),
                 format!("UDP4:{udp}"),
+            ),
+            (
+                format!("UDP4-LISTEN:{ue},fork,reuseaddr,bind=127.0.0.1"),
+                format!("UDP4:{udp_echo}"),
             ),
         ] {
             // Its own process group: socat forks a child per connection (and
@@ -194,6 +235,7 @@ impl Path {
             sink: local(s),
             echo: local(e),
             udp: Some(local(u)),
+            udp_echo: Some(local(ue)),
             child,
             _config: None,
         };
@@ -227,6 +269,7 @@ impl Path {
             sink: local(s),
             echo: local(e),
             udp: None,
+            udp_echo: None,
             child: vec![child],
             _config: Some(config),
         };
@@ -408,6 +451,56 @@ fn conn_rate(echo: SocketAddr, clients: usize, dur: Duration) -> f64 {
         done
     });
     n as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// Sends every datagram back where it came from.
+fn udp_echo() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = s.local_addr().expect("addr");
+    thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok((n, peer)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], peer);
+        }
+    });
+    addr
+}
+
+/// Datagrams sent as fast as possible to an echo server; throughput of
+/// what comes back.
+fn udp_both_ways(target: SocketAddr, dur: Duration) -> f64 {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.connect(target).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let back = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (s, back, stop) = (
+            s.try_clone().expect("clone"),
+            Arc::clone(&back),
+            Arc::clone(&stop),
+        );
+        thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(n) = s.recv(&mut buf) {
+                    back.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let buf = [0x5au8; DATAGRAM];
+    let t0 = Instant::now();
+    while t0.elapsed() < dur {
+        for _ in 0..64 {
+            let _ = s.send(&buf);
+        }
+    }
+    thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let _ = reader.join();
+    back.load(Ordering::Relaxed) as f64 * 8.0 / dur.as_secs_f64() / 1e6
 }
 
 fn udp(target: SocketAddr, received: &AtomicU64, dur: Duration) -> f64 {
