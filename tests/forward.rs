@@ -380,3 +380,40 @@ fn udp_replies_come_from_the_address_the_peer_used() {
         }
     }
 }
+
+/// Replies in bursts (segmented on the way back) reach the peer as the same
+/// datagrams, in order.
+#[test]
+fn udp_reply_bursts_keep_datagram_boundaries() {
+    let target = UdpSocket::bind(v4(0)).unwrap();
+    target
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let port = free_ports(1);
+    let _d = Pestod::start(&[
+        "-u",
+        &format!("127.0.0.1/{port}:{}", target.local_addr().unwrap().port()),
+    ]);
+    let peer = udp_client(v4(port));
+    socket2::SockRef::from(&peer)
+        .set_recv_buffer_size(4 << 20)
+        .unwrap();
+    peer.send(b"hello").unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (_, flow) = target.recv_from(&mut buf).unwrap();
+    let sizes: Vec<usize> = (0..300)
+        .map(|i| if i % 50 < 40 { 1200 } else { 1 + i * 13 % 1400 })
+        .collect();
+    for (i, &size) in sizes.iter().enumerate() {
+        target.send_to(&pattern(size, i as u64 + 7), flow).unwrap();
+    }
+    for (i, &size) in sizes.iter().enumerate() {
+        let n = peer.recv(&mut buf).expect("a reply went missing");
+        assert_eq!(n, size, "reply {i}: size");
+        assert_eq!(
+            &buf[..n],
+            &pattern(size, i as u64 + 7)[..],
+            "reply {i}: bytes"
+        );
+    }
+}

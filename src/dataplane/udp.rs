@@ -324,47 +324,6 @@ fn report_local_address(socket: &UdpSocket) -> bool {
     on.is_ok()
 }
 
-/// Sends `data` to `peer` from local address `local` (IP_PKTINFO /
-/// IPV6_PKTINFO as the source).
-fn send_from(fd: RawFd, data: &[u8], peer: SocketAddr, local: IpAddr) -> io::Result<usize> {
-    let iov = [IoSlice::new(data)];
-    let dest = SockaddrStorage::from(peer);
-    let sent = match local {
-        IpAddr::V4(l) => {
-            let pi = libc::in_pktinfo {
-                ipi_ifindex: 0,
-                ipi_spec_dst: libc::in_addr {
-                    s_addr: u32::from(l).to_be(),
-                },
-                ipi_addr: libc::in_addr { s_addr: 0 },
-            };
-            sendmsg(
-                fd,
-                &iov,
-                &[ControlMessage::Ipv4PacketInfo(&pi)],
-                MsgFlags::empty(),
-                Some(&dest),
-            )
-        }
-        IpAddr::V6(l) => {
-            let pi = libc::in6_pktinfo {
-                ipi6_addr: libc::in6_addr {
-                    s6_addr: l.octets(),
-                },
-                ipi6_ifindex: 0,
-            };
-            sendmsg(
-                fd,
-                &iov,
-                &[ControlMessage::Ipv6PacketInfo(&pi)],
-                MsgFlags::empty(),
-                Some(&dest),
-            )
-        }
-    };
-    Ok(sent?)
-}
-
 /// Sends the datagrams at `places` of `buf` on the flow's connected socket.
 ///
 /// A run of datagrams of one size lies back to back in `buf`: it goes out in
@@ -581,7 +540,13 @@ async fn flow_for<'a>(
     }))
 }
 
-/// Passes the target's datagrams back to `peer` until the flow ends.
+/// Passes the target's datagrams back to `peer` until the flow ends, from
+/// the address the peer sent to (`local`) where the socket reported it.
+///
+/// Datagrams waiting together are taken together; a run of one size goes
+/// out in one sendmsg(2) with UDP segmentation offload. The batch buffer is
+/// kept only while the flow is busy: a flow of single datagrams holds one
+/// datagram's room.
 async fn replies(
     _life: SocketLife,
     flow: Arc<UdpSocket>,
@@ -591,46 +556,154 @@ async fn replies(
     shared: Arc<FlowShared>,
     dp: Arc<DataPlane>,
 ) {
-    let mut buf: Vec<u8> = Vec::with_capacity(MAX_DATAGRAM);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut lens: Vec<usize> = Vec::new();
+    let mut gso = true;
     loop {
-        buf.clear();
-        let received = tokio::select! {
+        let ready = tokio::select! {
             _ = shared.end.cancelled() => return,
             _ = dp.stop.cancelled() => return,
-            r = flow.recv_buf(&mut buf) => r,
+            r = flow.readable() => r,
         };
-        match received {
-            Ok(_) => {
-                shared.touch(&dp);
-                let sent = match local {
-                    None => listening.send_to(&buf, peer).await,
-                    Some(local) => loop {
-                        let fd = listening.as_raw_fd();
-                        match listening
-                            .try_io(Interest::WRITABLE, || send_from(fd, &buf, peer, local))
-                        {
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                if let Err(e) = listening.writable().await {
-                                    break Err(e);
-                                }
-                            }
-                            other => break other,
-                        }
-                    },
-                };
-                if let Err(e) = sent {
-                    debug!(%peer, error = %e, "reply to peer failed");
+        if ready.is_err() {
+            shared.end.cancel();
+            return;
+        }
+        buf.clear();
+        lens.clear();
+        // Room for one datagram at first; for a batch once more were
+        // waiting than that.
+        let mut more = false;
+        buf.reserve_exact(MAX_DATAGRAM);
+        while lens.len() < BATCH {
+            if buf.capacity() - buf.len() < MAX_DATAGRAM {
+                more = true;
+                break;
+            }
+            let start = buf.len();
+            match flow.try_recv_buf(&mut buf) {
+                Ok(_) => lens.push(buf.len() - start),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // ICMP port unreachable from the target: it may come up later.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(e) => {
+                    debug!(%peer, error = %e, "UDP flow failed");
+                    shared.end.cancel();
+                    return;
                 }
             }
-            // ICMP port unreachable from the target: it may come up later.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-            Err(e) => {
-                debug!(%peer, error = %e, "UDP flow failed");
-                shared.end.cancel();
-                return;
-            }
+        }
+        if lens.is_empty() {
+            continue;
+        }
+        shared.touch(&dp);
+        send_back(&listening, &buf, &lens, peer, local, &mut gso).await;
+        if more && buf.capacity() < BATCH_BYTES {
+            buf.reserve_exact(BATCH_BYTES - buf.len());
+        } else if !more && lens.len() <= 1 && buf.capacity() > MAX_DATAGRAM {
+            buf = Vec::new();
         }
     }
+}
+
+/// Sends the datagrams of `lens`, back to back in `buf`, to `peer`: runs of
+/// one size in one segmented send each (while `gso` holds: a refused
+/// segmented send turns it off and goes again datagram by datagram), the
+/// others one by one.
+async fn send_back(
+    listening: &UdpSocket,
+    buf: &[u8],
+    lens: &[usize],
+    peer: SocketAddr,
+    local: Option<IpAddr>,
+    gso: &mut bool,
+) {
+    let mut at = 0;
+    let mut i = 0;
+    while i < lens.len() {
+        let size = lens.get(i).copied().unwrap_or(0);
+        let mut j = i + 1;
+        while *gso
+            && j < lens.len()
+            && j - i < GSO_MAX_SEGMENTS
+            && lens.get(j) == Some(&size)
+            && (j - i + 1) * size <= GSO_MAX_BYTES
+        {
+            j += 1;
+        }
+        let bytes = size * (j - i);
+        let data = buf.get(at..at + bytes).unwrap_or_default();
+        let segment = (j - i > 1).then(|| u16::try_from(size).ok()).flatten();
+        let fd = listening.as_raw_fd();
+        let sent = loop {
+            let res = listening.try_io(Interest::WRITABLE, || {
+                send_to_peer(fd, data, peer, local, segment)
+            });
+            match res {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = listening.writable().await {
+                        break Err(e);
+                    }
+                }
+                other => break other,
+            }
+        };
+        match sent {
+            Err(e) if segment.is_some() => {
+                debug!(%peer, error = %e, "no UDP segmentation offload for replies");
+                *gso = false;
+                // Again, one datagram at a time.
+                continue;
+            }
+            Err(e) => debug!(%peer, error = %e, "reply to peer failed"),
+            Ok(_) => {}
+        }
+        at += bytes;
+        i = j;
+    }
+}
+
+/// One sendmsg(2) of `data` to `peer`: from `local` if given, cut into
+/// datagrams of `segment` bytes if given.
+fn send_to_peer(
+    fd: RawFd,
+    data: &[u8],
+    peer: SocketAddr,
+    local: Option<IpAddr>,
+    segment: Option<u16>,
+) -> io::Result<usize> {
+    let iov = [IoSlice::new(data)];
+    let dest = SockaddrStorage::from(peer);
+    let v4 = local.and_then(|l| match l {
+        IpAddr::V4(a) => Some(libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: u32::from(a).to_be(),
+            },
+            ipi_addr: libc::in_addr { s_addr: 0 },
+        }),
+        IpAddr::V6(_) => None,
+    });
+    let v6 = local.and_then(|l| match l {
+        IpAddr::V6(a) => Some(libc::in6_pktinfo {
+            ipi6_addr: libc::in6_addr {
+                s6_addr: a.octets(),
+            },
+            ipi6_ifindex: 0,
+        }),
+        IpAddr::V4(_) => None,
+    });
+    let mut cmsgs = Vec::with_capacity(2);
+    if let Some(pi) = &v4 {
+        cmsgs.push(ControlMessage::Ipv4PacketInfo(pi));
+    }
+    if let Some(pi) = &v6 {
+        cmsgs.push(ControlMessage::Ipv6PacketInfo(pi));
+    }
+    if let Some(size) = &segment {
+        cmsgs.push(ControlMessage::UdpGsoSegments(size));
+    }
+    Ok(sendmsg(fd, &iov, &cmsgs, MsgFlags::empty(), Some(&dest))?)
 }
 
 #[cfg(test)]
