@@ -119,10 +119,12 @@ enum Spliced {
     Unsupported,
 }
 
-/// The splice(2) direction. The pipe is filled only when empty: splicing into
-/// a pipe that holds data can fail with EAGAIN for want of pipe slots rather
-/// than of socket data, which would make us wait for a readiness that never
-/// comes. With an empty pipe, EAGAIN can only mean "no data".
+/// The splice(2) direction. A read that waits for readiness happens only
+/// with an empty pipe: splicing into a pipe that holds data can fail with
+/// EAGAIN for want of pipe slots rather than of socket data, and clearing the
+/// socket's readiness then would wait for an event that never comes. While
+/// the target is slow to take the pipe's data, reads go on opportunistically
+/// into the room left, without touching readiness.
 async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::Result<Spliced> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved: u64 = 0;
@@ -141,6 +143,7 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::R
         if in_pipe >= pipe.size / 2 {
             pipe.grow();
         }
+        let mut eof = false;
         while in_pipe > 0 {
             dst.writable().await?;
             let res = dst.try_io(Interest::WRITABLE, || {
@@ -155,6 +158,23 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::R
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
+            // The target takes its time: read on meanwhile, into the room
+            // the pipe has. Straight to splice(2), not through tokio: an
+            // EAGAIN here may mean a full pipe, and must not clear the
+            // socket's readiness (data there would wait for an event that
+            // does not come).
+            if in_pipe > 0 && !eof && in_pipe < pipe.size {
+                let room = pipe.size - in_pipe;
+                match rustix::pipe::splice(src, None, &pipe.write, None, room, flags) {
+                    Ok(0) => eof = true,
+                    Ok(n) => in_pipe += n,
+                    Err(Errno::AGAIN) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if eof {
+            return Ok(Spliced::Done(moved));
         }
     }
 }
