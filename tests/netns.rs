@@ -374,3 +374,74 @@ fn auto_follows_the_namespace_listeners() {
     let out = pesto(&sock, &[]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("(auto-scan)"));
 }
+
+/// Inside a namespace of its own, where the loopback's MTU is 1500 and a
+/// veth interface has a broadcast address: datagrams larger than the MTU
+/// still go through both ways in bursts (segmentation falls back to single
+/// datagrams the kernel fragments), and a peer that sent to the broadcast
+/// address gets its answer.
+#[test]
+fn udp_beyond_the_mtu_and_broadcast() {
+    let Some(ns) = Ns::new() else { return };
+    let ip = |args: &[&str]| {
+        let mut all = vec!["-n", ns.name.as_str()];
+        all.extend_from_slice(args);
+        assert!(
+            Command::new("ip").args(&all).status().unwrap().success(),
+            "ip {all:?}"
+        );
+    };
+    ip(&["link", "set", "lo", "mtu", "1500"]);
+    ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    ip(&["addr", "add", "10.9.0.1/24", "brd", "+", "dev", "v0"]);
+    ip(&["link", "set", "v0", "up"]);
+    ip(&["link", "set", "v1", "up"]);
+    let (p, t) = (20_000u16, 20_001u16);
+    let echo = ns.run(move || UdpSocket::bind(v4(t)).unwrap());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok((n, peer)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], peer);
+        }
+    });
+    let name = ns.name.clone();
+    let mut d = Pestod::spawn_with(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &name,
+            env!("CARGO_BIN_EXE_pestod"),
+            "-u",
+            &format!("0.0.0.0/{p}:{t}"),
+        ],
+    );
+    d.wait_for("ready").expect("ready");
+    let (sizes_back, broadcast_reply) = ns.run(move || {
+        let c = UdpSocket::bind(v4(0)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        socket2::SockRef::from(&c)
+            .set_recv_buffer_size(4 << 20)
+            .unwrap();
+        c.connect(v4(p)).unwrap();
+        for _ in 0..10 {
+            c.send(&[7u8; 2000]).unwrap();
+        }
+        let mut buf = [0u8; 65536];
+        let sizes: Vec<usize> = (0..10)
+            .map(|_| c.recv(&mut buf).expect("a datagram lost"))
+            .collect();
+        let b = UdpSocket::bind("0.0.0.0:0").unwrap();
+        b.set_broadcast(true).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        b.send_to(b"who", ("10.9.0.255", p)).unwrap();
+        let reply = b
+            .recv_from(&mut buf)
+            .map(|(n, from)| (buf[..n].to_vec(), from));
+        (sizes, reply)
+    });
+    assert_eq!(sizes_back, vec![2000; 10]);
+    let (data, from) = broadcast_reply.expect("no answer to a broadcast");
+    assert_eq!(data, b"who");
+    assert_eq!(from, SocketAddr::from(([10, 9, 0, 1], p)));
+}

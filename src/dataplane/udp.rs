@@ -22,6 +22,7 @@ use nix::sys::socket::{
     ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt,
     sockopt,
 };
+use rustix::io::Errno;
 use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -124,6 +125,9 @@ struct Flow {
     /// The socket's UDP_SEGMENT size now: 0 for none, [`NO_GSO`] where the
     /// kernel refuses it.
     gso: AtomicU16,
+    /// Datagrams of this size or more are not segmented: a segmented send
+    /// of them failed with EMSGSIZE (larger than the path's MTU).
+    gso_limit: AtomicU16,
 }
 
 /// [`Flow::gso`] on a kernel without UDP segmentation offload.
@@ -285,11 +289,19 @@ fn recv_one(
     if let Ok(cmsgs) = msg.cmsgs() {
         for c in cmsgs {
             match c {
+                // The local address to answer from (for a broadcast, the
+                // interface's address, not the broadcast one).
                 ControlMessageOwned::Ipv4PacketInfo(pi) => {
-                    local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr))));
+                    let a = Ipv4Addr::from(u32::from_be(pi.ipi_spec_dst.s_addr));
+                    let usable = !(a.is_unspecified() || a.is_broadcast() || a.is_multicast());
+                    local = usable.then_some(IpAddr::V4(a));
                 }
                 ControlMessageOwned::Ipv6PacketInfo(pi) => {
-                    local = Some(IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)));
+                    let a = Ipv6Addr::from(pi.ipi6_addr.s6_addr);
+                    let v4 = a.to_ipv4_mapped();
+                    let usable = !(a.is_multicast()
+                        || v4.is_some_and(|v| v.is_broadcast() || v.is_multicast()));
+                    local = usable.then_some(IpAddr::V6(a));
                 }
                 _ => {}
             }
@@ -355,18 +367,35 @@ async fn send_batch(
             j += 1;
         }
         let run = places.get(i..j).unwrap_or_default();
-        if j - i >= 2
+        let segmented = j - i >= 2
             && size > 0
+            && size < usize::from(flow.gso_limit.load(Ordering::Relaxed))
             && flow.gso.load(Ordering::Relaxed) != NO_GSO
-            && set_gso(flow, size)
-        {
+            && set_gso(flow, size);
+        let mut single = !segmented;
+        if segmented {
             let start = run.first().map_or(0, |(_, r)| r.start);
             let end = run.last().map_or(0, |(_, r)| r.end);
             let whole = buf.get(start..end).unwrap_or_default();
             if let Err(e) = send_one(&flow.socket, whole).await {
-                debug!(%peer, %target, error = %e, "send to target failed");
+                // The run goes again datagram by datagram: larger than the
+                // path's MTU (the kernel fragments a single datagram, not a
+                // segmented one), segmentation refused, or an error queued
+                // by an earlier datagram's ICMP.
+                debug!(%peer, %target, error = %e, "segmented send failed, sending one by one");
+                set_gso(flow, 0);
+                match Errno::from_io_error(&e) {
+                    Some(Errno::MSGSIZE) => {
+                        let limit = u16::try_from(size).unwrap_or(u16::MAX);
+                        flow.gso_limit.fetch_min(limit, Ordering::Relaxed);
+                    }
+                    Some(n) if gso_unsupported(n) => flow.gso.store(NO_GSO, Ordering::Relaxed),
+                    _ => {}
+                }
+                single = true;
             }
-        } else {
+        }
+        if single {
             // Unsegmented: no datagram may be larger than the size set.
             let largest = run.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
             let gso = flow.gso.load(Ordering::Relaxed);
@@ -377,6 +406,22 @@ async fn send_batch(
         }
         i = j;
     }
+}
+
+/// Errors that mean "no segmentation offload here".
+fn gso_unsupported(n: Errno) -> bool {
+    [Errno::INVAL, Errno::OPNOTSUPP, Errno::NOPROTOOPT, Errno::IO].contains(&n)
+}
+
+/// Whether this kernel segments UDP (Linux 4.18 and later): older ones
+/// ignore the control message, which would merge a run into one datagram,
+/// so replies use it only where the socket option is known.
+fn gso_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .is_ok_and(|s| setsockopt(&s, sockopt::UdpGsoSegment, &1400).is_ok())
+    })
 }
 
 /// Sets the flow socket's UDP_SEGMENT size; false (and no more tries) where
@@ -537,6 +582,7 @@ async fn flow_for<'a>(
         id,
         dp: Arc::clone(dp),
         gso: AtomicU16::new(0),
+        gso_limit: AtomicU16::new(u16::MAX),
     }))
 }
 
@@ -558,7 +604,10 @@ async fn replies(
 ) {
     let mut buf: Vec<u8> = Vec::new();
     let mut lens: Vec<usize> = Vec::new();
-    let mut gso = true;
+    let mut gso = Gso {
+        on: gso_supported(),
+        limit: usize::MAX,
+    };
     loop {
         let ready = tokio::select! {
             _ = shared.end.cancelled() => return,
@@ -577,7 +626,8 @@ async fn replies(
         buf.reserve_exact(MAX_DATAGRAM);
         while lens.len() < BATCH {
             if buf.capacity() - buf.len() < MAX_DATAGRAM {
-                more = true;
+                // Out of room: a batch buffer pays only if more is waiting.
+                more = flow.try_peek_sender().is_ok();
                 break;
             }
             let start = buf.len();
@@ -606,24 +656,34 @@ async fn replies(
     }
 }
 
+/// Whether replies are segmented, and below which datagram size.
+struct Gso {
+    on: bool,
+    /// A segmented send of datagrams this size or larger failed with
+    /// EMSGSIZE (larger than the path's MTU).
+    limit: usize,
+}
+
 /// Sends the datagrams of `lens`, back to back in `buf`, to `peer`: runs of
-/// one size in one segmented send each (while `gso` holds: a refused
-/// segmented send turns it off and goes again datagram by datagram), the
-/// others one by one.
+/// one size in one segmented send each, the others one by one. A segmented
+/// send that fails goes again datagram by datagram.
 async fn send_back(
     listening: &UdpSocket,
     buf: &[u8],
     lens: &[usize],
     peer: SocketAddr,
-    local: Option<IpAddr>,
-    gso: &mut bool,
+    mut local: Option<IpAddr>,
+    gso: &mut Gso,
 ) {
     let mut at = 0;
     let mut i = 0;
+    let mut single = false;
     while i < lens.len() {
         let size = lens.get(i).copied().unwrap_or(0);
         let mut j = i + 1;
-        while *gso
+        while gso.on
+            && !single
+            && size < gso.limit
             && j < lens.len()
             && j - i < GSO_MAX_SEGMENTS
             && lens.get(j) == Some(&size)
@@ -631,6 +691,7 @@ async fn send_back(
         {
             j += 1;
         }
+        single = false;
         let bytes = size * (j - i);
         let data = buf.get(at..at + bytes).unwrap_or_default();
         let segment = (j - i > 1).then(|| u16::try_from(size).ok()).flatten();
@@ -650,9 +711,21 @@ async fn send_back(
         };
         match sent {
             Err(e) if segment.is_some() => {
-                debug!(%peer, error = %e, "no UDP segmentation offload for replies");
-                *gso = false;
+                debug!(%peer, error = %e, "segmented reply failed, sending one by one");
+                match Errno::from_io_error(&e) {
+                    Some(Errno::MSGSIZE) => gso.limit = gso.limit.min(size),
+                    Some(n) if gso_unsupported(n) => gso.on = false,
+                    _ => {}
+                }
                 // Again, one datagram at a time.
+                single = true;
+                continue;
+            }
+            Err(e) if local.is_some() => {
+                // The source address may not do (an address gone since):
+                // from now on, the kernel picks.
+                debug!(%peer, error = %e, "reply from the peer's address failed");
+                local = None;
                 continue;
             }
             Err(e) => debug!(%peer, error = %e, "reply to peer failed"),
