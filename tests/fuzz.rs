@@ -2,9 +2,9 @@
 //! the normal test suite: real transcripts, upstream's captured bytes, and
 //! deterministic mutations of them. Longer runs: see docs/security.md.
 
-use std::io::Write;
-use std::os::fd::AsFd;
-use std::process::Command;
+mod common;
+
+use common::Ns;
 
 use pesto::codec::Update;
 use pesto::codec::v3::ClientMsg;
@@ -86,34 +86,12 @@ fn decoders_survive_the_corpus() {
 }
 
 /// The transaction target binds what its bytes ask for, so it runs in a
-/// network namespace of its own.
+/// network namespace of its own (deleted afterwards, also when an input
+/// breaks an invariant).
 #[test]
 fn transactions_survive_the_corpus() {
-    let name = format!("pesto-fuzz-{}", std::process::id());
-    let made = Command::new("ip")
-        .args(["netns", "add", &name])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !made {
-        let have_ip = Command::new("ip").arg("-V").output().is_ok();
-        assert!(
-            !(rustix::process::geteuid().is_root() && have_ip),
-            "root cannot create a network namespace"
-        );
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: the transaction fuzz target needs a network namespace (root, iproute2)"
-        );
-        return;
-    }
-    let path = format!("/run/netns/{name}");
-    let result = std::thread::spawn(move || {
-        let ns = std::fs::File::open(path).unwrap();
-        rustix::thread::move_into_link_name_space(
-            ns.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .unwrap();
+    let Some(ns) = Ns::new() else { return };
+    let played = ns.run(move || {
         // The real transcripts go all the way: apply and commit is one
         // generation, apply and rollback two.
         assert_eq!(fuzzing::transaction(&transcript(true)), 2);
@@ -124,9 +102,6 @@ fn transactions_survive_the_corpus() {
             fuzzing::transaction(input);
         }
         inputs.len()
-    })
-    .join();
-    let _ = Command::new("ip").args(["netns", "del", &name]).output();
-    let played = result.expect("a transaction input broke an invariant");
+    });
     assert!(played > 300);
 }

@@ -5,6 +5,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
@@ -301,4 +303,80 @@ pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+/// A namespace made for one test, deleted after it.
+pub struct Ns {
+    /// Its name under /run/netns.
+    pub name: String,
+}
+
+impl Ns {
+    /// A new namespace with its loopback up, or `None` (with a message) where
+    /// this machine cannot make one.
+    pub fn new() -> Option<Ns> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "pesto-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let ok = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !ok(&["netns", "add", &name]) {
+            // Root with iproute2 must manage: a skip there would hide a
+            // regression.
+            let have_ip = Command::new("ip").arg("-V").output().is_ok();
+            assert!(
+                !(rustix::process::geteuid().is_root() && have_ip),
+                "root cannot create a network namespace"
+            );
+            // Straight to the terminal: the test harness hides eprintln!
+            // of passing tests.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: cannot create a network namespace (needs root and iproute2)"
+            );
+            return None;
+        }
+        let ns = Ns { name };
+        assert!(ok(&["-n", &ns.name, "link", "set", "lo", "up"]));
+        Some(ns)
+    }
+
+    /// Its file.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs `f` on a thread that entered the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let file = std::fs::File::open(self.path()).unwrap();
+        std::thread::spawn(move || {
+            rustix::thread::move_into_link_name_space(
+                file.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Deletes it now (also done when it is dropped).
+    pub fn delete(&self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        self.delete();
+    }
 }
