@@ -249,6 +249,21 @@ impl Raw {
         }
     }
 
+    /// Steps 1 to 6 of a transaction that adds `port` -> `target` to HOST's
+    /// table; the server has acknowledged it.
+    fn propose_adding(&mut self, port: u16, target: u16) {
+        let (_, mut table) = self.read_state();
+        table.push(tcp_rule(port, port, target));
+        self.update(1, &table);
+        assert_eq!(self.status().code, 0);
+    }
+
+    /// Steps 7 and 8: APPLY, and a report with verdict OK.
+    fn apply(&mut self) {
+        self.send(&[0x11]);
+        assert!(self.report().0);
+    }
+
     /// Reads to EOF: the server closed.
     fn closed(&mut self) -> bool {
         let mut rest = Vec::new();
@@ -469,17 +484,13 @@ fn second_apply_waits_then_is_stale_or_busy() {
     let (p1, p2) = (free_ports(1), free_ports(1));
     let propose = |port: u16| {
         let mut c = d.raw();
-        let (_, mut table) = c.read_state();
-        table.push(tcp_rule(port, port, target));
-        c.update(1, &table);
-        assert_eq!(c.status().code, 0);
+        c.propose_adding(port, target);
         c
     };
     // Both read generation 1; the first applies and sits uncommitted.
     let mut first = propose(p1);
     let mut second = propose(p2);
-    first.send(&[0x11]);
-    assert!(first.report().0);
+    first.apply();
     // The second APPLY waits for the first, up to its step timeout: BUSY.
     second.send(&[0x11]);
     let st = second.status();
@@ -490,8 +501,7 @@ fn second_apply_waits_then_is_stale_or_busy() {
     assert_eq!(first.status().code, 0);
     let mut a = propose(free_ports(1));
     let mut b = propose(free_ports(1));
-    a.send(&[0x11]);
-    assert!(a.report().0);
+    a.apply();
     b.send(&[0x11]);
     std::thread::sleep(Duration::from_millis(200));
     a.send(&[0x12]);
@@ -508,12 +518,8 @@ fn sigterm_rolls_back_an_applied_transaction() {
     let (mut d, port, target) = daemon_with_port(&[]);
     let new_port = free_ports(1);
     let mut c = d.raw();
-    let (_, mut table) = c.read_state();
-    table.push(tcp_rule(new_port, new_port, target));
-    c.update(1, &table);
-    assert_eq!(c.status().code, 0);
-    c.send(&[0x11]);
-    assert!(c.report().0);
+    c.propose_adding(new_port, target);
+    c.apply();
     d.proc.signal(rustix::process::Signal::TERM);
     let status = d.proc.wait();
     assert_eq!(status.code(), Some(0), "{}", d.proc.log());
@@ -543,12 +549,8 @@ fn silent_clients_time_out_and_applied_ones_roll_back() {
 
     let new_port = free_ports(1);
     let mut c = d.raw();
-    let (_, mut table) = c.read_state();
-    table.push(tcp_rule(new_port, new_port, target));
-    c.update(1, &table);
-    assert_eq!(c.status().code, 0);
-    c.send(&[0x11]);
-    assert!(c.report().0);
+    c.propose_adding(new_port, target);
+    c.apply();
     assert!(forwards(new_port));
     // No COMMIT: after the commit timeout, TIMEOUT and a rollback.
     let st = c.status();
