@@ -1,6 +1,7 @@
 //! The fuzz targets (fuzz/, for cargo-fuzz) run over a bounded corpus in
 //! the normal test suite: real transcripts, upstream's captured bytes, and
-//! deterministic mutations of them. Longer runs: see docs/security.md.
+//! deterministic mutations of them. CI also runs them under libFuzzer for a
+//! bounded time (`.ci/fuzz`); longer runs: see docs/security.md.
 
 mod common;
 
@@ -35,15 +36,41 @@ fn transcript(commit: bool) -> Vec<u8> {
     b
 }
 
+/// The `.bin` files of a folder of the source tree.
+fn bins(dir: &str) -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bin"))
+        .collect();
+    paths.sort();
+    paths.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+/// The same seed corpus that CI gives libFuzzer (`.ci/fuzz`): the
+/// transcripts in fuzz/seeds and upstream's captured bytes.
 fn seeds() -> Vec<Vec<u8>> {
-    let mut out = vec![transcript(true), transcript(false), Vec::new()];
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/upstream-v2");
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        if e.path().extension().is_some_and(|x| x == "bin") {
-            out.push(std::fs::read(e.path()).unwrap());
-        }
-    }
+    let mut out = vec![Vec::new()];
+    out.extend(bins("fuzz/seeds"));
+    out.extend(bins("tests/data/upstream-v2"));
     out
+}
+
+/// The committed transcripts are what the codec writes today, so the
+/// fuzzers start from messages the server accepts.
+#[test]
+fn seed_transcripts_are_current() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    assert_eq!(
+        std::fs::read(dir.join("apply-commit.bin")).unwrap(),
+        transcript(true)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("apply-rollback.bin")).unwrap(),
+        transcript(false)
+    );
 }
 
 /// Deterministic mutations: cuts, flipped bytes, inserted bytes.
