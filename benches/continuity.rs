@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pesto::daemon::raise_nofile_limit;
-use pesto::dataplane::{DataPlane, UdpSettings};
+use pesto::dataplane::{DataPlane, Settings};
 use pesto::registry::Registry;
 use pesto::rule::{PifId, Proto, Rule};
 use pesto::target::{Route, Targets};
@@ -58,7 +58,7 @@ fn main() {
         let extra = route(base + sockets, 1);
         let with_extra: Vec<Arc<Route>> = table.iter().cloned().chain([extra]).collect();
 
-        let mut reg = Registry::new(DataPlane::new(UdpSettings::default()));
+        let mut reg = Registry::new(DataPlane::new(Settings::default()));
         let t0 = Instant::now();
         let r = reg.sync(PifId::HOST, &table, true);
         assert!(r.is_ok(), "initial bind failed");

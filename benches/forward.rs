@@ -6,6 +6,7 @@
 //! cargo bench --bench forward                  # 3 s per measurement
 //! PESTO_BENCH_SECS=10 cargo bench --bench forward
 //! PESTO_BENCH_ONLY=UDP cargo bench --bench forward   # loads whose name has "UDP"
+//! PESTO_BENCH_ARGS="--tcp-loopback-buffer 0" cargo bench --bench forward  # pestod options
 //! ```
 //!
 //! Loads: bulk TCP (one stream, four streams; the client writes 256 KiB
@@ -169,8 +170,10 @@ impl Path {
             udp_echo,
         } = *servers;
         let (s, e, u, ue) = (free_port(), free_port(), free_port(), free_port());
+        let extra = std::env::var("PESTO_BENCH_ARGS").unwrap_or_default();
         let child = Command::new(env!("CARGO_BIN_EXE_pestod"))
             .process_group(0)
+            .args(extra.split_whitespace())
             .args(["-q", "-t", &format!("127.0.0.1/{s}:{}", sink.port())])
             .args(["-t", &format!("127.0.0.1/{e}:{}", echo.port())])
             .args(["-u", &format!("127.0.0.1/{u}:{}", udp.port())])

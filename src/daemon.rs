@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::control::state::{Shared, Timeouts};
 use crate::control::{ControlError, ControlOptions, ControlServer};
-use crate::dataplane::{DataPlane, UdpSettings};
+use crate::dataplane::{DataPlane, Settings};
 use crate::edit::{HOST_NAME, SPLICE_NAME};
 use crate::netns::Netns;
 use crate::registry::{Registry, SyncReport};
@@ -34,8 +34,8 @@ pub struct Options {
     pub netns: Option<Arc<Netns>>,
     /// Default targets.
     pub targets: Targets,
-    /// UDP flow settings.
-    pub udp: UdpSettings,
+    /// How connections and flows are treated.
+    pub dataplane: Settings,
     /// How long connections may go on after a shutdown starts.
     pub shutdown_grace: Duration,
     /// The control socket's path, if there is one.
@@ -163,7 +163,7 @@ impl Daemon {
         if opts.netns.is_none() && !opts.splice.is_empty() {
             return Err(StartError::NoNamespace);
         }
-        let dp = DataPlane::new(opts.udp);
+        let dp = DataPlane::new(opts.dataplane);
         let mut registry = Registry::new(Arc::clone(&dp));
         let mut config = Config::default();
         let mut placements = Vec::new();

@@ -13,7 +13,7 @@ use crate::codec::v3::{ClientHello, ClientMsg, ServerHello, ServerMsg};
 use crate::codec::{HelloV2, Limits, ListingV2, Update, Wire, decode_from};
 use crate::control::serve_one;
 use crate::control::state::{Shared, Timeouts};
-use crate::dataplane::{DataPlane, UdpSettings};
+use crate::dataplane::{DataPlane, Settings};
 use crate::registry::Registry;
 use crate::rule::{Caps, PifId, Proto, Rule};
 use crate::table::{Config, PifTable, Table};
@@ -69,7 +69,7 @@ pub fn transaction(data: &[u8]) -> u64 {
             step: Duration::from_millis(100),
             commit: Duration::from_millis(100),
         };
-        let registry = Registry::new(DataPlane::new(UdpSettings::default()));
+        let registry = Registry::new(DataPlane::new(Settings::default()));
         let shared = Arc::new(Shared::new(config, registry, Targets::default(), timeouts));
         let Ok((server, mut client)) = tokio::net::UnixStream::pair() else {
             return 0;

@@ -309,7 +309,7 @@ async fn close(listeners: impl Iterator<Item = Listener>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::UdpSettings;
+    use crate::dataplane::Settings;
     use crate::rule::Proto;
     use crate::target::Targets;
     use std::net::IpAddr;
@@ -337,7 +337,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_binds_parks_and_rolls_back() {
-        let dp = DataPlane::new(UdpSettings::default());
+        let dp = DataPlane::new(Settings::default());
         let mut reg = Registry::new(dp);
         let base = free_range(4);
         let old = [route(Proto::Tcp, base, base + 1, 9)];
@@ -363,7 +363,7 @@ mod tests {
 
     #[tokio::test]
     async fn failures_come_as_ranges_with_errno() {
-        let dp = DataPlane::new(UdpSettings::default());
+        let dp = DataPlane::new(Settings::default());
         let mut reg = Registry::new(dp);
         let base = free_range(3);
         let _held = std::net::TcpListener::bind(("127.0.0.1", base + 1)).unwrap();

@@ -417,3 +417,56 @@ fn udp_reply_bursts_keep_datagram_boundaries() {
         );
     }
 }
+
+/// The socket buffer sizes (`rb`, `tb` of `ss -m`) of the established TCP
+/// socket matching `filter`, or `None` without `ss`.
+fn buffers(filter: &str) -> Option<(u64, u64)> {
+    let out = std::process::Command::new("ss")
+        .args(["-tmnH", "state", "established", filter])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| -> u64 {
+        let at = text
+            .find(&format!(",{name}"))
+            .unwrap_or_else(|| panic!("no {name} in {text:?}"));
+        let digits: String = text[at + name.len() + 1..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().unwrap()
+    };
+    Some((field("rb"), field("tb")))
+}
+
+/// Both sides of a connection between loopback peers get the fixed buffers
+/// of `--tcp-loopback-buffer` (the kernel reports twice the value); with 0
+/// they keep the kernel's autotuned sizes.
+#[test]
+fn loopback_connections_get_fixed_buffers() {
+    if std::process::Command::new("ss").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: no ss (iproute2) to read socket buffers");
+        return;
+    }
+    let target = echo_server(v4(0));
+    for (size, fixed) in [("100000", true), ("0", false)] {
+        let port = free_ports(1);
+        let _d = Pestod::start(&[
+            "--tcp-loopback-buffer",
+            size,
+            "-t",
+            &format!("{port}:{}", target.port()),
+        ]);
+        let mut s = connect(v4(port));
+        // The buffers are set before the relay starts, so they are in place
+        // once a byte has made the round trip.
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        let inbound = buffers(&format!("sport = :{port}")).unwrap();
+        let outbound = buffers(&format!("dport = :{}", target.port())).unwrap();
+        for (rb, tb) in [inbound, outbound] {
+            assert_eq!((rb, tb) == (200_000, 200_000), fixed, "size {size}");
+        }
+    }
+}

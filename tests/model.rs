@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use pesto::codec::Update;
 use pesto::codec::v3::Code;
 use pesto::control::state::{Applied, Shadow, Shared, Snapshot, Timeouts};
-use pesto::dataplane::{DataPlane, UdpSettings};
+use pesto::dataplane::{DataPlane, Settings};
 use pesto::registry::Registry;
 use pesto::rule::{Caps, PifId, Proto, Rule};
 use pesto::table::{Config, PifTable, Table};
@@ -104,7 +104,7 @@ fn run_case(ops: Vec<Op>, schedule: Vec<usize>, base: u16) {
                 table: Table::with_rules(caps, initial.clone()).unwrap(),
             }],
         };
-        let dp = DataPlane::new(UdpSettings::default());
+        let dp = DataPlane::new(Settings::default());
         let mut registry = Registry::new(dp);
         let routes: Vec<_> = initial
             .iter()

@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 use pesto::control::ControlOptions;
 use pesto::control::state::Timeouts;
 use pesto::daemon::{Daemon, Options, raise_nofile_limit};
-use pesto::dataplane::UdpSettings;
+use pesto::dataplane::{Settings, TcpSettings, UdpSettings};
 use pesto::netns::Netns;
 use pesto::rule::Caps;
 use pesto::spec::{Ephemeral, SpecOpt, parse_rules};
@@ -73,6 +73,13 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_udp_flows: u64,
+
+    /// Socket buffer size for each side of a TCP connection whose peer is a
+    /// loopback address (0: the kernel's autotuning). Bounded buffers keep
+    /// local transfers in the CPU caches; other peers always autotune.
+    #[arg(long, value_name = "BYTES", default_value_t = 512 << 10,
+          value_parser = clap::value_parser!(u64).range(0..=(1 << 30)))]
+    tcp_loopback_buffer: u64,
 
     /// Seconds that TCP connections in flight may go on after SIGINT or SIGTERM.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
@@ -286,9 +293,14 @@ fn options(args: &Args) -> Result<Options, String> {
         splice,
         netns,
         targets,
-        udp: UdpSettings {
-            idle_timeout: Duration::from_secs(args.udp_timeout),
-            max_flows: usize::try_from(args.max_udp_flows).unwrap_or(usize::MAX),
+        dataplane: Settings {
+            tcp: TcpSettings {
+                loopback_buffer: usize::try_from(args.tcp_loopback_buffer).unwrap_or(usize::MAX),
+            },
+            udp: UdpSettings {
+                idle_timeout: Duration::from_secs(args.udp_timeout),
+                max_flows: usize::try_from(args.max_udp_flows).unwrap_or(usize::MAX),
+            },
         },
         shutdown_grace,
         control: args.control.clone(),

@@ -55,6 +55,41 @@ impl SocketClosed {
     }
 }
 
+/// How the data plane treats connections and flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// TCP connections.
+    pub tcp: TcpSettings,
+    /// UDP flows.
+    pub udp: UdpSettings,
+}
+
+/// TCP connection settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSettings {
+    /// SO_SNDBUF and SO_RCVBUF, in bytes, for each side of a forwarded
+    /// connection whose peer has a loopback address; 0 leaves them to the
+    /// kernel's autotuning. The kernel doubles the value and caps it at
+    /// net.core.wmem_max and rmem_max.
+    ///
+    /// On loopback, autotuning grows a busy connection's buffers to many
+    /// megabytes (up to net.ipv4.tcp_rmem's maximum), and the bytes queued in
+    /// the forwarder's two connections fall out of the CPU caches before the
+    /// receiver copies them; bounded buffers keep the pipeline in cache, which
+    /// more than makes up for the extra wakeups. Over a real network a fixed
+    /// buffer would cap a connection at buffer / RTT, so other peers keep
+    /// autotuning.
+    pub loopback_buffer: usize,
+}
+
+impl Default for TcpSettings {
+    fn default() -> TcpSettings {
+        TcpSettings {
+            loopback_buffer: 512 << 10,
+        }
+    }
+}
+
 /// UDP flow settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UdpSettings {
@@ -101,6 +136,7 @@ impl Stats {
 pub struct DataPlane {
     tracker: TaskTracker,
     stop: CancellationToken,
+    tcp: TcpSettings,
     udp: UdpSettings,
     flows: udp::FlowLimiter,
     pipes: relay::PipePool,
@@ -109,11 +145,13 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// A data plane with these UDP settings.
-    pub fn new(udp: UdpSettings) -> Arc<DataPlane> {
+    /// A data plane with these settings.
+    pub fn new(settings: Settings) -> Arc<DataPlane> {
+        let Settings { tcp, udp } = settings;
         Arc::new(DataPlane {
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
+            tcp,
             udp,
             flows: udp::FlowLimiter::new(udp.max_flows),
             pipes: relay::PipePool::default(),

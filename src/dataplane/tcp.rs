@@ -119,6 +119,14 @@ async fn forward(
     // Small writes (requests, handshakes) must not wait for Nagle.
     let _ = inbound.set_nodelay(true);
     let _ = outbound.set_nodelay(true);
+    let size = dp.tcp.loopback_buffer;
+    if size > 0 {
+        for (stream, addr) in [(&inbound, peer), (&outbound, target)] {
+            if addr.ip().to_canonical().is_loopback() {
+                set_buffers(stream, size);
+            }
+        }
+    }
     let res = tokio::select! {
         _ = dp.stop.cancelled() => Ok(()),
         r = relay::relay(&inbound, &outbound, &dp.pipes) => r,
@@ -137,6 +145,14 @@ async fn connect(target: SocketAddr, ns: Option<&Netns>) -> io::Result<TcpStream
     };
     let socket = ns.run_async(move || socket::tcp_for(target)).await?;
     TcpSocket::from_std_stream(socket).connect(target).await
+}
+
+/// Fixes both buffers of `stream` (see `TcpSettings::loopback_buffer`); a
+/// refusal leaves the kernel's autotuning, which still works.
+fn set_buffers(stream: &TcpStream, size: usize) {
+    let sock = socket2::SockRef::from(stream);
+    let _ = sock.set_recv_buffer_size(size);
+    let _ = sock.set_send_buffer_size(size);
 }
 
 /// Makes the coming close send RST instead of FIN.
