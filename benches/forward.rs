@@ -7,7 +7,13 @@
 //! PESTO_BENCH_SECS=10 cargo bench --bench forward
 //! PESTO_BENCH_ONLY=UDP cargo bench --bench forward   # loads whose name has "UDP"
 //! PESTO_BENCH_ARGS="--tcp-loopback-buffer 0" cargo bench --bench forward  # pestod options
+//! PESTO_BENCH_IDLE=1000 cargo bench --bench forward  # also pestod under control load
 //! ```
+//!
+//! With `PESTO_BENCH_IDLE=N`, a second pestod is measured beside the first
+//! while N control connections sit idle on its control socket (never sending
+//! their hello) and four more send their hello one byte every half second,
+//! over and over: the control plane's load must not slow the forwarding.
 //!
 //! Loads: bulk TCP (one stream, four streams; the client writes 256 KiB
 //! chunks into a sink), connection rate (connect, one byte, echo, close;
@@ -16,6 +22,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -47,6 +54,13 @@ fn main() {
 
     let mut paths: Vec<Path> = vec![Path::direct(&servers)];
     paths.push(Path::pestod(&servers));
+    let idle = std::env::var("PESTO_BENCH_IDLE")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n > 0);
+    if let Some(n) = idle {
+        paths.push(Path::pestod_under_control_load(&servers, n));
+    }
     match Path::socat(&servers) {
         Some(p) => paths.push(p),
         None => eprintln!("socat not found: install it (apt-get install socat) to compare"),
@@ -147,6 +161,8 @@ struct Path {
     child: Vec<Child>,
     /// Kept until the forwarder is gone.
     _config: Option<tempfile::NamedTempFile>,
+    /// Control clients kept busy while the forwarder is measured.
+    _load: Option<ControlLoad>,
 }
 
 impl Path {
@@ -159,10 +175,37 @@ impl Path {
             udp_echo: Some(s.udp_echo),
             child: Vec::new(),
             _config: None,
+            _load: None,
         }
     }
 
     fn pestod(servers: &Servers) -> Path {
+        Path::pestod_with(servers, "pestod".into(), &[])
+    }
+
+    /// pestod with a control socket under load: `idle` connections that
+    /// never send their hello, and four that send it a byte at a time.
+    fn pestod_under_control_load(servers: &Servers, idle: usize) -> Path {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let sock = dir.path().join("control.sock");
+        let max = (idle + 16).to_string();
+        let mut path = Path::pestod_with(
+            servers,
+            format!("pestod, {idle} idle ctl"),
+            &[
+                "-c".as_ref(),
+                sock.as_os_str(),
+                "--max-clients".as_ref(),
+                max.as_ref(),
+                "--hello-timeout".as_ref(),
+                "3600".as_ref(),
+            ],
+        );
+        path._load = Some(ControlLoad::start(dir, &sock, idle));
+        path
+    }
+
+    fn pestod_with(servers: &Servers, name: String, args: &[&std::ffi::OsStr]) -> Path {
         let Servers {
             sink,
             echo,
@@ -174,6 +217,7 @@ impl Path {
         let child = Command::new(env!("CARGO_BIN_EXE_pestod"))
             .process_group(0)
             .args(extra.split_whitespace())
+            .args(args)
             .args(["-q", "-t", &format!("127.0.0.1/{s}:{}", sink.port())])
             .args(["-t", &format!("127.0.0.1/{e}:{}", echo.port())])
             .args(["-u", &format!("127.0.0.1/{u}:{}", udp.port())])
@@ -184,13 +228,14 @@ impl Path {
         wait_listening(s);
         wait_listening(e);
         Path {
-            name: "pestod".into(),
+            name,
             sink: local(s),
             echo: local(e),
             udp: Some(local(u)),
             udp_echo: Some(local(ue)),
             child: vec![child],
             _config: None,
+            _load: None,
         }
     }
 
@@ -241,6 +286,7 @@ impl Path {
             udp_echo: Some(local(ue)),
             child,
             _config: None,
+            _load: None,
         };
         // Dropping the path stops what did start.
         (listening(s) && listening(e)).then_some(path)
@@ -275,6 +321,7 @@ impl Path {
             udp_echo: None,
             child: vec![child],
             _config: Some(config),
+            _load: None,
         };
         (listening(s) && listening(e)).then_some(path)
     }
@@ -317,6 +364,62 @@ impl Drop for Path {
             }
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// Idle and slow control connections, until dropped.
+struct ControlLoad {
+    _idle: Vec<UnixStream>,
+    stop: Arc<AtomicBool>,
+    slow: Vec<thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl ControlLoad {
+    fn start(dir: tempfile::TempDir, sock: &std::path::Path, idle: usize) -> ControlLoad {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let connect = || loop {
+            match UnixStream::connect(sock) {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("control socket: {e}"),
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let idle: Vec<UnixStream> = (0..idle).map(|_| connect()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let slow = (0..4)
+            .map(|_| {
+                let (sock, stop) = (sock.to_path_buf(), Arc::clone(&stop));
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(mut c) = UnixStream::connect(&sock) else {
+                            return;
+                        };
+                        for b in b"basil:c\0\0\0\0\x03\0\0\0\0" {
+                            if stop.load(Ordering::Relaxed) || c.write_all(&[*b]).is_err() {
+                                break;
+                            }
+                            thread::sleep(Duration::from_millis(500));
+                        }
+                    }
+                })
+            })
+            .collect();
+        ControlLoad {
+            _idle: idle,
+            stop,
+            slow,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for ControlLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.slow.drain(..) {
+            let _ = t.join();
         }
     }
 }
