@@ -304,7 +304,8 @@ fn auto_follows_the_namespace_listeners() {
 /// veth interface has a broadcast address: datagrams larger than the MTU
 /// still go through both ways in bursts (segmentation falls back to single
 /// datagrams the kernel fragments), and a peer that sent to the broadcast
-/// address gets its answer.
+/// address gets its answer from the interface's address, through an IPv4
+/// wildcard rule and through a dual-stack one.
 #[test]
 fn udp_beyond_the_mtu_and_broadcast() {
     let Some(ns) = Ns::new() else { return };
@@ -321,7 +322,7 @@ fn udp_beyond_the_mtu_and_broadcast() {
     ip(&["addr", "add", "10.9.0.1/24", "brd", "+", "dev", "v0"]);
     ip(&["link", "set", "v0", "up"]);
     ip(&["link", "set", "v1", "up"]);
-    let (p, t) = (20_000u16, 20_001u16);
+    let (p, t, dual) = (20_000u16, 20_001u16, 20_002u16);
     let echo = ns.run(move || UdpSocket::bind(v4(t)).unwrap());
     std::thread::spawn(move || {
         let mut buf = [0u8; 65536];
@@ -337,8 +338,11 @@ fn udp_beyond_the_mtu_and_broadcast() {
             "exec",
             &name,
             env!("CARGO_BIN_EXE_pestod"),
+            "-d",
             "-u",
             &format!("0.0.0.0/{p}:{t}"),
+            "-u",
+            &format!("{dual}:{t}"),
         ],
     );
     d.wait_for("ready").expect("ready");
@@ -359,14 +363,27 @@ fn udp_beyond_the_mtu_and_broadcast() {
         let b = UdpSocket::bind("0.0.0.0:0").unwrap();
         b.set_broadcast(true).unwrap();
         b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        b.send_to(b"who", ("10.9.0.255", p)).unwrap();
-        let reply = b
-            .recv_from(&mut buf)
-            .map(|(n, from)| (buf[..n].to_vec(), from));
-        (sizes, reply)
+        let replies: Vec<_> = [p, dual]
+            .into_iter()
+            .map(|port| {
+                b.send_to(b"who", ("10.9.0.255", port)).unwrap();
+                b.recv_from(&mut buf)
+                    .map(|(n, from)| (buf[..n].to_vec(), from))
+            })
+            .collect();
+        (sizes, replies)
     });
     assert_eq!(sizes_back, vec![2000; 10]);
-    let (data, from) = broadcast_reply.expect("no answer to a broadcast");
-    assert_eq!(data, b"who");
-    assert_eq!(from, SocketAddr::from(([10, 9, 0, 1], p)));
+    for (reply, port) in broadcast_reply.into_iter().zip([p, dual]) {
+        let (data, from) = reply.expect("no answer to a broadcast");
+        assert_eq!(data, b"who");
+        assert_eq!(from, SocketAddr::from(([10, 9, 0, 1], port)));
+    }
+    // Answered from the right address at the first try, not after a send
+    // from the broadcast address failed.
+    let log = d.log();
+    assert!(
+        !log.contains("reply from the peer's address failed"),
+        "{log}"
+    );
 }

@@ -172,7 +172,7 @@ pub(super) async fn serve(
     // Allocated on the first datagram: most of the sockets of `-u all` never
     // see one.
     let mut buf: Vec<u8> = Vec::new();
-    let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo);
+    let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo, libc::in_pktinfo);
     let mut batch: Vec<(SocketAddr, Range<usize>)> = Vec::new();
     let mut locals: Vec<Option<IpAddr>> = Vec::new();
     report_local_address(&socket);
@@ -285,28 +285,37 @@ fn recv_one(
         .as_ref()
         .and_then(std_addr)
         .ok_or_else(|| io::Error::other("a datagram without a peer address"))?;
-    let mut local = None;
+    // The local address to answer from. For IPv4 the kernel's choice of
+    // source (ipi_spec_dst): for a broadcast, the interface's address, not
+    // the broadcast one. A dual-stack socket reports IPv4 datagrams both
+    // ways, and only the IPv4 report knows a subnet broadcast from a unicast
+    // address, so it wins.
+    let (mut from_v4, mut from_v6) = (None, None);
     if let Ok(cmsgs) = msg.cmsgs() {
         for c in cmsgs {
             match c {
-                // The local address to answer from (for a broadcast, the
-                // interface's address, not the broadcast one).
                 ControlMessageOwned::Ipv4PacketInfo(pi) => {
                     let a = Ipv4Addr::from(u32::from_be(pi.ipi_spec_dst.s_addr));
                     let usable = !(a.is_unspecified() || a.is_broadcast() || a.is_multicast());
-                    local = usable.then_some(IpAddr::V4(a));
+                    from_v4 = Some(usable.then_some(a));
                 }
                 ControlMessageOwned::Ipv6PacketInfo(pi) => {
                     let a = Ipv6Addr::from(pi.ipi6_addr.s6_addr);
                     let v4 = a.to_ipv4_mapped();
                     let usable = !(a.is_multicast()
                         || v4.is_some_and(|v| v.is_broadcast() || v.is_multicast()));
-                    local = usable.then_some(IpAddr::V6(a));
+                    from_v6 = Some(usable.then_some(a));
                 }
                 _ => {}
             }
         }
     }
+    let local = match (from_v4, peer) {
+        (Some(a), SocketAddr::V4(_)) => a.map(IpAddr::V4),
+        // An IPv6 socket sends from IPv4-mapped addresses.
+        (Some(a), SocketAddr::V6(_)) => a.map(|a| IpAddr::V6(a.to_ipv6_mapped())),
+        (None, _) => from_v6.flatten().map(IpAddr::V6),
+    };
     Ok((msg.bytes, peer, local))
 }
 
@@ -331,7 +340,14 @@ fn report_local_address(socket: &UdpSocket) -> bool {
     }
     let on = match local {
         SocketAddr::V4(_) => setsockopt(socket, sockopt::Ipv4PacketInfo, &true),
-        SocketAddr::V6(_) => setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true),
+        SocketAddr::V6(_) => {
+            // A dual-stack socket: IPv4 datagrams also report ipi_spec_dst,
+            // the address to answer a subnet broadcast from.
+            if !socket2::SockRef::from(socket).only_v6().unwrap_or(true) {
+                let _ = setsockopt(socket, sockopt::Ipv4PacketInfo, &true);
+            }
+            setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true)
+        }
     };
     on.is_ok()
 }
@@ -384,13 +400,14 @@ async fn send_batch(
                 // by an earlier datagram's ICMP.
                 debug!(%peer, %target, error = %e, "segmented send failed, sending one by one");
                 set_gso(flow, 0);
-                match Errno::from_io_error(&e) {
-                    Some(Errno::MSGSIZE) => {
+                let limited = flow.gso_limit.load(Ordering::Relaxed) != u16::MAX;
+                match gso_failure(&e, limited) {
+                    GsoFailure::Limit => {
                         let limit = u16::try_from(size).unwrap_or(u16::MAX);
                         flow.gso_limit.fetch_min(limit, Ordering::Relaxed);
                     }
-                    Some(n) if gso_unsupported(n) => flow.gso.store(NO_GSO, Ordering::Relaxed),
-                    _ => {}
+                    GsoFailure::Off => flow.gso.store(NO_GSO, Ordering::Relaxed),
+                    GsoFailure::Other => {}
                 }
                 single = true;
             }
@@ -408,9 +425,29 @@ async fn send_batch(
     }
 }
 
-/// Errors that mean "no segmentation offload here".
-fn gso_unsupported(n: Errno) -> bool {
-    [Errno::INVAL, Errno::OPNOTSUPP, Errno::NOPROTOOPT, Errno::IO].contains(&n)
+/// What a failed segmented send says about segmentation.
+#[derive(Debug, PartialEq, Eq)]
+enum GsoFailure {
+    /// Datagrams this size are too large to segment: the path's MTU.
+    Limit,
+    /// No segmentation offload here.
+    Off,
+    /// Nothing about segmentation (an ICMP error queued, say).
+    Other,
+}
+
+/// Reads `e`, the error of a segmented send; `limited` tells whether a size
+/// limit was set already. Past the MTU, recent kernels answer EMSGSIZE and
+/// older ones EINVAL, which is also their answer when segmentation cannot
+/// work at all: a first EINVAL sets a limit, a second one, for a smaller
+/// size, turns segmentation off.
+fn gso_failure(e: &io::Error, limited: bool) -> GsoFailure {
+    match Errno::from_io_error(e) {
+        Some(Errno::MSGSIZE) => GsoFailure::Limit,
+        Some(Errno::INVAL) if !limited => GsoFailure::Limit,
+        Some(Errno::INVAL | Errno::OPNOTSUPP | Errno::NOPROTOOPT | Errno::IO) => GsoFailure::Off,
+        _ => GsoFailure::Other,
+    }
 }
 
 /// Whether this kernel segments UDP (Linux 4.18 and later): older ones
@@ -598,7 +635,7 @@ async fn replies(
     flow: Arc<UdpSocket>,
     listening: Arc<UdpSocket>,
     peer: SocketAddr,
-    local: Option<IpAddr>,
+    mut local: Option<IpAddr>,
     shared: Arc<FlowShared>,
     dp: Arc<DataPlane>,
 ) {
@@ -647,7 +684,7 @@ async fn replies(
             continue;
         }
         shared.touch(&dp);
-        send_back(&listening, &buf, &lens, peer, local, &mut gso).await;
+        send_back(&listening, &buf, &lens, peer, &mut local, &mut gso).await;
         if more && buf.capacity() < BATCH_BYTES {
             buf.reserve_exact(BATCH_BYTES - buf.len());
         } else if !more && lens.len() <= 1 && buf.capacity() > MAX_DATAGRAM {
@@ -659,8 +696,8 @@ async fn replies(
 /// Whether replies are segmented, and below which datagram size.
 struct Gso {
     on: bool,
-    /// A segmented send of datagrams this size or larger failed with
-    /// EMSGSIZE (larger than the path's MTU).
+    /// A segmented send of datagrams this size or larger failed as larger
+    /// than the path's MTU (see [`gso_failure`]).
     limit: usize,
 }
 
@@ -672,7 +709,7 @@ async fn send_back(
     buf: &[u8],
     lens: &[usize],
     peer: SocketAddr,
-    mut local: Option<IpAddr>,
+    local: &mut Option<IpAddr>,
     gso: &mut Gso,
 ) {
     let mut at = 0;
@@ -698,7 +735,7 @@ async fn send_back(
         let fd = listening.as_raw_fd();
         let sent = loop {
             let res = listening.try_io(Interest::WRITABLE, || {
-                send_to_peer(fd, data, peer, local, segment)
+                send_to_peer(fd, data, peer, *local, segment)
             });
             match res {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -712,10 +749,10 @@ async fn send_back(
         match sent {
             Err(e) if segment.is_some() => {
                 debug!(%peer, error = %e, "segmented reply failed, sending one by one");
-                match Errno::from_io_error(&e) {
-                    Some(Errno::MSGSIZE) => gso.limit = gso.limit.min(size),
-                    Some(n) if gso_unsupported(n) => gso.on = false,
-                    _ => {}
+                match gso_failure(&e, gso.limit != usize::MAX) {
+                    GsoFailure::Limit => gso.limit = gso.limit.min(size),
+                    GsoFailure::Off => gso.on = false,
+                    GsoFailure::Other => {}
                 }
                 // Again, one datagram at a time.
                 single = true;
@@ -723,9 +760,9 @@ async fn send_back(
             }
             Err(e) if local.is_some() => {
                 // The source address may not do (an address gone since):
-                // from now on, the kernel picks.
+                // from now on, for this flow, the kernel picks.
                 debug!(%peer, error = %e, "reply from the peer's address failed");
-                local = None;
+                *local = None;
                 continue;
             }
             Err(e) => debug!(%peer, error = %e, "reply to peer failed"),
@@ -782,6 +819,20 @@ fn send_to_peer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segmentation_failures_set_a_limit_before_turning_it_off() {
+        let e = |n: Errno| io::Error::from_raw_os_error(n.raw_os_error());
+        assert_eq!(gso_failure(&e(Errno::MSGSIZE), false), GsoFailure::Limit);
+        assert_eq!(gso_failure(&e(Errno::MSGSIZE), true), GsoFailure::Limit);
+        assert_eq!(gso_failure(&e(Errno::INVAL), false), GsoFailure::Limit);
+        assert_eq!(gso_failure(&e(Errno::INVAL), true), GsoFailure::Off);
+        assert_eq!(gso_failure(&e(Errno::IO), false), GsoFailure::Off);
+        assert_eq!(
+            gso_failure(&e(Errno::CONNREFUSED), false),
+            GsoFailure::Other
+        );
+    }
 
     #[test]
     fn limiter_evicts_the_oldest_idle_flow() {
