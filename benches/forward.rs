@@ -59,6 +59,12 @@ fn main() {
         .and_then(|n| n.parse::<usize>().ok())
         .filter(|n| *n > 0);
     if let Some(n) = idle {
+        // Room for the idle connections beside the loads' own sockets.
+        let limit = pesto::daemon::raise_nofile_limit().unwrap_or(1024);
+        if usize::try_from(limit).is_ok_and(|l| l < n + 256) {
+            eprintln!("open files limit {limit} is too low for {n} idle connections");
+            std::process::exit(1);
+        }
         paths.push(Path::pestod_under_control_load(&servers, n));
     }
     match Path::socat(&servers) {

@@ -69,8 +69,8 @@ pub struct Settings {
 pub struct TcpSettings {
     /// SO_SNDBUF and SO_RCVBUF, in bytes, for each side of a forwarded
     /// connection whose peer has a loopback address; 0 leaves them to the
-    /// kernel's autotuning. The kernel doubles the value and caps it at
-    /// net.core.wmem_max and rmem_max.
+    /// kernel's autotuning. The kernel caps the value at net.core.wmem_max
+    /// and rmem_max, then doubles it.
     ///
     /// On loopback, autotuning grows a busy connection's buffers to many
     /// megabytes (up to net.ipv4.tcp_rmem's maximum), and the bytes queued in
