@@ -129,6 +129,10 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::R
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved: u64 = 0;
     loop {
+        // Waiting for readiness does not count against the task's budget:
+        // a connection that never runs dry would keep its worker (and the
+        // other direction, and the tasks queued behind it) to itself.
+        tokio::task::coop::consume_budget().await;
         src.readable().await?;
         let res = src.try_io(Interest::READABLE, || {
             rustix::pipe::splice(src, None, &pipe.write, None, pipe.size, flags).map_err(Into::into)
@@ -189,6 +193,8 @@ async fn copy_loop(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
     let mut buf = vec![0u8; COPY_BUF];
     let mut moved: u64 = 0;
     loop {
+        // As in the splice direction: yield now and then.
+        tokio::task::coop::consume_budget().await;
         src.readable().await?;
         let n = match src.try_read(&mut buf) {
             Ok(0) => return Ok(moved),

@@ -177,6 +177,9 @@ pub(super) async fn serve(
     let mut locals: Vec<Option<IpAddr>> = Vec::new();
     report_local_address(&socket);
     loop {
+        // Readiness does not count against the task's budget: without this
+        // a flood would keep the worker to itself.
+        tokio::task::coop::consume_budget().await;
         let route = routes.borrow_and_update().clone();
         tokio::select! {
             biased;
@@ -646,6 +649,7 @@ async fn replies(
         limit: usize::MAX,
     };
     loop {
+        tokio::task::coop::consume_budget().await;
         let ready = tokio::select! {
             _ = shared.end.cancelled() => return,
             _ = dp.stop.cancelled() => return,
