@@ -301,13 +301,16 @@ fn auto_follows_the_namespace_listeners() {
 }
 
 /// Inside a namespace of its own, where the loopback's MTU is 1500 and a
-/// veth interface has a broadcast address: datagrams larger than the MTU
-/// still go through both ways in bursts (segmentation falls back to single
-/// datagrams the kernel fragments), and a peer that sent to the broadcast
-/// address gets its answer from the interface's address, through an IPv4
-/// wildcard rule and through a dual-stack one.
+/// veth interface has a broadcast address: datagrams larger than the MTU go
+/// through both ways in bursts (a segmented send of them fails, and the burst
+/// goes again one datagram at a time, which the kernel fragments), and a peer
+/// that sent to the broadcast address gets its answer from the interface's
+/// address, through an IPv4 wildcard rule and through a dual-stack one.
 #[test]
 fn udp_beyond_the_mtu_and_broadcast() {
+    use rustix::process::{Pid, Signal, kill_process};
+    use std::sync::mpsc;
+
     let Some(ns) = Ns::new() else { return };
     let ip = |args: &[&str]| {
         let mut all = vec!["-n", ns.name.as_str()];
@@ -322,12 +325,32 @@ fn udp_beyond_the_mtu_and_broadcast() {
     ip(&["addr", "add", "10.9.0.1/24", "brd", "+", "dev", "v0"]);
     ip(&["link", "set", "v0", "up"]);
     ip(&["link", "set", "v1", "up"]);
-    let (p, t, dual) = (20_000u16, 20_001u16, 20_002u16);
+    let (p, t, dual, big, burst) = (20_000u16, 20_001u16, 20_002u16, 20_003u16, 20_004u16);
     let echo = ns.run(move || UdpSocket::bind(v4(t)).unwrap());
     std::thread::spawn(move || {
         let mut buf = [0u8; 65536];
         while let Ok((n, peer)) = echo.recv_from(&mut buf) {
             let _ = echo.send_to(&buf[..n], peer);
+        }
+    });
+    // Takes ten datagrams, says so, and answers them all at once when told.
+    let burst_server = ns.run(move || UdpSocket::bind(v4(burst)).unwrap());
+    let (got_tx, got_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            let Ok((n, peer)) = burst_server.recv_from(&mut buf) else {
+                return;
+            };
+            got.push((buf[..n].to_vec(), peer));
+        }
+        let _ = got_tx.send(());
+        if go_rx.recv().is_ok() {
+            for (data, peer) in got {
+                let _ = burst_server.send_to(&data, peer);
+            }
         }
     });
     let name = ns.name.clone();
@@ -343,19 +366,38 @@ fn udp_beyond_the_mtu_and_broadcast() {
             &format!("0.0.0.0/{p}:{t}"),
             "-u",
             &format!("{dual}:{t}"),
+            "-u",
+            &format!("0.0.0.0/{big}:{burst}"),
         ],
     );
     d.wait_for("ready").expect("ready");
+    // `ip netns exec` became pestod.
+    let pid = Pid::from_raw(d.pid() as i32).unwrap();
     let (sizes_back, broadcast_reply) = ns.run(move || {
+        // pestod is stopped while a burst arrives, so that it takes the
+        // burst as one batch, whose datagrams it tries to send in one
+        // segmented send.
+        let held = |send: &dyn Fn()| {
+            kill_process(pid, Signal::STOP).unwrap();
+            send();
+            std::thread::sleep(Duration::from_millis(200));
+            kill_process(pid, Signal::CONT).unwrap();
+        };
         let c = UdpSocket::bind(v4(0)).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         socket2::SockRef::from(&c)
             .set_recv_buffer_size(4 << 20)
             .unwrap();
-        c.connect(v4(p)).unwrap();
-        for _ in 0..10 {
-            c.send(&[7u8; 2000]).unwrap();
-        }
+        c.connect(v4(big)).unwrap();
+        held(&|| {
+            for _ in 0..10 {
+                c.send(&[7u8; 2000]).unwrap();
+            }
+        });
+        got_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the server got the ten datagrams");
+        held(&|| go_tx.send(()).unwrap());
         let mut buf = [0u8; 65536];
         let sizes: Vec<usize> = (0..10)
             .map(|_| c.recv(&mut buf).expect("a datagram lost"))
@@ -379,9 +421,17 @@ fn udp_beyond_the_mtu_and_broadcast() {
         assert_eq!(data, b"who");
         assert_eq!(from, SocketAddr::from(([10, 9, 0, 1], port)));
     }
+    let log = d.log();
+    // Both ways, the burst went as one segmented send first, and again one
+    // by one when that failed (on kernels with UDP segmentation, 4.18 on).
+    let probe = UdpSocket::bind(v4(0)).unwrap();
+    let gso = nix::sys::socket::setsockopt(&probe, nix::sys::socket::sockopt::UdpGsoSegment, &1000);
+    if gso.is_ok() {
+        assert!(log.contains("segmented send failed"), "{log}");
+        assert!(log.contains("segmented reply failed"), "{log}");
+    }
     // Answered from the right address at the first try, not after a send
     // from the broadcast address failed.
-    let log = d.log();
     assert!(
         !log.contains("reply from the peer's address failed"),
         "{log}"
