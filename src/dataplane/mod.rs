@@ -69,14 +69,15 @@ pub struct Settings {
 pub struct TcpSettings {
     /// SO_SNDBUF and SO_RCVBUF, in bytes, for each side of a forwarded
     /// connection whose peer has a loopback address; 0 leaves them to the
-    /// kernel's autotuning. The kernel caps the value at net.core.wmem_max
-    /// and rmem_max, then doubles it.
+    /// kernel's autotuning. The kernel doubles the value; it caps it at
+    /// net.core.wmem_max and rmem_max first unless the daemon has
+    /// CAP_NET_ADMIN, which sets it past them.
     ///
     /// On loopback, autotuning grows a busy connection's buffers to many
     /// megabytes (up to net.ipv4.tcp_rmem's maximum), and the bytes queued in
     /// the forwarder's two connections fall out of the CPU caches before the
     /// receiver copies them. With bounded buffers, bulk transfers through
-    /// the forwarder measured 1.4 to 1.7 times as fast (docs/pestod.md).
+    /// the forwarder measured 1.2 to 1.7 times as fast (docs/pestod.md).
     /// Over a real network a fixed buffer would cap a connection at
     /// buffer / RTT, so other peers keep autotuning.
     pub loopback_buffer: usize,

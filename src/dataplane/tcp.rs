@@ -147,12 +147,19 @@ async fn connect(target: SocketAddr, ns: Option<&Netns>) -> io::Result<TcpStream
     TcpSocket::from_std_stream(socket).connect(target).await
 }
 
-/// Fixes both buffers of `stream` (see `TcpSettings::loopback_buffer`); a
-/// refusal leaves the kernel's autotuning, which still works.
+/// Fixes both buffers of `stream` (see `TcpSettings::loopback_buffer`):
+/// past net.core.rmem_max and wmem_max where the daemon may
+/// (CAP_NET_ADMIN), because the stock limits of about 200 KiB are too small
+/// for the gain; else up to them. A refusal leaves the kernel's
+/// autotuning, which still works.
 fn set_buffers(stream: &TcpStream, size: usize) {
-    let sock = socket2::SockRef::from(stream);
-    let _ = sock.set_recv_buffer_size(size);
-    let _ = sock.set_send_buffer_size(size);
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(stream, sockopt::RcvBufForce, &size).is_err() {
+        let _ = setsockopt(stream, sockopt::RcvBuf, &size);
+    }
+    if setsockopt(stream, sockopt::SndBufForce, &size).is_err() {
+        let _ = setsockopt(stream, sockopt::SndBuf, &size);
+    }
 }
 
 /// Makes the coming close send RST instead of FIN.
