@@ -154,12 +154,20 @@ async fn connect(target: SocketAddr, ns: Option<&Netns>) -> io::Result<TcpStream
 /// autotuning, which still works.
 fn set_buffers(stream: &TcpStream, size: usize) {
     use nix::sys::socket::{setsockopt, sockopt};
-    if setsockopt(stream, sockopt::RcvBufForce, &size).is_err() {
-        let _ = setsockopt(stream, sockopt::RcvBuf, &size);
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Cleared at the first refusal: a daemon without the capability does
+    // not pay two failing system calls per connection.
+    static FORCE: AtomicBool = AtomicBool::new(true);
+    if FORCE.load(Ordering::Relaxed) {
+        let forced = setsockopt(stream, sockopt::RcvBufForce, &size)
+            .and_then(|()| setsockopt(stream, sockopt::SndBufForce, &size));
+        if forced.is_ok() {
+            return;
+        }
+        FORCE.store(false, Ordering::Relaxed);
     }
-    if setsockopt(stream, sockopt::SndBufForce, &size).is_err() {
-        let _ = setsockopt(stream, sockopt::SndBuf, &size);
-    }
+    let _ = setsockopt(stream, sockopt::RcvBuf, &size);
+    let _ = setsockopt(stream, sockopt::SndBuf, &size);
 }
 
 /// Makes the coming close send RST instead of FIN.
