@@ -7,6 +7,7 @@
 //! by dropping the sender. Connections and flows take what they need from the
 //! route when they start, so a later swap never disturbs them.
 
+mod flows;
 mod relay;
 mod tcp;
 mod udp;
@@ -124,6 +125,9 @@ pub struct Stats {
     pub udp_flows_evicted: AtomicU64,
     /// UDP flows that ended after their idle timeout.
     pub udp_flows_expired: AtomicU64,
+    /// UDP datagrams dropped because no flow could be opened for them
+    /// (every flow busy, or out of descriptors).
+    pub udp_dropped: AtomicU64,
 }
 
 impl Stats {
@@ -139,7 +143,8 @@ pub struct DataPlane {
     stop: CancellationToken,
     tcp: TcpSettings,
     udp: UdpSettings,
-    flows: udp::FlowLimiter,
+    flows: flows::FlowTable,
+    bufs: udp::BufPool,
     pipes: relay::PipePool,
     stats: Stats,
     epoch: Instant,
@@ -154,7 +159,8 @@ impl DataPlane {
             stop: CancellationToken::new(),
             tcp,
             udp,
-            flows: udp::FlowLimiter::new(udp.max_flows),
+            flows: flows::FlowTable::new(udp.max_flows),
+            bufs: udp::BufPool::new(),
             pipes: relay::PipePool::default(),
             stats: Stats::default(),
             epoch: Instant::now(),

@@ -8,13 +8,12 @@
 //! when their listening socket is closed (it carries their replies).
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use nix::libc;
@@ -26,9 +25,9 @@ use rustix::io::Errno;
 use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::flows::{FlowShared, FlowSlot};
 use super::{DataPlane, RouteWatch, SocketLife, Stats, is_resource_error};
 use crate::netns::Netns;
 use crate::socket;
@@ -44,90 +43,107 @@ const BATCH: usize = 64;
 /// datagrams, and always for one of the largest.
 const BATCH_BYTES: usize = 1 << 18;
 
-/// What a flow's two sides share.
+/// Batch buffers, shared by every UDP socket of the data plane.
+///
+/// A socket holds one only while it moves datagrams, so memory follows the
+/// traffic, not the number of ports: a scan of every port of `-u all` costs
+/// a buffer per datagram in flight, not one per port for the socket's life.
+/// A few free buffers are kept for the next batch; the rest go back to the
+/// allocator.
 #[derive(Debug)]
-struct FlowShared {
-    /// Last datagram either way, in [`DataPlane::now_ms`] time.
-    last: AtomicU64,
-    /// Ends the flow: set on eviction or when its reply side fails.
-    end: CancellationToken,
+pub(super) struct BufPool {
+    // A std mutex: held to push or pop one buffer.
+    free: Mutex<Vec<Box<[u8]>>>,
+    keep: usize,
 }
 
-impl FlowShared {
-    fn touch(&self, dp: &DataPlane) {
-        self.last.store(dp.now_ms(), Ordering::Relaxed);
-    }
-}
+/// Free buffers a [`BufPool`] keeps per CPU, and at most.
+const POOL_PER_CPU: usize = 2;
+const POOL_MAX: usize = 16;
 
-/// Every flow of the data plane, to bound their number.
-#[derive(Debug)]
-pub(super) struct FlowLimiter {
-    max: usize,
-    // A std mutex: held for a few map operations, never across an await, and
-    // taken only when a flow starts or ends.
-    flows: Mutex<LimiterInner>,
-}
-
-#[derive(Debug, Default)]
-struct LimiterInner {
-    next: u64,
-    flows: HashMap<u64, Arc<FlowShared>>,
-}
-
-impl FlowLimiter {
-    pub(super) fn new(max: usize) -> FlowLimiter {
-        FlowLimiter {
-            max: max.max(1),
-            flows: Mutex::default(),
+impl BufPool {
+    pub(super) fn new() -> BufPool {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        BufPool {
+            free: Mutex::default(),
+            keep: (cpus * POOL_PER_CPU).clamp(POOL_PER_CPU, POOL_MAX),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LimiterInner> {
-        self.flows.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.lock().flows.len()
-    }
-
-    /// Registers a flow, ending the one idle longest if the table is full.
-    fn admit(&self, flow: Arc<FlowShared>, stats: &Stats) -> u64 {
-        let mut inner = self.lock();
-        while inner.flows.len() >= self.max {
-            let oldest = inner
-                .flows
-                .iter()
-                .min_by_key(|(_, f)| f.last.load(Ordering::Relaxed))
-                .map(|(id, _)| *id);
-            let Some(victim) = oldest.and_then(|id| inner.flows.remove(&id)) else {
-                break;
-            };
-            victim.end.cancel();
-            Stats::inc(&stats.udp_flows_evicted);
-        }
-        let id = inner.next;
-        inner.next += 1;
-        inner.flows.insert(id, flow);
-        id
-    }
-
-    fn remove(&self, id: u64) {
-        self.lock().flows.remove(&id);
+    /// A buffer of [`BATCH_BYTES`], back in the pool when dropped.
+    fn take(&self) -> PooledBuf<'_> {
+        let buf = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_else(|| vec![0; BATCH_BYTES].into_boxed_slice());
+        PooledBuf { buf, pool: self }
     }
 }
 
-/// The listening task's handle on a flow; dropping it ends the flow.
+/// A buffer taken from a [`BufPool`].
+struct PooledBuf<'a> {
+    buf: Box<[u8]>,
+    pool: &'a BufPool,
+}
+
+impl std::ops::Deref for PooledBuf<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+impl Drop for PooledBuf<'_> {
+    fn drop(&mut self) {
+        let mut free = self
+            .pool
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if free.len() < self.pool.keep {
+            free.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+/// A flow's connected socket and its slot in the flow table: the socket is
+/// closed before the slot is given back (fields drop in order).
+#[derive(Debug)]
+struct FlowSocket {
+    socket: UdpSocket,
+    _slot: FlowSlot,
+}
+
+/// The listening task's handle on a flow. The flow's reply task owns the
+/// socket, so that an evicted or expired flow closes it at once; dropping
+/// this ends the flow.
 struct Flow {
-    socket: Arc<UdpSocket>,
+    socket: Weak<FlowSocket>,
     shared: Arc<FlowShared>,
-    id: u64,
-    dp: Arc<DataPlane>,
     /// The socket's UDP_SEGMENT size now: 0 for none, [`NO_GSO`] where the
     /// kernel refuses it.
     gso: AtomicU16,
     /// Datagrams of this size or more are not segmented: a segmented send
     /// of them failed with EMSGSIZE (larger than the path's MTU).
     gso_limit: AtomicU16,
+}
+
+impl Flow {
+    /// The socket, while the flow lives.
+    fn live(&self) -> Option<Arc<FlowSocket>> {
+        if self.shared.end.is_cancelled() {
+            return None;
+        }
+        self.socket.upgrade()
+    }
 }
 
 /// [`Flow::gso`] on a kernel without UDP segmentation offload.
@@ -139,10 +155,13 @@ const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes in one UDP_SEGMENT send: one IP packet's payload.
 const GSO_MAX_BYTES: usize = 65_000;
 
+/// How long a new flow waits for an evicted flow's socket to close before
+/// its datagrams are dropped.
+const SLOT_PATIENCE: Duration = Duration::from_millis(200);
+
 impl Drop for Flow {
     fn drop(&mut self) {
         self.shared.end.cancel();
-        self.dp.flows.remove(self.id);
     }
 }
 
@@ -164,14 +183,12 @@ pub(super) async fn serve(
             return;
         }
     };
+    // Flows expire by themselves (see `replies`): this only forgets them.
     let idle = dp.udp.idle_timeout;
     let mut sweep =
         tokio::time::interval((idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(10)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
-    // Allocated on the first datagram: most of the sockets of `-u all` never
-    // see one.
-    let mut buf: Vec<u8> = Vec::new();
     let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo, libc::in_pktinfo);
     let mut batch: Vec<(SocketAddr, Range<usize>)> = Vec::new();
     let mut locals: Vec<Option<IpAddr>> = Vec::new();
@@ -189,16 +206,10 @@ pub(super) async fn serve(
                 }
             }
             _ = sweep.tick() => {
-                let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-                let now = dp.now_ms();
-                flows.retain(|_, f| {
-                    let live = !f.shared.end.is_cancelled()
-                        && now.saturating_sub(f.shared.last.load(Ordering::Relaxed)) < idle_ms;
-                    if !live && !f.shared.end.is_cancelled() {
-                        Stats::inc(&dp.stats.udp_flows_expired);
-                    }
-                    live
-                });
+                flows.retain(|_, f| f.live().is_some());
+                if flows.is_empty() {
+                    flows.shrink_to_fit();
+                }
             }
             ready = socket.readable(), if route.is_some() => {
                 if let Err(e) = ready {
@@ -206,11 +217,7 @@ pub(super) async fn serve(
                     return;
                 }
                 let Some(route) = &route else { continue };
-                if buf.len() < BATCH_BYTES {
-                    buf.resize(BATCH_BYTES, 0);
-                    batch.reserve_exact(BATCH);
-                    locals.reserve_exact(BATCH);
-                }
+                let mut buf = dp.bufs.take();
                 receive_batch(&socket, port, &mut buf, &mut cmsg, &mut batch, &mut locals).await;
                 // Runs of datagrams from one peer go out in one sendmmsg(2):
                 // one system call, and one wake-up of the target, per run.
@@ -223,12 +230,18 @@ pub(super) async fn serve(
                     let target = route.target(peer.ip(), port);
                     let ns = route.connect_ns.as_deref();
                     let new = NewFlow { listening: &socket, life: &life, peer, local, target, ns };
-                    let flow = flow_for(&mut flows, new, &dp).await;
-                    let Some(flow) = flow else {
+                    let Some((flow, flow_socket)) = flow_for(&mut flows, new, &dp).await else {
+                        dp.stats.udp_dropped.fetch_add(run as u64, Ordering::Relaxed);
                         continue;
                     };
-                    flow.shared.touch(&dp);
-                    send_batch(flow, &buf, now, peer, target).await;
+                    flow.shared.touch(dp.now_ms());
+                    send_batch(flow, &flow_socket.socket, &buf, now, peer, target).await;
+                }
+                if batch.len() <= 1 {
+                    // Most sockets of `-u all` see a datagram now and then,
+                    // from a scan: they keep no room for a batch.
+                    batch = Vec::new();
+                    locals = Vec::new();
                 }
             }
         }
@@ -366,6 +379,7 @@ fn report_local_address(socket: &UdpSocket) -> bool {
 /// next send) is lost, as it would be on a wire; the others still go.
 async fn send_batch(
     flow: &Flow,
+    socket: &UdpSocket,
     buf: &[u8],
     places: &[(SocketAddr, Range<usize>)],
     peer: SocketAddr,
@@ -390,19 +404,19 @@ async fn send_batch(
             && size > 0
             && size < usize::from(flow.gso_limit.load(Ordering::Relaxed))
             && flow.gso.load(Ordering::Relaxed) != NO_GSO
-            && set_gso(flow, size);
+            && set_gso(flow, socket, size);
         let mut single = !segmented;
         if segmented {
             let start = run.first().map_or(0, |(_, r)| r.start);
             let end = run.last().map_or(0, |(_, r)| r.end);
             let whole = buf.get(start..end).unwrap_or_default();
-            if let Err(e) = send_one(&flow.socket, whole).await {
+            if let Err(e) = send_one(socket, whole).await {
                 // The run goes again datagram by datagram: larger than the
                 // path's MTU (the kernel fragments a single datagram, not a
                 // segmented one), segmentation refused, or an error queued
                 // by an earlier datagram's ICMP.
                 debug!(%peer, %target, error = %e, "segmented send failed, sending one by one");
-                set_gso(flow, 0);
+                set_gso(flow, socket, 0);
                 let limited = flow.gso_limit.load(Ordering::Relaxed) != u16::MAX;
                 match gso_failure(&e, limited) {
                     GsoFailure::Limit => {
@@ -420,9 +434,9 @@ async fn send_batch(
             let largest = run.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
             let gso = flow.gso.load(Ordering::Relaxed);
             if gso != 0 && gso != NO_GSO && largest > usize::from(gso) {
-                set_gso(flow, 0);
+                set_gso(flow, socket, 0);
             }
-            send_many(&flow.socket, buf, run, peer, target).await;
+            send_many(socket, buf, run, peer, target).await;
         }
         i = j;
     }
@@ -466,7 +480,7 @@ fn gso_supported() -> bool {
 
 /// Sets the flow socket's UDP_SEGMENT size; false (and no more tries) where
 /// the kernel does not do it.
-fn set_gso(flow: &Flow, size: usize) -> bool {
+fn set_gso(flow: &Flow, socket: &UdpSocket, size: usize) -> bool {
     let Ok(size) = u16::try_from(size) else {
         return false;
     };
@@ -474,7 +488,7 @@ fn set_gso(flow: &Flow, size: usize) -> bool {
         return true;
     }
     match nix::sys::socket::setsockopt(
-        &*flow.socket,
+        socket,
         nix::sys::socket::sockopt::UdpGsoSegment,
         &i32::from(size),
     ) {
@@ -491,7 +505,16 @@ fn set_gso(flow: &Flow, size: usize) -> bool {
 }
 
 /// One send of `data`, waiting while the socket is full.
+///
+/// The first try is a plain system call, not tokio's `try_io`: a new flow's
+/// socket is not known to be writable until the reactor's next turn, and
+/// waiting for that would hold the batch buffer (and delay every flow's
+/// first datagram) for nothing.
 async fn send_one(socket: &UdpSocket, data: &[u8]) -> io::Result<usize> {
+    match rustix::net::send(socket, data, SendFlags::empty()) {
+        Err(Errno::AGAIN) => {}
+        other => return other.map_err(io::Error::from),
+    }
     loop {
         match socket.try_send(data) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
@@ -510,10 +533,18 @@ async fn send_many(
     target: SocketAddr,
 ) {
     let mut sent = 0;
+    // A plain system call first, as in `send_one`.
+    let mut known = false;
     while let Some(left) = places.get(sent..).filter(|l| !l.is_empty()) {
-        match socket.try_io(Interest::WRITABLE, || sendmmsg(socket, buf, left)) {
+        let res = if known {
+            socket.try_io(Interest::WRITABLE, || sendmmsg(socket, buf, left))
+        } else {
+            sendmmsg(socket, buf, left)
+        };
+        match res {
             Ok(n) => sent += n.max(1),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                known = true;
                 if socket.writable().await.is_err() {
                     return;
                 }
@@ -565,12 +596,13 @@ struct NewFlow<'a> {
     ns: Option<&'a Netns>,
 }
 
-/// The live flow of the peer, made if there is none.
+/// The live flow of the peer, made if there is none, with its socket; `None`
+/// if it cannot be made.
 async fn flow_for<'a>(
     flows: &'a mut HashMap<SocketAddr, Flow>,
     new: NewFlow<'_>,
     dp: &Arc<DataPlane>,
-) -> Option<&'a Flow> {
+) -> Option<(&'a Flow, Arc<FlowSocket>)> {
     let NewFlow {
         listening,
         life,
@@ -579,107 +611,136 @@ async fn flow_for<'a>(
         target,
         ns,
     } = new;
-    if flows
-        .get(&peer)
-        .is_some_and(|f| f.shared.end.is_cancelled())
-    {
-        flows.remove(&peer);
+    if let Some(socket) = flows.get(&peer).and_then(Flow::live) {
+        return flows.get(&peer).map(|f| (f, socket));
     }
-    let entry = match flows.entry(peer) {
-        Entry::Occupied(e) => return Some(e.into_mut()),
-        Entry::Vacant(e) => e,
+    flows.remove(&peer);
+    let Some(slot) = dp
+        .flows
+        .slot(SLOT_PATIENCE, &dp.stats.udp_flows_evicted)
+        .await
+    else {
+        debug!(%peer, %target, "no UDP flow free: every flow is busy");
+        return None;
     };
     let made = match ns {
         None => socket::udp_connected(target),
         Some(ns) => ns.run_async(move || socket::udp_connected(target)).await,
     };
     let socket = match made.and_then(UdpSocket::from_std) {
-        Ok(s) => Arc::new(s),
+        Ok(socket) => Arc::new(FlowSocket {
+            socket,
+            _slot: slot,
+        }),
         Err(e) => {
             debug!(%peer, %target, error = %e, "cannot open UDP flow");
             return None;
         }
     };
-    let shared = Arc::new(FlowShared {
-        last: AtomicU64::new(dp.now_ms()),
-        end: CancellationToken::new(),
-    });
-    let id = dp.flows.admit(Arc::clone(&shared), &dp.stats);
+    let shared = Arc::new(FlowShared::new(dp.now_ms()));
+    dp.flows.insert(&shared);
     Stats::inc(&dp.stats.udp_flows_created);
     debug!(%peer, %target, "UDP flow");
+    let flow = Flow {
+        socket: Arc::downgrade(&socket),
+        shared: Arc::clone(&shared),
+        gso: AtomicU16::new(0),
+        gso_limit: AtomicU16::new(u16::MAX),
+    };
     dp.tracker.spawn(replies(
         life.clone(),
         Arc::clone(&socket),
         Arc::clone(listening),
         peer,
         local,
-        Arc::clone(&shared),
+        shared,
         Arc::clone(dp),
     ));
-    Some(entry.insert(Flow {
-        socket,
-        shared,
-        id,
-        dp: Arc::clone(dp),
-        gso: AtomicU16::new(0),
-        gso_limit: AtomicU16::new(u16::MAX),
-    }))
+    let flow = flows.entry(peer).insert_entry(flow).into_mut();
+    Some((flow, socket))
+}
+
+/// Ends a flow when its reply task ends, however it ends: out of the table
+/// first, then (dropped after this) its socket.
+struct FlowEnd<'a> {
+    shared: &'a Arc<FlowShared>,
+    dp: &'a DataPlane,
+}
+
+impl Drop for FlowEnd<'_> {
+    fn drop(&mut self) {
+        self.shared.end.cancel();
+        self.dp.flows.remove(self.shared);
+    }
 }
 
 /// Passes the target's datagrams back to `peer` until the flow ends, from
 /// the address the peer sent to (`local`) where the socket reported it.
+/// Owns the flow's socket, and ends the flow after the idle timeout.
 ///
 /// Datagrams waiting together are taken together; a run of one size goes
-/// out in one sendmsg(2) with UDP segmentation offload. The batch buffer is
-/// kept only while the flow is busy: a flow of single datagrams holds one
-/// datagram's room.
+/// out in one sendmsg(2) with UDP segmentation offload. A batch buffer is
+/// held only while there are datagrams to move.
 async fn replies(
     _life: SocketLife,
-    flow: Arc<UdpSocket>,
+    flow: Arc<FlowSocket>,
     listening: Arc<UdpSocket>,
     peer: SocketAddr,
     mut local: Option<IpAddr>,
     shared: Arc<FlowShared>,
     dp: Arc<DataPlane>,
 ) {
-    let mut buf: Vec<u8> = Vec::new();
+    let _end = FlowEnd {
+        shared: &shared,
+        dp: &dp,
+    };
     let mut lens: Vec<usize> = Vec::new();
     let mut gso = Gso {
         on: gso_supported(),
         limit: usize::MAX,
     };
+    let idle = dp.udp.idle_timeout;
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let expiry = tokio::time::sleep(idle);
+    tokio::pin!(expiry);
     loop {
         tokio::task::coop::consume_budget().await;
         let ready = tokio::select! {
+            biased;
             _ = shared.end.cancelled() => return,
             _ = dp.stop.cancelled() => return,
-            r = flow.readable() => r,
+            () = &mut expiry => {
+                let quiet = dp.now_ms().saturating_sub(shared.last.load(Ordering::Relaxed));
+                if quiet >= idle_ms {
+                    Stats::inc(&dp.stats.udp_flows_expired);
+                    return;
+                }
+                let left = Duration::from_millis(idle_ms - quiet);
+                expiry.as_mut().reset(tokio::time::Instant::now() + left);
+                continue;
+            }
+            r = flow.socket.readable() => r,
         };
         if ready.is_err() {
-            shared.end.cancel();
             return;
         }
-        buf.clear();
+        let mut buf = dp.bufs.take();
         lens.clear();
-        // Room for one datagram at first; for a batch once more were
-        // waiting than that.
-        let mut more = false;
-        buf.reserve_exact(MAX_DATAGRAM);
+        let mut used = 0;
         while lens.len() < BATCH {
-            if buf.capacity() - buf.len() < MAX_DATAGRAM {
-                // Out of room: a batch buffer pays only if more is waiting.
-                more = flow.try_peek_sender().is_ok();
+            let Some(room) = buf.get_mut(used..).filter(|r| r.len() >= MAX_DATAGRAM) else {
                 break;
-            }
-            let start = buf.len();
-            match flow.try_recv_buf(&mut buf) {
-                Ok(_) => lens.push(buf.len() - start),
+            };
+            match flow.socket.try_recv(room) {
+                Ok(n) => {
+                    lens.push(n);
+                    used += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // ICMP port unreachable from the target: it may come up later.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
                 Err(e) => {
                     debug!(%peer, error = %e, "UDP flow failed");
-                    shared.end.cancel();
                     return;
                 }
             }
@@ -687,12 +748,13 @@ async fn replies(
         if lens.is_empty() {
             continue;
         }
-        shared.touch(&dp);
-        send_back(&listening, &buf, &lens, peer, &mut local, &mut gso).await;
-        if more && buf.capacity() < BATCH_BYTES {
-            buf.reserve_exact(BATCH_BYTES - buf.len());
-        } else if !more && lens.len() <= 1 && buf.capacity() > MAX_DATAGRAM {
-            buf = Vec::new();
+        shared.touch(dp.now_ms());
+        let data = buf.get(..used).unwrap_or_default();
+        // An eviction must not wait for a peer that does not read.
+        tokio::select! {
+            biased;
+            _ = shared.end.cancelled() => return,
+            () = send_back(&listening, data, &lens, peer, &mut local, &mut gso) => {}
         }
     }
 }
@@ -836,25 +898,5 @@ mod tests {
             gso_failure(&e(Errno::CONNREFUSED), false),
             GsoFailure::Other
         );
-    }
-
-    #[test]
-    fn limiter_evicts_the_oldest_idle_flow() {
-        let stats = Stats::default();
-        let limiter = FlowLimiter::new(2);
-        let flow = |last| {
-            Arc::new(FlowShared {
-                last: AtomicU64::new(last),
-                end: CancellationToken::new(),
-            })
-        };
-        let (a, b, c) = (flow(5), flow(1), flow(9));
-        limiter.admit(Arc::clone(&a), &stats);
-        limiter.admit(Arc::clone(&b), &stats);
-        limiter.admit(Arc::clone(&c), &stats);
-        assert_eq!(limiter.len(), 2);
-        assert!(b.end.is_cancelled());
-        assert!(!a.end.is_cancelled() && !c.end.is_cancelled());
-        assert_eq!(stats.udp_flows_evicted.load(Ordering::Relaxed), 1);
     }
 }

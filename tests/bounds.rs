@@ -1,0 +1,147 @@
+//! Resources a remote peer can make pestod spend stay bounded: memory per
+//! UDP port, and open flow sockets.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn v4(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// Open descriptors of a process.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Waits until `cond` holds, or panics with `what` after [`PATIENCE`].
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE * 3;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A datagram to each of 1,000 ports, as a port scan sends, costs little
+/// memory, and the memory goes back once the flows expire.
+#[test]
+fn udp_port_sweep_memory_is_bounded_and_returned() {
+    const PORTS: u16 = 1000;
+    const MB: u64 = 1 << 20;
+    let base = free_ports(PORTS);
+    // Nothing listens at the targets: the flows are made all the same.
+    let targets = free_ports(PORTS);
+    let d = Pestod::start(&[
+        "-u",
+        &format!(
+            "127.0.0.1/{base}-{}:{targets}-{}",
+            base + PORTS - 1,
+            targets + PORTS - 1
+        ),
+        "--udp-timeout",
+        "1",
+    ]);
+    let pid = d.pid();
+    let (fds_before, rss_before) = (fds(pid), rss(pid));
+
+    let client = UdpSocket::bind(v4(0)).unwrap();
+    for port in base..base + PORTS {
+        client.send_to(b"x", v4(port)).unwrap();
+    }
+    // Every datagram made its flow.
+    wait_until("a flow per port", || {
+        fds(pid) >= fds_before + usize::from(PORTS)
+    });
+    let rss_swept = rss(pid);
+    assert!(
+        rss_swept <= rss_before + 16 * MB,
+        "RSS went from {} to {} MB after a datagram to each of {PORTS} ports",
+        rss_before / MB,
+        rss_swept / MB
+    );
+    // Every flow socket closes after the idle timeout.
+    wait_until("the flows to expire", || fds(pid) <= fds_before);
+    let rss_after = rss(pid);
+    assert!(
+        rss_after <= rss_before + 4 * MB,
+        "RSS went from {} to {} MB after the flows expired",
+        rss_before / MB,
+        rss_after / MB
+    );
+}
+
+/// `--max-udp-flows` bounds the flow sockets open at every moment: 500 peers
+/// in a burst never hold more than 10, counted while the burst runs.
+#[test]
+fn udp_flow_sockets_never_exceed_the_limit() {
+    const MAX: usize = 10;
+    const PEERS: usize = 500;
+    let (target, _) = udp_echo(v4(0), "");
+    let port = free_ports(1);
+    let d = Pestod::start(&[
+        "-u",
+        &format!("127.0.0.1/{port}:{}", target.port()),
+        "--max-udp-flows",
+        &MAX.to_string(),
+        "--udp-timeout",
+        "60",
+    ]);
+    let pid = d.pid();
+    let before = fds(pid);
+    let done = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (done, peak) = (Arc::clone(&done), Arc::clone(&peak));
+        thread::spawn(move || {
+            let mut samples = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(fds(pid), Ordering::Relaxed);
+                samples += 1;
+            }
+            samples
+        })
+    };
+    let peers: Vec<UdpSocket> = (0..PEERS)
+        .map(|_| UdpSocket::bind(v4(0)).unwrap())
+        .collect();
+    for p in &peers {
+        p.send_to(b"hello", v4(port)).unwrap();
+    }
+    // The last peers' flows are made and answered: the burst went through.
+    let mut buf = [0u8; 16];
+    for p in peers.iter().rev().take(MAX / 2) {
+        p.set_read_timeout(Some(PATIENCE)).unwrap();
+        let n = p.recv(&mut buf).expect("the newest flows are answered");
+        assert_eq!(&buf[..n], b"hello");
+    }
+    done.store(true, Ordering::Relaxed);
+    let samples = sampler.join().unwrap();
+    assert!(samples > 0);
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        peak <= before + MAX,
+        "{peak} descriptors at the peak, {before} before: more than {MAX} flow sockets"
+    );
+    assert!(fds(pid) > before, "the last flows are open");
+}
