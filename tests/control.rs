@@ -772,3 +772,68 @@ fn control_socket_is_private_and_not_shared() {
     assert_eq!(status.code(), Some(1));
     assert!(log.contains("another daemon"), "{log}");
 }
+
+/// A bad spec is a usage error (exit 1) found before connecting: no daemon
+/// is needed to hear about it.
+#[test]
+fn bad_spec_exits_1_without_a_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nobody-listens.sock");
+    let out = pesto(&sock, &["-t", "80x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("invalid port spec") && err.contains("80x"),
+        "{err}"
+    );
+    assert!(!err.contains("connect"), "{err}");
+    // A bad --timeout says which values it takes: 0 is not one.
+    let out = pesto(&sock, &["--timeout", "0", "-t", "80"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("more than 0"), "{err}");
+}
+
+/// `--retries 4294967295` (u32::MAX) retries like any other count: no
+/// overflow when it counts its attempts.
+#[test]
+fn retries_up_to_the_largest_count() {
+    use std::io::BufRead;
+    let (d, _, target) = daemon_with_port(&["--step-timeout", "1"]);
+    // An applied, uncommitted transaction makes pesto's APPLY BUSY.
+    let mut holder = d.raw();
+    holder.propose_adding(free_ports(1), target);
+    holder.apply();
+    let port = free_ports(1);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pesto"))
+        .args(["--retries", "4294967295", "-A", "-t"])
+        .arg(format!("{port}:{target}"))
+        .arg(&d.sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut said = Vec::new();
+    while !said.iter().any(|l: &String| l.contains("retrying")) {
+        match rx.recv_timeout(PATIENCE) {
+            Ok(line) => said.push(line),
+            Err(_) => panic!("pesto did not retry: {said:?} {:?}", child.try_wait()),
+        }
+    }
+    assert!(said.iter().any(|l| l.contains("of 4294967295")), "{said:?}");
+    holder.send(&[0x12]);
+    assert_eq!(holder.status().code, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{said:?}");
+    assert!(forwards(port));
+}
