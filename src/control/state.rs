@@ -293,7 +293,7 @@ impl Shared {
             Err(_) => {
                 // Said, so that an operator (and a test) can see an APPLY
                 // queued behind another transaction or a scan.
-                tracing::debug!("APPLY waits for the transaction applied before it");
+                tracing::debug!("APPLY waits: another transaction is applied, or a scan runs");
                 let lock = Arc::clone(&self.registry).lock_owned();
                 let Ok(registry) = tokio::time::timeout(self.timeouts.step, lock).await else {
                     return Err(Status::new(
