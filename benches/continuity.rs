@@ -10,6 +10,11 @@
 //!
 //! Sockets are TCP listeners on 127.0.0.1, one rule of 100 ports per 100
 //! sockets, in a block of free ports found at start.
+//!
+//! Then, as a client sees it: a real `pestod` child holding the same table,
+//! and the time of a whole one-rule transaction through the client library
+//! (connect, hello, list, update, apply, commit), adding and deleting one
+//! rule in turn.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -104,7 +109,66 @@ fn main() {
             k.as_secs_f64() / b.as_secs_f64(),
             b.as_secs_f64() / k.as_secs_f64()
         );
+
+        let mut whole = client_transactions(base, sockets).await;
+        println!(
+            "whole one-rule transaction (pestod): median {:>10.2?} over {ROUNDS}",
+            med(&mut whole)
+        );
     });
+}
+
+/// A `pestod` child with the table of `sockets` ports from `base`, and the
+/// time of each of [`ROUNDS`] one-rule transactions against it, as the
+/// client library runs them.
+async fn client_transactions(base: u16, sockets: u16) -> Vec<Duration> {
+    use pesto::client::{Options, Session};
+    use pesto::edit::Op;
+    use pesto::spec::SpecOpt;
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let sock = dir.path().join("control.sock");
+    // Targets are never connected to: any ports will do.
+    let table = format!("127.0.0.1/{base}-{}:1-{sockets}", base + sockets - 1);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pestod"))
+        .args(["-q", "-t", &table, "-c"])
+        .arg(&sock)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start pestod");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            panic!("pestod did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let extra = format!("127.0.0.1/{}:9", base + sockets);
+    let mut times = Vec::with_capacity(ROUNDS);
+    for i in 0..ROUNDS {
+        let op = if i % 2 == 0 { Op::Add } else { Op::Delete };
+        let t0 = Instant::now();
+        let session = Session::connect(&sock, Options::default())
+            .await
+            .expect("connect");
+        let (update, _) = session
+            .edit(&[op, Op::Spec(SpecOpt::Tcp, extra.clone())])
+            .expect("edit");
+        let applied = session
+            .propose(&update)
+            .await
+            .expect("update")
+            .apply()
+            .await
+            .expect("apply");
+        assert!(applied.report().ok, "{:?}", applied.report());
+        applied.commit().await.expect("commit");
+        times.push(t0.elapsed());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    times
 }
 
 /// A block of `n` ports free for TCP on 127.0.0.1.

@@ -16,7 +16,7 @@
 //! over and over: the control plane's load must not slow the forwarding.
 //!
 //! Loads: bulk TCP (one stream, four streams; the client writes 256 KiB
-//! chunks into a sink), connection rate (connect, one byte, echo, close;
+//! chunks into a sink, and the bytes the sink read are counted), connection rate (connect, one byte, echo, close;
 //! one client and eight clients), UDP (1400-byte datagrams sent as fast as
 //! possible into a sink, counted where they arrive).
 
@@ -469,9 +469,14 @@ fn listening(port: u16) -> bool {
 fn tcp_sink() -> SocketAddr {
     serve_tcp(|mut s| {
         let mut buf = vec![0u8; CHUNK];
-        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            SINK_READ.fetch_add(n as u64, Ordering::Relaxed);
+        }
     })
 }
+
+/// Bytes the TCP sink has read, over all its connections.
+static SINK_READ: AtomicU64 = AtomicU64::new(0);
 
 /// Echoes every connection until EOF.
 fn tcp_echo() -> SocketAddr {
@@ -527,23 +532,32 @@ fn run(threads: usize, dur: Duration, f: impl Fn(&AtomicBool) -> u64 + Sync) -> 
     })
 }
 
+/// Bulk throughput: what the sink read while the clients wrote, not what
+/// they wrote (a write may end in a socket buffer, never delivered).
 fn bulk(sink: SocketAddr, streams: usize, dur: Duration) -> f64 {
-    let t0 = Instant::now();
-    let bytes = run(streams, dur, |stop| {
-        let Ok(mut s) = TcpStream::connect(sink) else {
-            return 0;
-        };
-        let buf = vec![0x5au8; CHUNK];
-        let mut sent = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            match s.write(&buf) {
-                Ok(n) => sent += n as u64,
-                Err(_) => break,
-            }
+    let stop = AtomicBool::new(false);
+    thread::scope(|sc| {
+        for _ in 0..streams {
+            sc.spawn(|| {
+                let Ok(mut s) = TcpStream::connect(sink) else {
+                    return;
+                };
+                let buf = vec![0x5au8; CHUNK];
+                while !stop.load(Ordering::Relaxed) {
+                    if s.write(&buf).is_err() {
+                        break;
+                    }
+                }
+            });
         }
-        sent
-    });
-    bytes as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9
+        let before = SINK_READ.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        thread::sleep(dur);
+        let bytes = SINK_READ.load(Ordering::Relaxed) - before;
+        let secs = t0.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        bytes as f64 * 8.0 / secs / 1e9
+    })
 }
 
 fn conn_rate(echo: SocketAddr, clients: usize, dur: Duration) -> f64 {

@@ -87,8 +87,21 @@ fn main() {
             sock
         }
     };
-    // Ports: the table's rules, then two per client.
-    let base = 20_000u16;
+    // Ports: the table's rules, then two per client, from a block that is
+    // free now, below the ephemeral range.
+    let most = args.clients.iter().copied().max().unwrap_or(0);
+    let need = most
+        .checked_mul(2)
+        .and_then(|n| n.checked_add(usize::from(args.rules)))
+        .and_then(|n| u16::try_from(n).ok())
+        .unwrap_or(u16::MAX);
+    let base = match free_block(need) {
+        Some(b) => b,
+        None => {
+            eprintln!("loadgen: no block of {need} free UDP ports on 127.0.0.1");
+            std::process::exit(1);
+        }
+    };
     let client_base = base + args.rules;
     rt.block_on(async {
         if args.socket.is_none() {
@@ -136,6 +149,22 @@ fn start_daemon(sock: &Path) -> Child {
         std::thread::sleep(Duration::from_millis(20));
     }
     child
+}
+
+/// The first block of `n` ports from 10000 up, below the kernel's
+/// ephemeral range (where outgoing connections take ports), that UDP on
+/// 127.0.0.1 can bind.
+fn free_block(n: u16) -> Option<u16> {
+    let end = pesto::spec::Ephemeral::probe().first;
+    let free = |p: u16| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok();
+    let mut base = 10_000u16;
+    while base.checked_add(n)? <= end {
+        match (base..base + n).find(|&p| !free(p)) {
+            None => return Some(base),
+            Some(taken) => base = taken + 1,
+        }
+    }
+    None
 }
 
 fn spec(port: u16) -> String {

@@ -435,11 +435,12 @@ where
                 tracing::warn!(
                     "{e}; retrying in {} ms (attempt {} of {})",
                     pause.as_millis(),
-                    attempt + 1,
-                    t.retries + 1
+                    attempt.saturating_add(1),
+                    // Saturating: --retries may be u32::MAX.
+                    t.retries.saturating_add(1)
                 );
                 tokio::time::sleep(pause).await;
-                attempt += 1;
+                attempt = attempt.saturating_add(1);
             }
             other => return other,
         }

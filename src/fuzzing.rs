@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::codec::v3::{ClientHello, ClientMsg, ServerHello, ServerMsg};
+use crate::codec::v3::{ClientHello, ClientMsg, Code, ServerHello, ServerMsg, Status, VERSION_3};
 use crate::codec::{HelloV2, Limits, ListingV2, Update, Wire, decode_from};
 use crate::control::serve_one;
 use crate::control::state::{Shared, Timeouts};
@@ -39,11 +39,94 @@ pub fn decode(data: &[u8]) {
     decode_one::<Rule>(data);
 }
 
+/// What a client's bytes ask for, read as the server reads them: its hello,
+/// then messages until the bytes end or stop being a message.
+#[derive(Debug, Default)]
+struct Asked {
+    hello: Option<ClientHello>,
+    msgs: Vec<ClientMsg>,
+}
+
+impl Asked {
+    fn read(data: &[u8]) -> Asked {
+        let limits = Limits::default();
+        let Ok((hello, mut at)) = decode_from::<ClientHello>(data, &limits) else {
+            return Asked::default();
+        };
+        let mut msgs = Vec::new();
+        while let Some(rest) = data.get(at..) {
+            let Ok((msg, used)) = decode_from::<ClientMsg>(rest, &limits) else {
+                break;
+            };
+            msgs.push(msg);
+            at += used.max(1);
+        }
+        Asked {
+            hello: Some(hello),
+            msgs,
+        }
+    }
+
+    /// The update of a client that may write (version 3, no flags), sent
+    /// first, then APPLY: what the server may apply.
+    fn applied(&self) -> Option<&Update> {
+        let hello = self.hello.as_ref()?;
+        if hello.version != VERSION_3 || hello.flags != 0 {
+            return None;
+        }
+        match self.msgs.as_slice() {
+            [ClientMsg::Update(u), ClientMsg::Apply, ..] => Some(u),
+            _ => None,
+        }
+    }
+
+    /// Whether the message after APPLY is COMMIT.
+    fn commits(&self) -> bool {
+        matches!(self.msgs.get(2), Some(ClientMsg::Commit))
+    }
+}
+
+/// What the server answered: whether it sent a REPORT (it applied), and the
+/// status it sent after that, if any.
+fn answered(data: &[u8]) -> (bool, Option<Status>) {
+    let limits = Limits::default();
+    let Ok((_, mut at)) = decode_from::<ServerHello>(data, &limits) else {
+        return (false, None);
+    };
+    let (mut reported, mut last) = (false, None);
+    while let Some(rest) = data.get(at..) {
+        let Ok((msg, used)) = decode_from::<ServerMsg>(rest, &limits) else {
+            break;
+        };
+        at += used.max(1);
+        match msg {
+            ServerMsg::Report(_) => reported = true,
+            ServerMsg::Status(s) if reported => last = Some(s),
+            _ => {}
+        }
+    }
+    (reported, last)
+}
+
+/// The tables the server should hold after `update`: its pifs' tables
+/// replaced, validated as the server validates them. `None` if it holds an
+/// unknown pif or a table the server must refuse.
+fn model(start: &Config, update: &Update) -> Option<Config> {
+    let mut out = start.clone();
+    for (id, rules) in &update.tables {
+        let pif = out.pifs.iter_mut().find(|p| p.id == *id)?;
+        pif.table = Table::with_rules(pif.table.caps(), rules.clone()).ok()?;
+    }
+    Some(out)
+}
+
 /// Plays `data` as a client's bytes against a fresh server state whose
-/// HOST table holds one UDP rule, then checks that the tables are still
-/// valid and the generation never went back; returns HOST's generation at
-/// the end. It binds whatever the bytes ask for: run it in a network
-/// namespace of its own.
+/// HOST table holds one UDP rule, and compares the server's tables after
+/// with a model of the transaction: nothing changes unless the client sent
+/// UPDATE, APPLY and COMMIT and the server accepted the update; then the
+/// tables are the ones proposed. Generations count every swap (apply,
+/// rollback). Returns HOST's generation at the end. It binds whatever the
+/// bytes ask for: run it in a network namespace of its own.
 pub fn transaction(data: &[u8]) -> u64 {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -70,7 +153,12 @@ pub fn transaction(data: &[u8]) -> u64 {
             commit: Duration::from_millis(100),
         };
         let registry = Registry::new(DataPlane::new(Settings::default()));
-        let shared = Arc::new(Shared::new(config, registry, Targets::default(), timeouts));
+        let shared = Arc::new(Shared::new(
+            config.clone(),
+            registry,
+            Targets::default(),
+            timeouts,
+        ));
         let Ok((server, mut client)) = tokio::net::UnixStream::pair() else {
             return 0;
         };
@@ -83,18 +171,53 @@ pub fn transaction(data: &[u8]) -> u64 {
         let read = async {
             let mut sink = Vec::new();
             let _ = rd.read_to_end(&mut sink).await;
+            sink
         };
-        tokio::join!(write, read);
+        let ((), replies) = tokio::join!(write, read);
         let _ = serving.await;
-        let config = shared.config();
-        for pif in &config.pifs {
+        let after = shared.config();
+        for pif in &after.pifs {
             assert!(
                 Table::with_rules(pif.table.caps(), pif.table.rules().to_vec()).is_ok(),
                 "an invalid table became active"
             );
         }
+
+        let asked = Asked::read(data);
+        let (reported, last) = answered(&replies);
+        let update = asked.applied();
+        // The server applies only an update that a writing client sent and
+        // asked to apply, and only a valid one.
+        let proposed = match (reported, update) {
+            (false, _) => None,
+            (true, None) => panic!("applied without UPDATE and APPLY: {asked:?}"),
+            (true, Some(u)) => Some(
+                model(&config, u)
+                    .unwrap_or_else(|| panic!("applied an update it must refuse: {u:?}")),
+            ),
+        };
+        let committed = proposed.is_some() && asked.commits();
+        if committed {
+            assert!(
+                last.as_ref().is_some_and(|s| s.code == Code::Ok),
+                "COMMIT after REPORT not acknowledged: {last:?}"
+            );
+        }
+        let want = match &proposed {
+            Some(tables) if committed => tables,
+            _ => &config,
+        };
+        assert_eq!(&after, want, "tables after {asked:?}");
+        // HOST swaps once when applied, once more when rolled back.
+        let swaps =
+            u64::from(update.is_some_and(|u| u.tables.iter().any(|(id, _)| *id == PifId::HOST)));
+        let expected = match (&proposed, committed) {
+            (None, _) => 1,
+            (Some(_), true) => 1 + swaps,
+            (Some(_), false) => 1 + 2 * swaps,
+        };
         let generation = shared.generation(PifId::HOST).unwrap_or(0);
-        assert!(generation >= 1, "generation went back to {generation}");
+        assert_eq!(generation, expected, "HOST's generation after {asked:?}");
         shared.close_all().await;
         generation
     })

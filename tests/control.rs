@@ -9,7 +9,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use common::*;
 
@@ -120,6 +119,19 @@ impl Raw {
     }
     fn send(&mut self, b: &[u8]) {
         self.s.write_all(b).unwrap();
+    }
+
+    /// Whether the server has sent nothing yet that is still unread.
+    fn nothing_yet(&mut self) -> bool {
+        use nix::sys::socket::{MsgFlags, recv};
+        use std::os::fd::AsRawFd;
+        let mut b = [0u8; 1];
+        let r = recv(
+            self.s.as_raw_fd(),
+            &mut b,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        );
+        r == Err(nix::errno::Errno::EAGAIN)
     }
 
     /// Server hello: 20 bytes of version 2's shape, then 24 of version 3.
@@ -480,30 +492,39 @@ fn disconnect_at_each_step_leaves_the_table_as_it_was() {
 /// judged on its generations; past the step timeout it is BUSY.
 #[test]
 fn second_apply_waits_then_is_stale_or_busy() {
-    let (d, _, target) = daemon_with_port(&["--step-timeout", "1", "--commit-timeout", "20"]);
+    // Debug level: the daemon says when an APPLY waits.
+    let (mut d, _, target) =
+        daemon_with_port(&["--step-timeout", "1", "--commit-timeout", "20", "-d"]);
     let (p1, p2) = (free_ports(1), free_ports(1));
-    let propose = |port: u16| {
+    let propose = |d: &Daemon, port: u16| {
         let mut c = d.raw();
         c.propose_adding(port, target);
         c
     };
     // Both read generation 1; the first applies and sits uncommitted.
-    let mut first = propose(p1);
-    let mut second = propose(p2);
+    let mut first = propose(&d, p1);
+    let mut second = propose(&d, p2);
     first.apply();
     // The second APPLY waits for the first, up to its step timeout: BUSY.
     second.send(&[0x11]);
+    d.proc
+        .wait_for("APPLY waits")
+        .expect("the second APPLY waits for the first");
     let st = second.status();
     assert_eq!(st.code, 6, "BUSY {st:?}");
     // Again, but the first commits meanwhile: the second's snapshot is from
     // before the first applied, so it is STALE at step 7.
     first.send(&[0x12]);
     assert_eq!(first.status().code, 0);
-    let mut a = propose(free_ports(1));
-    let mut b = propose(free_ports(1));
+    let mut a = propose(&d, free_ports(1));
+    let mut b = propose(&d, free_ports(1));
     a.apply();
     b.send(&[0x11]);
-    std::thread::sleep(Duration::from_millis(200));
+    // B's APPLY is queued behind A's applied transaction, unanswered.
+    d.proc
+        .wait_for("APPLY waits")
+        .expect("B's APPLY waits for A");
+    assert!(b.nothing_yet(), "B's APPLY answered while A was applied");
     a.send(&[0x12]);
     assert_eq!(a.status().code, 0);
     let st = b.status();
@@ -529,12 +550,8 @@ fn sigterm_rolls_back_an_applied_transaction() {
     let _ = port;
 }
 
-fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while !f() {
-        assert!(std::time::Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+fn wait_until(f: impl FnMut() -> bool, what: &str) {
+    common::wait_until(PATIENCE, what, f);
 }
 
 #[test]
@@ -754,4 +771,69 @@ fn control_socket_is_private_and_not_shared() {
     let (status, log) = pestod_exit(&["-c", d.sock.to_str().unwrap()]);
     assert_eq!(status.code(), Some(1));
     assert!(log.contains("another daemon"), "{log}");
+}
+
+/// A bad spec is a usage error (exit 1) found before connecting: no daemon
+/// is needed to hear about it.
+#[test]
+fn bad_spec_exits_1_without_a_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nobody-listens.sock");
+    let out = pesto(&sock, &["-t", "80x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("invalid port spec") && err.contains("80x"),
+        "{err}"
+    );
+    assert!(!err.contains("connect"), "{err}");
+    // A bad --timeout says which values it takes: 0 is not one.
+    let out = pesto(&sock, &["--timeout", "0", "-t", "80"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("more than 0"), "{err}");
+}
+
+/// `--retries 4294967295` (u32::MAX) retries like any other count: no
+/// overflow when it counts its attempts.
+#[test]
+fn retries_up_to_the_largest_count() {
+    use std::io::BufRead;
+    let (d, _, target) = daemon_with_port(&["--step-timeout", "1"]);
+    // An applied, uncommitted transaction makes pesto's APPLY BUSY.
+    let mut holder = d.raw();
+    holder.propose_adding(free_ports(1), target);
+    holder.apply();
+    let port = free_ports(1);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pesto"))
+        .args(["--retries", "4294967295", "-A", "-t"])
+        .arg(format!("{port}:{target}"))
+        .arg(&d.sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut said = Vec::new();
+    while !said.iter().any(|l: &String| l.contains("retrying")) {
+        match rx.recv_timeout(PATIENCE) {
+            Ok(line) => said.push(line),
+            Err(_) => panic!("pesto did not retry: {said:?} {:?}", child.try_wait()),
+        }
+    }
+    assert!(said.iter().any(|l| l.contains("of 4294967295")), "{said:?}");
+    holder.send(&[0x12]);
+    assert_eq!(holder.status().code, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{said:?}");
+    assert!(forwards(port));
 }

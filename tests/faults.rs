@@ -40,6 +40,41 @@ fn fds(pid: u32) -> usize {
         .count()
 }
 
+/// The daemon's TCP sockets that are not listening: connections.
+fn connected_tcp(pid: u32) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        // Fields: sl, local, remote, state, queues, timer, retransmits, uid,
+        // timeout, inode. State 0A is LISTEN.
+        .filter(|f| f.len() > 9 && f[3] != "0A" && inodes.contains(&f[9]))
+        .count()
+}
+
+/// The daemon's log line that ends the transaction of the client `pid`.
+fn transaction_end(log: &str, pid: u32) -> Option<String> {
+    let peer = format!("pid {pid} uid");
+    log.lines()
+        .find(|l| l.contains("transaction: ") && l.contains(&peer))
+        .map(str::to_owned)
+}
+
 fn listing(sock: &Path) -> String {
     String::from_utf8_lossy(&pesto(sock, &[]).stdout).into_owned()
 }
@@ -75,9 +110,19 @@ fn killed_clients_leave_whole_tables_and_no_leaks() {
         &format!("{port}:{target}"),
     ]);
     assert!(forwards(port));
-    std::thread::sleep(Duration::from_millis(200));
+    // The relay of that connection is gone: only listeners and the control
+    // socket are left.
+    wait_until(PATIENCE, "the test connection's relay closes", || {
+        connected_tcp(p.pid()) == 0
+    });
     let base = fds(p.pid());
     let extra = free_ports(20);
+    // The delay before the kill adapts, so that the kills land inside
+    // transactions on a fast machine as on a slow one: longer after a kill
+    // that came before the client's connection was served, shorter after
+    // one that came after its commit.
+    let mut delay = Duration::ZERO;
+    let mut pids = Vec::new();
     for i in 0..20u16 {
         let spec = format!("{}:{target}", extra + i);
         let mut child = Command::new(env!("CARGO_BIN_EXE_pesto"))
@@ -87,9 +132,10 @@ fn killed_clients_leave_whole_tables_and_no_leaks() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_micros(u64::from(i) * 700));
+        std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
+        pids.push(child.id());
         // Whole: the rule is in the table exactly when its port forwards.
         let deadline = std::time::Instant::now() + PATIENCE;
         loop {
@@ -103,8 +149,38 @@ fn killed_clients_leave_whole_tables_and_no_leaks() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Where the kill landed, from the daemon's line about the client's
+        // transaction (it may take a moment; none at all if the client was
+        // killed before it connected).
+        let mut end = None;
+        for _ in 0..50 {
+            end = transaction_end(&p.log(), child.id());
+            if end.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        delay = match end {
+            None => delay + Duration::from_micros(700),
+            Some(line) if line.contains("committed") => delay / 2,
+            // Inside: a little later next time, to land at another step.
+            Some(_) => delay + Duration::from_micros(200),
+        };
     }
     assert!(forwards(port));
+    // Some kills landed inside a transaction (after the client's connection
+    // was served, before its commit): a line for its pid ends otherwise.
+    let inside = || {
+        let log = p.log();
+        pids.iter()
+            .filter_map(|&pid| transaction_end(&log, pid))
+            .filter(|line| !line.contains("committed"))
+            .count()
+    };
+    wait_until(PATIENCE, "no kill landed inside a transaction", || {
+        inside() > 0
+    });
+    eprintln!("{} of 20 kills landed inside a transaction", inside());
     // Every committed rule holds one listening socket more than at the start.
     let committed = listing(&sock).matches("TCP [*]:").count() - 1;
     let deadline = std::time::Instant::now() + PATIENCE;
@@ -123,7 +199,7 @@ fn killed_clients_leave_whole_tables_and_no_leaks() {
 #[test]
 fn out_of_descriptors_is_reported_and_rolled_back() {
     if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: prlimit (util-linux) is not installed");
+        skip("prlimit (util-linux) is not installed");
         return;
     }
     let target = reply_server(v4(0), "ok".into()).port();
@@ -169,7 +245,9 @@ fn out_of_descriptors_is_reported_and_rolled_back() {
     let held: Vec<TcpStream> = (0..200)
         .filter_map(|_| TcpStream::connect(v4(port)).ok())
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // The accept loop ran out of descriptors and backs off.
+    p.wait_for("backing off")
+        .expect("EMFILE makes accepts back off");
     let pid = p.pid();
     let cpu = || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -209,7 +287,7 @@ fn out_of_descriptors_is_reported_and_rolled_back() {
 #[test]
 fn peers_not_allowed_are_denied() {
     if !rustix::process::getuid().is_root() {
-        eprintln!("SKIPPED: needs root to run a client as another uid");
+        skip("needs root to run a client as another uid");
         return;
     }
     let d = Dir::new();

@@ -214,7 +214,13 @@ fn udp_flows_expire() {
     assert_eq!(s.recv(&mut buf).unwrap(), 3);
     s.send(b"two").unwrap();
     assert_eq!(s.recv(&mut buf).unwrap(), 3);
-    thread::sleep(Duration::from_millis(2000));
+    // The flow's socket, connected to the target from the address the
+    // target saw, closes when the flow ends: then its address is free.
+    let flow = seen.lock().unwrap()[1];
+    assert!(UdpSocket::bind(flow).is_err(), "the flow holds {flow}");
+    wait_until(Duration::from_secs(20), "the idle flow ends", || {
+        UdpSocket::bind(flow).is_ok()
+    });
     s.send(b"three").unwrap();
     assert_eq!(s.recv(&mut buf).unwrap(), 5);
     let seen = seen.lock().unwrap().clone();
@@ -445,7 +451,7 @@ fn buffers(filter: &str) -> Option<(u64, u64)> {
 #[test]
 fn loopback_connections_get_fixed_buffers() {
     if std::process::Command::new("ss").arg("-V").output().is_err() {
-        eprintln!("SKIPPED: no ss (iproute2) to read socket buffers");
+        skip("no ss (iproute2) to read socket buffers");
         return;
     }
     let target = echo_server(v4(0));

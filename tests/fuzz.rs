@@ -123,6 +123,11 @@ fn transactions_survive_the_corpus() {
         // generation, apply and rollback two.
         assert_eq!(fuzzing::transaction(&transcript(true)), 2);
         assert_eq!(fuzzing::transaction(&transcript(false)), 3);
+        // Cut before COMMIT: applied, then rolled back as the client left.
+        let commit = transcript(true);
+        assert_eq!(fuzzing::transaction(&commit[..commit.len() - 1]), 3);
+        // Cut before APPLY: validated, never applied.
+        assert_eq!(fuzzing::transaction(&commit[..commit.len() - 2]), 1);
         let seeds = seeds();
         let inputs: Vec<Vec<u8>> = seeds.iter().cloned().chain(mutants(&seeds, 300)).collect();
         for input in &inputs {

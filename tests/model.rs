@@ -3,6 +3,8 @@
 //! [`Shared`] state (with real sockets), compared with the serial
 //! application of the committed transactions in commit order.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -19,17 +21,11 @@ use pesto::rule::{Caps, PifId, Proto, Rule};
 use pesto::table::{Config, PifTable, Table};
 use pesto::target::Targets;
 
-/// Ports the clients add and delete: UDP on 127.0.0.1, so binds are cheap
-/// and nothing else in the test suite uses them.
+/// Ports the clients add and delete: UDP on 127.0.0.1, so binds are cheap.
+/// A free block below the ephemeral range (tests/common), so that no
+/// outgoing connection of a parallel test takes one meanwhile.
 fn port_pool() -> u16 {
-    let seed = std::process::id() as u16;
-    for i in 0..2000u16 {
-        let base = 40_000 + (seed.wrapping_add(i.wrapping_mul(7919)) % 8_000);
-        if (base..base + 8).all(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free ports");
+    common::free_ports(8)
 }
 
 fn rule(port: u16) -> Rule {

@@ -166,7 +166,8 @@ fn clients_of_different_pifs_never_conflict() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("c.sock");
     let p = free_ports(2);
-    let _d = pestod(&ns, &sock, &[]);
+    // Debug level: the daemon says when an APPLY waits.
+    let mut d = pestod(&ns, &sock, &["-d"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use pesto::client::{Options, Session};
@@ -187,7 +188,9 @@ fn clients_of_different_pifs_never_conflict() {
         let aa = pa.apply().await.unwrap();
         // B's APPLY waits for A to end, then goes through: SPLICE did not move.
         let bb = tokio::spawn(async move { pb.apply().await });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        d.wait_for("APPLY waits")
+            .expect("B's APPLY waits behind A's applied transaction");
+        assert!(!bb.is_finished(), "B's APPLY answered while A was applied");
         aa.commit().await.unwrap();
         let bb = bb.await.unwrap().unwrap();
         assert!(bb.report().ok);
@@ -242,18 +245,65 @@ fn auto_ignores_the_daemons_own_sockets() {
     let _host = TcpListener::bind(v4(p + 1)).unwrap();
     let range = format!("{p}-{},auto", p + 2);
     let _d = pestod(&ns, &sock, &["-t", &p.to_string(), "-T", &range]);
-    std::thread::sleep(Duration::from_millis(2500));
-    let (own_free, forwarded) = ns.run(move || {
-        (
-            TcpListener::bind(v4(p)).is_ok(),
-            TcpStream::connect(v4(p + 1)).is_ok(),
-        )
-    });
+    // The scan that found the host's listener on p+1 saw pestod's own on p
+    // too: once p+1 is forwarded, p would be taken already.
+    wait_until(
+        Duration::from_secs(20),
+        &format!("the host's listener on {} is forwarded", p + 1),
+        || ns.run(move || TcpStream::connect(v4(p + 1)).is_ok()),
+    );
+    let own_free = ns.run(move || TcpListener::bind(v4(p)).is_ok());
     assert!(
         own_free,
         "pestod took its own HOST port inside the namespace"
     );
-    assert!(forwarded, "the host's listener on {} is forwarded", p + 1);
+}
+
+/// CI runs as root, so a namespace test that cannot make its namespace
+/// there fails instead of passing as SKIPPED. Played by a copy of this test
+/// binary run as an unprivileged user (where `ip netns add` fails), with and
+/// without `CI`.
+#[test]
+fn under_ci_a_namespace_test_that_cannot_run_fails() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    // The build tree may be private (a checkout in a 0700 directory).
+    let exe = dir.path().join("netns-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, PermissionsExt::from_mode(0o755)).unwrap();
+    let run = |ci: Option<&str>| {
+        let mut c = Command::new(&exe);
+        c.args(["--exact", "host_to_namespace_and_back", "--nocapture"])
+            .env_remove("CI")
+            .current_dir(dir.path());
+        if let Some(v) = ci {
+            c.env("CI", v);
+        }
+        if rustix::process::geteuid().is_root() {
+            c.uid(65534).gid(65534);
+        }
+        let out = c.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(Some("1"));
+    assert!(!ok, "passed under CI without a namespace:\n{text}");
+    assert!(text.contains("cannot run under CI"), "{text}");
+    // Outside CI, and with CI set but empty, the same test skips.
+    for ci in [None, Some("")] {
+        let (ok, text) = run(ci);
+        assert!(ok, "CI={ci:?}:\n{text}");
+        assert!(
+            text.contains("SKIPPED: cannot create a network namespace"),
+            "{text}"
+        );
+    }
 }
 
 #[test]
@@ -284,10 +334,7 @@ fn auto_follows_the_namespace_listeners() {
     assert!(!listens(p + 1), "nothing listens inside yet");
     let wait = |want: bool, what: &str| {
         let t0 = std::time::Instant::now();
-        while listens(p + 1) != want {
-            assert!(t0.elapsed() < Duration::from_secs(5), "{what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(Duration::from_secs(20), what, || listens(p + 1) == want);
         t0.elapsed()
     };
     let inside = ns.run(move || TcpListener::bind(v4(p + 1)).unwrap());
@@ -377,10 +424,17 @@ fn udp_beyond_the_mtu_and_broadcast() {
         // pestod is stopped while a burst arrives, so that it takes the
         // burst as one batch, whose datagrams it tries to send in one
         // segmented send.
+        // Nothing else sends in this namespace while pestod is stopped, so
+        // ten more IP deliveries are the ten datagrams in its socket.
         let held = |send: &dyn Fn()| {
             kill_process(pid, Signal::STOP).unwrap();
+            let before = ip_in_delivers();
             send();
-            std::thread::sleep(Duration::from_millis(200));
+            wait_until(
+                Duration::from_secs(20),
+                "the burst reaches pestod's socket",
+                || ip_in_delivers() >= before + 10,
+            );
             kill_process(pid, Signal::CONT).unwrap();
         };
         let c = UdpSocket::bind(v4(0)).unwrap();
@@ -436,4 +490,17 @@ fn udp_beyond_the_mtu_and_broadcast() {
         !log.contains("reply from the peer's address failed"),
         "{log}"
     );
+}
+
+/// Packets IP handed to a transport protocol (UDP's queueing done) in the
+/// calling thread's network namespace: `Ip: InDelivers` of its snmp file.
+fn ip_in_delivers() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "InDelivers")
+        .expect("InDelivers in /proc/net/snmp");
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
 }

@@ -1,6 +1,8 @@
 //! pesto: shows and changes a running pestod's forwarding rules, with the
 //! options of upstream passt's pesto, in one transaction.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,7 +15,7 @@ use pesto::client::{ClientError, Options, Session, TransactOptions, transact};
 use pesto::codec::v3::{Code, Report, Status};
 use pesto::edit::{EditError, Op};
 use pesto::rule::{PifId, Rule};
-use pesto::spec::SpecOpt;
+use pesto::spec::{PortSpec, SpecOpt};
 use pesto::table::Config;
 
 const EXIT_CODES: &str = "\
@@ -136,7 +138,7 @@ fn main() -> ExitCode {
         .init();
     let ops = ordered_ops(&matches);
     if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
-        eprintln!("pesto: --timeout: give 0 to 3600 seconds");
+        eprintln!("pesto: --timeout: give more than 0 and at most 3600 seconds");
         return ExitCode::from(Exit::Usage as u8);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -190,6 +192,15 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         read_only: ops.is_empty(),
     };
     let path = args.path.display();
+    // Specs are checked before connecting: a typo is a usage error, also
+    // when no daemon runs.
+    for op in ops {
+        if let Op::Spec(opt, text) = op
+            && let Err(e) = PortSpec::parse(*opt, text)
+        {
+            return out.error(&ClientError::Edit(EditError::Spec(e)), Exit::Usage);
+        }
+    }
     if !ops.is_empty() && ops.iter().all(|op| matches!(op, Op::Add | Op::Delete)) {
         out.outcome("nothing to change: -A and -D apply to the specs after them");
         return Exit::Done;

@@ -1,6 +1,8 @@
 //! pestod: the forwarding daemon. Parses the command line, sets up logging,
 //! and runs the library's [`Daemon`] until SIGINT or SIGTERM.
 
+#![forbid(unsafe_code)]
+
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -19,6 +19,32 @@ use pesto::spec::Ephemeral;
 /// How long a test waits for something that should take milliseconds.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// Whether this runs under CI (`CI` set and not empty), which runs as root
+/// with every tool a test needs.
+pub fn under_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// Says that a test cannot run here and why; the caller then returns. Under
+/// CI it fails instead: there a skip would let a test pass without running.
+pub fn skip(reason: &str) {
+    assert!(!under_ci(), "cannot run under CI: {reason}");
+    // Straight to the terminal: the test harness hides eprintln! of passing
+    // tests.
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
+}
+
+/// Polls `cond` every few milliseconds until it holds; fails with `what`
+/// if it still does not after `deadline`. Tests wait for the event they
+/// need, never for a fixed time.
+pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "waited {deadline:?}: {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A block of `n` consecutive ports that nothing listens on, for TCP and
 /// UDP, on every address of both families.
 ///
@@ -334,12 +360,7 @@ impl Ns {
                 !(rustix::process::geteuid().is_root() && have_ip),
                 "root cannot create a network namespace"
             );
-            // Straight to the terminal: the test harness hides eprintln!
-            // of passing tests.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: cannot create a network namespace (needs root and iproute2)"
-            );
+            skip("cannot create a network namespace (needs root and iproute2)");
             return None;
         }
         let ns = Ns { name };
