@@ -74,6 +74,9 @@ pub enum StartError {
     /// The state file cannot be used.
     #[error(transparent)]
     State(#[from] StateFileError),
+    /// Something that cannot happen did (a thread panicked).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The state file holds a table this daemon cannot take.
     #[error("state file {path}: {problem}; fix or remove it")]
     BadState {
@@ -164,50 +167,25 @@ impl Daemon {
             return Err(StartError::NoNamespace);
         }
         let dp = DataPlane::new(opts.dataplane);
-        let mut registry = Registry::new(Arc::clone(&dp));
-        let mut config = Config::default();
-        let mut placements = Vec::new();
-        let mut tables = vec![opts.host, opts.splice].into_iter();
-        for (id, name, place) in Daemon::pifs(opts.netns.as_ref()) {
-            let table = tables.next().unwrap_or_default();
-            let routes = Daemon::routes(&table, opts.targets, &place).map_err(|(_, e)| e)?;
-            if let Some(ns) = &place.listen {
-                registry.set_namespace(id, Arc::clone(ns));
-            }
-            if table.rules().iter().any(Rule::is_scan) {
-                let net = std::path::Path::new(scan::SELF_NET);
-                let seen = match &place.connect {
-                    None => Listening::read(net),
-                    Some(ns) => ns.run(|| Listening::read(std::path::Path::new(scan::SELF_NET))),
-                };
-                match seen {
-                    Ok(seen) => registry.set_listening(id, seen),
-                    Err(e) => warn!("{name}: cannot read the targets' listeners: {e}"),
-                }
-            }
-            let report = registry.sync(id, &routes, true);
-            if let Some(failed) = report.rules.iter().find(|r| !r.is_ok()) {
+        // Binding a table may take long (`-t all`, a namespace): on a
+        // blocking thread, as every bind is.
+        let registry = Registry::new(Arc::clone(&dp));
+        let (host, splice, netns, targets) =
+            (opts.host, opts.splice, opts.netns.clone(), opts.targets);
+        let bound = tokio::task::spawn_blocking(move || {
+            bind_all(registry, vec![host, splice], netns.as_ref(), targets)
+        })
+        .await;
+        let (registry, config, placements) = match bound {
+            Ok(Ok(done)) => done,
+            Ok(Err((mut registry, e))) => {
                 registry.close_all().await;
-                let (port, reason) = failed
-                    .failed
-                    .first()
-                    .map_or((failed.rule.first, String::new()), |f| {
-                        (f.first, f.reason())
-                    });
-                return Err(StartError::Bind {
-                    rule: Box::new(failed.rule.clone()),
-                    port,
-                    reason,
-                });
+                return Err(e);
             }
-            warn_weak_failures(&report);
-            config.pifs.push(PifTable {
-                id,
-                name: name.to_owned(),
-                table,
-            });
-            placements.push((id, place));
-        }
+            Err(e) => {
+                return Err(StartError::Internal(format!("binding failed: {e}")));
+            }
+        };
         for pif in &config.pifs {
             for rule in pif.table.rules() {
                 info!("forwarding {} {}", pif.name, rule.to_string().trim_end());
@@ -286,6 +264,67 @@ impl Daemon {
         self.shared.close_all().await;
         self.dp.shutdown(self.grace).await;
     }
+}
+
+/// What start-up binds: the registry, the tables and their placements.
+type Bound = (Registry, Config, Vec<(PifId, Placement)>);
+
+/// Binds the start-up tables, pif by pif, in `registry`. A rule that does
+/// not get its ports (all of them; one at least for a weak rule) fails the
+/// start; the registry comes back with the error, to close what was bound.
+fn bind_all(
+    mut registry: Registry,
+    tables: Vec<Table>,
+    netns: Option<&Arc<Netns>>,
+    targets: Targets,
+) -> Result<Bound, (Registry, StartError)> {
+    let mut config = Config::default();
+    let mut placements = Vec::new();
+    let mut tables = tables.into_iter();
+    for (id, name, place) in Daemon::pifs(netns) {
+        let table = tables.next().unwrap_or_default();
+        let routes = match Daemon::routes(&table, targets, &place) {
+            Ok(r) => r,
+            Err((_, e)) => return Err((registry, e.into())),
+        };
+        if let Some(ns) = &place.listen {
+            registry.set_namespace(id, Arc::clone(ns));
+        }
+        if table.rules().iter().any(Rule::is_scan) {
+            let net = std::path::Path::new(scan::SELF_NET);
+            let seen = match &place.connect {
+                None => Listening::read(net),
+                Some(ns) => ns.run(|| Listening::read(std::path::Path::new(scan::SELF_NET))),
+            };
+            match seen {
+                Ok(seen) => registry.set_listening(id, seen),
+                Err(e) => warn!("{name}: cannot read the targets' listeners: {e}"),
+            }
+        }
+        let report = registry.sync(id, &routes, true);
+        if let Some(failed) = report.rules.iter().find(|r| !r.is_ok()) {
+            let (port, reason) = failed
+                .failed
+                .first()
+                .map_or((failed.rule.first, String::new()), |f| {
+                    (f.first, f.reason())
+                });
+            let e = StartError::Bind {
+                rule: Box::new(failed.rule.clone()),
+                port,
+                reason,
+            };
+            return Err((registry, e));
+        }
+        warn_weak_failures(&report);
+        config.pifs.push(PifTable {
+            id,
+            name: name.to_owned(),
+            table,
+        });
+        placements.push((id, place));
+    }
+    Ok((registry, config, placements))
 }
 
 /// Puts the saved tables in place of the command line's.

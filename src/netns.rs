@@ -1,9 +1,9 @@
-//! Network namespaces: a thread that lives in one and makes sockets there.
+//! Network namespaces: threads that live in one and make sockets there.
 //!
 //! A socket belongs to the namespace it was created in for its whole life,
 //! whichever thread uses it later; so only creating one needs to happen
-//! inside. A [`Netns`] owns a thread that entered the namespace once (with
-//! setns) and runs socket-making jobs for the rest of the daemon.
+//! inside. A [`Netns`] owns threads that entered the namespace once (with
+//! setns) and run socket-making jobs for the rest of the daemon.
 
 use std::fs::File;
 use std::io;
@@ -44,16 +44,26 @@ pub struct Netns {
     path: PathBuf,
     /// Device and inode of the namespace, to notice it going away.
     id: (u64, u64),
-    // Two threads, so that binding a large table never delays a connection:
-    // one takes the binds, the other connects and reads. Std mutexes around
-    // the senders only, taken to queue a job.
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    connects: Mutex<Option<mpsc::Sender<Job>>>,
+    // Three threads, so that neither binding a large table nor reading a
+    // long listener table ever delays a connection: one binds, one connects,
+    // one scans. Std mutexes around the senders only, taken to queue a job.
+    jobs: Mutex<Option<mpsc::SyncSender<Job>>>,
+    connects: Mutex<Option<mpsc::SyncSender<Job>>>,
+    scans: Mutex<Option<mpsc::SyncSender<Job>>>,
 }
 
-/// Starts a thread that enters the namespace of `file` and runs jobs.
-fn worker(file: File, path: &Path) -> Result<mpsc::Sender<Job>, NetnsError> {
-    let (tx, rx) = mpsc::channel::<Job>();
+/// Jobs waiting for the connect thread at most: past that, a flood of
+/// connections is refused (EAGAIN) rather than queued without bound.
+const CONNECT_QUEUE: usize = 4096;
+
+/// Jobs waiting for the bind and scan threads at most: their callers wait
+/// for each job, so a few is plenty.
+const QUEUE: usize = 64;
+
+/// Starts a thread that enters the namespace of `file` and runs jobs, at
+/// most `queue` waiting.
+fn worker(file: File, path: &Path, queue: usize) -> Result<mpsc::SyncSender<Job>, NetnsError> {
+    let (tx, rx) = mpsc::sync_channel::<Job>(queue);
     let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
     let name = format!("netns {}", path.display());
     std::thread::Builder::new()
@@ -97,13 +107,16 @@ impl Netns {
         let file = File::open(path).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         let second = file.try_clone().map_err(open_err)?;
-        let jobs = worker(file, path)?;
-        let connects = worker(second, path)?;
+        let third = file.try_clone().map_err(open_err)?;
+        let jobs = worker(file, path, QUEUE)?;
+        let connects = worker(second, path, CONNECT_QUEUE)?;
+        let scans = worker(third, path, QUEUE)?;
         Ok(Arc::new(Netns {
             path: path.to_owned(),
             id: (meta.dev(), meta.ino()),
             jobs: Mutex::new(Some(jobs)),
             connects: Mutex::new(Some(connects)),
+            scans: Mutex::new(Some(scans)),
         }))
     }
 
@@ -112,14 +125,39 @@ impl Netns {
         &self.path
     }
 
-    fn queue(queue: &Mutex<Option<mpsc::Sender<Job>>>, job: Job) -> io::Result<()> {
-        let jobs = queue.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Queues `job`: waits for room if `wait`, else fails with EAGAIN when
+    /// the queue is full.
+    fn queue(queue: &Mutex<Option<mpsc::SyncSender<Job>>>, job: Job, wait: bool) -> io::Result<()> {
         // ENODEV: what a bind report can carry as an errno.
         let gone = || io::Error::from(rustix::io::Errno::NODEV);
-        jobs.as_ref()
-            .ok_or_else(gone)?
-            .send(job)
-            .map_err(|_| gone())
+        // A clone, so that waiting for room never holds the lock.
+        let tx = queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(gone)?;
+        if wait {
+            return tx.send(job).map_err(|_| gone());
+        }
+        tx.try_send(job).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => io::Error::from(rustix::io::Errno::AGAIN),
+            mpsc::TrySendError::Disconnected(_) => gone(),
+        })
+    }
+
+    /// Runs `f` on the thread behind `queue` and waits for its result
+    /// without blocking the async caller (EAGAIN if the queue is full).
+    async fn run_on<T: Send + 'static>(
+        queue: &Mutex<Option<mpsc::SyncSender<Job>>>,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        Netns::queue(queue, job, false)?;
+        rx.await
+            .map_err(|_| io::Error::other("the namespace thread failed"))?
     }
 
     /// Runs `f` inside the namespace and waits for its result: binds, from
@@ -134,26 +172,29 @@ impl Netns {
             Box::new(move || {
                 let _ = tx.send(f());
             }),
+            true,
         )?;
         rx.recv()
             .map_err(|_| io::Error::other("the namespace thread failed"))?
     }
 
     /// Runs `f` inside the namespace without blocking the async caller:
-    /// connects and reads, on a thread of their own.
+    /// the sockets of connections and flows, on a thread of their own. A
+    /// full queue fails with EAGAIN at once.
     pub async fn run_async<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        Netns::queue(
-            &self.connects,
-            Box::new(move || {
-                let _ = tx.send(f());
-            }),
-        )?;
-        rx.await
-            .map_err(|_| io::Error::other("the namespace thread failed"))?
+        Netns::run_on(&self.connects, f).await
+    }
+
+    /// Runs `f` inside the namespace on the thread that reads listener
+    /// tables (`auto`), which may take long: never the connect thread's.
+    pub async fn scan_async<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        Netns::run_on(&self.scans, f).await
     }
 
     /// Whether the path still names the namespace that was opened: a
@@ -170,6 +211,10 @@ impl Netns {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         self.connects
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        self.scans
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();

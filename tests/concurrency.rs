@@ -46,7 +46,10 @@ fn thirty_two_cli_processes_all_get_their_rule() {
     let procs: Vec<_> = (0..32)
         .map(|i| {
             Command::new(env!("CARGO_BIN_EXE_pesto"))
-                .args(["-A", "-u", &spec(base + i)])
+                // 32 writers of one whole pif table conflict by design
+                // (each commit makes the others STALE): on a loaded 2-core
+                // machine the default 5 retries are not always enough.
+                .args(["--retries", "40", "-A", "-u", &spec(base + i)])
                 .arg(&d.sock)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())

@@ -249,39 +249,34 @@ impl Shared {
     }
 
     /// Steps 5 and 6: loads `update` into a shadow and validates it fully,
-    /// with no socket operation.
-    pub fn validate(&self, update: Update, snapshot: &Snapshot) -> Result<Shadow, Status> {
-        let t = self.tables();
-        let mut tables = Vec::with_capacity(update.tables.len());
-        for (id, rules) in update.tables {
-            let Some(pif) = t.config.by_id(id) else {
-                let mut s = Status::new(Code::Invalid, format!("there is no pif {id}"));
-                s.pif = Some(id);
-                return Err(s);
-            };
-            check_generation(&t, id, snapshot)?;
-            if self.placement(id).listen.is_some_and(|ns| ns.is_detached()) {
-                let mut s = Status::new(
-                    Code::Invalid,
-                    format!("{}: its network namespace is gone", pif.name),
-                );
-                s.pif = Some(id);
-                return Err(s);
-            }
-            let table = Table::with_rules(pif.table.caps(), rules).map_err(|(i, e)| {
-                let code = if e.is_limit() {
-                    Code::Limit
-                } else {
-                    Code::Invalid
+    /// with no socket operation. The generations are checked under the
+    /// tables lock; the rules on a blocking thread, after it: a large table
+    /// takes a while, and the loop check asks the kernel whether a target
+    /// address is local (a bind).
+    pub async fn validate(&self, update: Update, snapshot: &Snapshot) -> Result<Shadow, Status> {
+        let mut pifs = Vec::with_capacity(update.tables.len());
+        {
+            let t = self.tables();
+            for (id, rules) in update.tables {
+                let Some(pif) = t.config.by_id(id) else {
+                    let mut s = Status::new(Code::Invalid, format!("there is no pif {id}"));
+                    s.pif = Some(id);
+                    return Err(s);
                 };
-                rule_status(code, id, i, format!("{}: {e}", pif.name))
-            })?;
-            let routes = routes(&table, self.targets, &self.placement(id)).map_err(|(i, e)| {
-                rule_status(Code::Invalid, id, i, format!("{}: {e}", pif.name))
-            })?;
-            tables.push(PifChange { id, table, routes });
+                check_generation(&t, id, snapshot)?;
+                pifs.push(Proposed {
+                    id,
+                    name: pif.name.clone(),
+                    caps: pif.table.caps(),
+                    rules,
+                    place: self.placement(id),
+                });
+            }
         }
-        Ok(Shadow { tables })
+        let targets = self.targets;
+        tokio::task::spawn_blocking(move || validate_rules(pifs, targets))
+            .await
+            .unwrap_or_else(|_| Err(Status::new(Code::Internal, "validation failed")))
     }
 
     /// Step 7: makes the shadow active and syncs the sockets. Waits for the
@@ -396,17 +391,31 @@ impl Shared {
     /// Step 9, ROLLBACK (also after a disconnect or a timeout): the old
     /// tables take their sockets back, without binding anything, and the
     /// sockets bound for the new tables are closed.
-    pub async fn rollback(&self, mut applied: Applied) -> Vec<SyncReport> {
-        // No bind happens here: quick enough to run in place.
-        let reports: Vec<SyncReport> = applied
-            .old
-            .iter()
-            .map(|c| applied.registry.sync(c.id, &c.routes, false))
-            .collect();
-        let mut ids = Vec::with_capacity(applied.old.len());
+    pub async fn rollback(&self, applied: Applied) -> Vec<SyncReport> {
+        // No bind happens here, but a table of many thousands of sockets
+        // takes a while: a blocking thread, as for apply.
+        let Applied { registry, old, .. } = applied;
+        let synced = tokio::task::spawn_blocking(move || {
+            let mut registry = registry;
+            let reports: Vec<SyncReport> = old
+                .iter()
+                .map(|c| registry.sync(c.id, &c.routes, false))
+                .collect();
+            (registry, old, reports)
+        })
+        .await;
+        let (mut registry, old, reports) = match synced {
+            Ok(done) => done,
+            // Only a panic in sync gets here; the registry went with it.
+            Err(e) => {
+                tracing::error!("rollback failed: {e}");
+                return Vec::new();
+            }
+        };
+        let mut ids = Vec::with_capacity(old.len());
         {
             let mut t = self.tables();
-            for change in applied.old {
+            for change in old {
                 if let Some(pif) = t.config.by_id_mut(change.id) {
                     pif.table = change.table;
                     bump(&mut t, change.id);
@@ -415,7 +424,7 @@ impl Shared {
             }
         }
         for id in ids {
-            applied.registry.close_parked(id).await;
+            registry.close_parked(id).await;
         }
         self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
         reports
@@ -471,13 +480,16 @@ impl Shared {
         };
         for pif in scanning {
             // A namespace that is gone has no listeners: its ports close.
+            // Reading /proc takes tens of milliseconds with many thousand
+            // sockets: never on a runtime worker, nor on the namespace's
+            // connect thread.
+            let read = || Listening::read(Path::new(scan::SELF_NET));
             let seen = match self.placement(pif).connect {
-                None => Listening::read(Path::new(scan::SELF_NET)),
+                None => tokio::task::spawn_blocking(read)
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e))),
                 Some(ns) if ns.is_detached() => Ok(Listening::default()),
-                Some(ns) => {
-                    ns.run_async(|| Listening::read(Path::new(scan::SELF_NET)))
-                        .await
-                }
+                Some(ns) => ns.scan_async(read).await,
             };
             let seen = match seen {
                 Ok(s) => s,
@@ -543,10 +555,62 @@ impl Shared {
     /// kept (and stays in the state file): it is the configuration, served
     /// again by a daemon that has the namespace.
     pub async fn drop_pif(&self, pif: PifId) {
-        let mut registry = self.registry.lock().await;
-        registry.sync(pif, &[], false);
-        registry.close_parked(pif).await;
+        let registry = Arc::clone(&self.registry).lock_owned().await;
+        // Thousands of sockets may go: on a blocking thread.
+        let synced = tokio::task::spawn_blocking(move || {
+            let mut registry = registry;
+            registry.sync(pif, &[], false);
+            registry
+        })
+        .await;
+        match synced {
+            Ok(mut registry) => registry.close_parked(pif).await,
+            Err(e) => tracing::error!(%pif, "closing the sockets failed: {e}"),
+        }
     }
+}
+
+/// One pif's proposed rules, with what validating them needs.
+struct Proposed {
+    id: PifId,
+    name: String,
+    caps: crate::rule::Caps,
+    rules: Vec<crate::rule::Rule>,
+    place: Placement,
+}
+
+/// The rules part of [`Shared::validate`], off the tables lock.
+fn validate_rules(pifs: Vec<Proposed>, targets: Targets) -> Result<Shadow, Status> {
+    let mut tables = Vec::with_capacity(pifs.len());
+    for p in pifs {
+        let Proposed {
+            id,
+            name,
+            caps,
+            rules,
+            place,
+        } = p;
+        if place.listen.as_ref().is_some_and(|ns| ns.is_detached()) {
+            let mut s = Status::new(
+                Code::Invalid,
+                format!("{name}: its network namespace is gone"),
+            );
+            s.pif = Some(id);
+            return Err(s);
+        }
+        let table = Table::with_rules(caps, rules).map_err(|(i, e)| {
+            let code = if e.is_limit() {
+                Code::Limit
+            } else {
+                Code::Invalid
+            };
+            rule_status(code, id, i, format!("{name}: {e}"))
+        })?;
+        let routes = routes(&table, targets, &place)
+            .map_err(|(i, e)| rule_status(Code::Invalid, id, i, format!("{name}: {e}")))?;
+        tables.push(PifChange { id, table, routes });
+    }
+    Ok(Shadow { tables })
 }
 
 fn check_generation(t: &Tables, id: PifId, snapshot: &Snapshot) -> Result<(), Status> {

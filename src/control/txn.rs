@@ -252,7 +252,7 @@ async fn transaction(
         Err(e) => return Err(ended(e, "update")),
     };
     // Step 6.
-    let shadow = shared.validate(update, &snapshot)?;
+    let shadow = shared.validate(update, &snapshot).await?;
     send(conn, &ServerMsg::Status(Status::ok("valid")), t.step)
         .await
         .map_err(protocol)?;

@@ -154,6 +154,9 @@ impl DataPlane {
     /// A data plane with these settings.
     pub fn new(settings: Settings) -> Arc<DataPlane> {
         let Settings { tcp, udp } = settings;
+        // Probed now, with a socket of its own, rather than by the first
+        // flow: no descriptor beyond the flows' own is ever taken for them.
+        udp::gso_supported();
         Arc::new(DataPlane {
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),

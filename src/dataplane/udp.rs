@@ -470,7 +470,7 @@ fn gso_failure(e: &io::Error, limited: bool) -> GsoFailure {
 /// Whether this kernel segments UDP (Linux 4.18 and later): older ones
 /// ignore the control message, which would merge a run into one datagram,
 /// so replies use it only where the socket option is known.
-fn gso_supported() -> bool {
+pub(super) fn gso_supported() -> bool {
     static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SUPPORTED.get_or_init(|| {
         std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
