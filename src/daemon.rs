@@ -177,8 +177,8 @@ impl Daemon {
         })
         .await;
         let (registry, config, placements) = match bound {
-            Ok(Ok(done)) => done,
-            Ok(Err((mut registry, e))) => {
+            Ok((registry, Ok((config, placements)))) => (registry, config, placements),
+            Ok((mut registry, Err(e))) => {
                 registry.close_all().await;
                 return Err(e);
             }
@@ -266,27 +266,35 @@ impl Daemon {
     }
 }
 
-/// What start-up binds: the registry, the tables and their placements.
-type Bound = (Registry, Config, Vec<(PifId, Placement)>);
+/// What start-up binds: the tables and their placements.
+type Bound = (Config, Vec<(PifId, Placement)>);
 
-/// Binds the start-up tables, pif by pif, in `registry`. A rule that does
-/// not get its ports (all of them; one at least for a weak rule) fails the
-/// start; the registry comes back with the error, to close what was bound.
+/// Binds the start-up tables, pif by pif, in `registry`, which comes back
+/// either way (to close what was bound if the start fails).
 fn bind_all(
     mut registry: Registry,
     tables: Vec<Table>,
     netns: Option<&Arc<Netns>>,
     targets: Targets,
-) -> Result<Bound, (Registry, StartError)> {
+) -> (Registry, Result<Bound, StartError>) {
+    let bound = bind_tables(&mut registry, tables, netns, targets);
+    (registry, bound)
+}
+
+/// The work of [`bind_all`]. A rule that does not get its ports (all of
+/// them; one at least for a weak rule) fails the start.
+fn bind_tables(
+    registry: &mut Registry,
+    tables: Vec<Table>,
+    netns: Option<&Arc<Netns>>,
+    targets: Targets,
+) -> Result<Bound, StartError> {
     let mut config = Config::default();
     let mut placements = Vec::new();
     let mut tables = tables.into_iter();
     for (id, name, place) in Daemon::pifs(netns) {
         let table = tables.next().unwrap_or_default();
-        let routes = match Daemon::routes(&table, targets, &place) {
-            Ok(r) => r,
-            Err((_, e)) => return Err((registry, e.into())),
-        };
+        let routes = Daemon::routes(&table, targets, &place).map_err(|(_, e)| e)?;
         if let Some(ns) = &place.listen {
             registry.set_namespace(id, Arc::clone(ns));
         }
@@ -309,12 +317,11 @@ fn bind_all(
                 .map_or((failed.rule.first, String::new()), |f| {
                     (f.first, f.reason())
                 });
-            let e = StartError::Bind {
+            return Err(StartError::Bind {
                 rule: Box::new(failed.rule.clone()),
                 port,
                 reason,
-            };
-            return Err((registry, e));
+            });
         }
         warn_weak_failures(&report);
         config.pifs.push(PifTable {
@@ -324,7 +331,7 @@ fn bind_all(
         });
         placements.push((id, place));
     }
-    Ok((registry, config, placements))
+    Ok((config, placements))
 }
 
 /// Puts the saved tables in place of the command line's.
