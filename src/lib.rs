@@ -5,6 +5,8 @@
 //! - [`rule`]: what a forwarding rule is, and the pifs that own tables;
 //! - [`spec`]: the `-t`/`-u`/`-T`/`-U` port-spec syntax;
 //! - [`table`]: a pif's rule table and the validation of its rules;
+//! - [`owner`]: the owner labels that tenants put on their rules;
+//! - [`scope`]: one owner's rules on one pif, replaced as a whole;
 //! - [`edit`]: upstream pesto's sequential `-A`/`-D`/`-C` table operations;
 //! - [`codec`]: control-protocol messages to and from bytes;
 //! - [`socket`]: what identifies a listening socket, and how one is made;
@@ -43,9 +45,11 @@ pub mod edit;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod netns;
+pub mod owner;
 pub mod registry;
 pub mod rule;
 pub mod scan;
+pub mod scope;
 pub mod socket;
 pub mod spec;
 pub mod statefile;

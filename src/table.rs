@@ -6,6 +6,7 @@
 
 use std::net::IpAddr;
 
+use crate::owner::Owner;
 use crate::rule::{Caps, Flags, PifId, Proto, Rule};
 
 /// Most rules one pif's table may hold (upstream `MAX_FWD_RULES`).
@@ -59,12 +60,14 @@ pub enum RuleError {
     #[error("rule {0}: target address family differs from the listening address family")]
     TargetFamily(Rule),
     /// The new rule wants ports that an existing one has.
-    #[error("rule {new} conflicts with existing rule {existing}")]
+    #[error("rule {new} conflicts with existing rule {existing}{of}", of = OfOwner(.owner.as_ref()))]
     Conflict {
         /// The rule being added.
         new: Box<Rule>,
         /// The rule already in the table.
         existing: Box<Rule>,
+        /// The owner of the rule already in the table, if it has one.
+        owner: Option<Owner>,
     },
     /// More than [`MAX_RULES`] rules.
     #[error("too many rules (at most {max})", max = MAX_RULES)]
@@ -155,11 +158,26 @@ pub fn check_rule(rule: &Rule, caps: Caps) -> Result<(), RuleError> {
     Ok(())
 }
 
-/// The rule table of one pif: its capabilities and its valid, conflict-free rules.
+/// " of owner NAME" after a rule in a message, or nothing.
+struct OfOwner<'a>(Option<&'a Owner>);
+
+impl std::fmt::Display for OfOwner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(o) => write!(f, " of owner '{o}'"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The rule table of one pif: its capabilities and its valid, conflict-free
+/// rules, each with its owner, if it has one.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Table {
     caps: Caps,
     rules: Vec<Rule>,
+    /// Beside `rules`, one for each.
+    owners: Vec<Option<Owner>>,
     sockets: u32,
 }
 
@@ -169,8 +187,35 @@ impl Table {
         Table {
             caps,
             rules: Vec::new(),
+            owners: Vec::new(),
             sockets: 0,
         }
+    }
+
+    /// A table holding `rules` with their owners, each validated in order as
+    /// by [`Table::add_owned`]. On error, the index of the offending rule
+    /// comes with it.
+    pub fn with_owned_rules(
+        caps: Caps,
+        rules: impl IntoIterator<Item = (Rule, Option<Owner>)>,
+    ) -> Result<Table, (usize, RuleError)> {
+        let mut t = Table::new(caps);
+        for (i, (r, o)) in rules.into_iter().enumerate() {
+            t.add_owned(r, o).map_err(|e| (i, e))?;
+        }
+        Ok(t)
+    }
+
+    /// Each rule's owner, in the order of [`Table::rules`].
+    pub fn owners(&self) -> &[Option<Owner>] {
+        &self.owners
+    }
+
+    /// The rules with their owners.
+    pub fn owned_rules(&self) -> impl Iterator<Item = (&Rule, Option<&Owner>)> + '_ {
+        self.rules
+            .iter()
+            .zip(self.owners.iter().map(Option::as_ref))
     }
 
     /// A table holding `rules`, each validated in order as by [`Table::add`].
@@ -204,13 +249,19 @@ impl Table {
         self.rules.is_empty()
     }
 
-    /// Validates `rule` and appends it.
+    /// Validates `rule` and appends it, with no owner.
     pub fn add(&mut self, rule: Rule) -> Result<(), RuleError> {
+        self.add_owned(rule, None)
+    }
+
+    /// Validates `rule` and appends it, owned by `owner`.
+    pub fn add_owned(&mut self, rule: Rule, owner: Option<Owner>) -> Result<(), RuleError> {
         check_rule(&rule, self.caps)?;
-        if let Some(existing) = self.rules.iter().find(|r| r.conflicts(&rule)) {
+        if let Some((existing, owner)) = self.owned_rules().find(|(r, _)| r.conflicts(&rule)) {
             return Err(RuleError::Conflict {
-                new: Box::new(rule),
                 existing: Box::new(existing.clone()),
+                owner: owner.cloned(),
+                new: Box::new(rule),
             });
         }
         if self.rules.len() >= MAX_RULES {
@@ -222,6 +273,7 @@ impl Table {
         }
         self.sockets = sockets;
         self.rules.push(rule);
+        self.owners.push(owner);
         Ok(())
     }
 
@@ -234,6 +286,7 @@ impl Table {
             if r == rule {
                 self.sockets -= r.port_count();
                 self.rules.remove(i);
+                self.owners.remove(i);
                 return Ok(());
             }
             if r.conflicts(rule) {
@@ -249,6 +302,7 @@ impl Table {
     /// Removes every rule.
     pub fn clear(&mut self) {
         self.rules.clear();
+        self.owners.clear();
         self.sockets = 0;
     }
 }
