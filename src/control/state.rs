@@ -14,9 +14,11 @@ use crate::codec::Update;
 use crate::codec::v3::{
     Code, FailedPorts, PifInfo, PifReport, PifRules, Report, RuleOutcome, Status,
 };
+use crate::owner::Owner;
 use crate::registry::{Registry, SyncReport};
 use crate::rule::PifId;
 use crate::scan::{self, Listening};
+use crate::scope::{self, ScopeUpdate};
 use crate::table::{Config, Table};
 use crate::target::{Placement, Route, Targets, routes};
 
@@ -94,6 +96,39 @@ impl std::fmt::Display for Counters {
 struct Tables {
     config: Config,
     generations: BTreeMap<PifId, u64>,
+    /// Each scope's generation: the pif's generation when the owner's rule
+    /// set there last changed. A scope with no rules has none (0).
+    scopes: BTreeMap<(PifId, Owner), u64>,
+}
+
+impl Tables {
+    /// A scope's generation now (0: the owner has no rules there).
+    fn scope_generation(&self, pif: PifId, owner: &Owner) -> u64 {
+        self.scopes.get(&(pif, owner.clone())).copied().unwrap_or(0)
+    }
+
+    /// Puts `table` in place of `pif`'s, moving the pif's generation and
+    /// those of the scopes whose rules changed; returns the old table.
+    fn swap(&mut self, pif: PifId, table: Table) -> Option<Table> {
+        let slot = self.config.by_id_mut(pif)?;
+        let old = std::mem::replace(&mut slot.table, table);
+        let changed = scope::changed_owners(&old, &slot.table);
+        let empty: Vec<bool> = changed
+            .iter()
+            .map(|o| !slot.table.owners().iter().any(|x| x.as_ref() == Some(o)))
+            .collect();
+        let generation = self.generations.entry(pif).or_insert(0);
+        *generation += 1;
+        let generation = *generation;
+        for (owner, empty) in changed.into_iter().zip(empty) {
+            if empty {
+                self.scopes.remove(&(pif, owner));
+            } else {
+                self.scopes.insert((pif, owner), generation);
+            }
+        }
+        Some(old)
+    }
 }
 
 /// The generations a client read at step 4.
@@ -125,6 +160,9 @@ pub struct Shared {
 #[derive(Debug)]
 pub struct Shadow {
     tables: Vec<PifChange>,
+    /// For a scoped transaction, its scopes: the new tables are built again
+    /// at APPLY from the other owners' rules as they are then.
+    scopes: Vec<ScopeUpdate>,
 }
 
 #[derive(Debug)]
@@ -156,11 +194,21 @@ impl Shared {
     /// Shared state over the daemon's active `config`, whose sockets
     /// `registry` holds. Every pif starts at generation 1.
     pub fn new(config: Config, registry: Registry, targets: Targets, timeouts: Timeouts) -> Shared {
-        let generations = config.pifs.iter().map(|p| (p.id, 1)).collect();
+        let generations: BTreeMap<PifId, u64> = config.pifs.iter().map(|p| (p.id, 1)).collect();
+        let scopes = config
+            .pifs
+            .iter()
+            .flat_map(|p| {
+                scope::owners(&p.table)
+                    .into_keys()
+                    .map(move |o| ((p.id, o), 1))
+            })
+            .collect();
         Shared {
             tables: Mutex::new(Tables {
                 config,
                 generations,
+                scopes,
             }),
             registry: Arc::new(tokio::sync::Mutex::new(registry)),
             targets,
@@ -268,7 +316,9 @@ impl Shared {
                     id,
                     name: pif.name.clone(),
                     caps: pif.table.caps(),
-                    rules,
+                    // An owner-unaware client sends no owners: identical
+                    // rules keep theirs.
+                    rules: scope::carry_owners(&pif.table, rules),
                     place: self.placement(id),
                 });
             }
@@ -279,11 +329,31 @@ impl Shared {
             .unwrap_or_else(|_| Err(Status::new(Code::Internal, "validation failed")))
     }
 
+    /// Steps 5 and 6 for a scoped update: each scope's new rule set, merged
+    /// into its pif's table as it is now and validated. STALE only if one of
+    /// the scopes changed since the client read it; a conflict with another
+    /// owner's rule is INVALID (retrying cannot help).
+    pub async fn validate_scoped(&self, scopes: Vec<ScopeUpdate>) -> Result<Shadow, Status> {
+        let current = {
+            let t = self.tables();
+            check_scopes(&t, &scopes)?;
+            current_tables(&t, &scopes)
+        };
+        let targets = self.targets;
+        let places: BTreeMap<PifId, Placement> = current
+            .iter()
+            .map(|(id, _)| (*id, self.placement(*id)))
+            .collect();
+        tokio::task::spawn_blocking(move || merge_scopes(current, scopes, &places, targets))
+            .await
+            .unwrap_or_else(|_| Err(Status::new(Code::Internal, "validation failed")))
+    }
+
     /// Step 7: makes the shadow active and syncs the sockets. Waits for the
     /// transaction applied before it to end, no longer than the step timeout
     /// (then BUSY), and checks the generations again (STALE).
     pub async fn apply(&self, shadow: Shadow, snapshot: &Snapshot) -> Result<Applied, Status> {
-        let mut registry = match Arc::clone(&self.registry).try_lock_owned() {
+        let registry = match Arc::clone(&self.registry).try_lock_owned() {
             Ok(registry) => registry,
             Err(_) => {
                 // Said, so that an operator (and a test) can see an APPLY
@@ -302,15 +372,53 @@ impl Shared {
                 registry
             }
         };
-        {
+        let scoped = !shadow.scopes.is_empty();
+        let current = {
             let t = self.tables();
-            for id in shadow.pifs() {
-                check_generation(&t, id, snapshot)?;
+            if scoped {
+                check_scopes(&t, &shadow.scopes)?;
+                current_tables(&t, &shadow.scopes)
+            } else {
+                for id in shadow.pifs() {
+                    check_generation(&t, id, snapshot)?;
+                }
+                Vec::new()
             }
-        }
+        };
+        let targets = self.targets;
+        let places: BTreeMap<PifId, Placement> = current
+            .iter()
+            .map(|(id, _)| (*id, self.placement(*id)))
+            .collect();
         // Binding runs on a blocking thread: a table may ask for hundreds of
         // thousands of sockets, and no runtime worker may stall meanwhile.
-        let changes = shadow.tables;
+        // A scoped transaction's tables are built again first, from the
+        // tables as they are now that the registry is ours: another
+        // owner's commit since step 6 is kept, or conflicts (INVALID).
+        let Shadow { tables, scopes } = shadow;
+        let bound = tokio::task::spawn_blocking(move || {
+            let changes = if scoped {
+                let merged = merge_scopes(current, scopes, &places, targets)?;
+                // A scope that already has these rules changes nothing.
+                merged.tables
+            } else {
+                tables
+            };
+            Ok::<_, Status>((registry, changes))
+        })
+        .await;
+        let (mut registry, changes) = match bound {
+            Ok(Ok(done)) => done,
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::new(Code::Internal, "validation failed")),
+        };
+        let changes: Vec<PifChange> = {
+            let t = self.tables();
+            changes
+                .into_iter()
+                .filter(|c| !scoped || t.config.by_id(c.id).is_none_or(|p| p.table != c.table))
+                .collect()
+        };
         let bound = tokio::task::spawn_blocking(move || {
             let syncs: Vec<SyncReport> = changes
                 .iter()
@@ -337,12 +445,10 @@ impl Shared {
         let mut old = Vec::with_capacity(changes.len());
         let mut t = self.tables();
         for change in changes {
-            let Some(pif) = t.config.by_id_mut(change.id) else {
-                // Pifs never go away while the registry is held.
+            // Pifs never go away while the registry is held.
+            let Some(table) = t.swap(change.id, change.table) else {
                 continue;
             };
-            let table = std::mem::replace(&mut pif.table, change.table);
-            bump(&mut t, change.id);
             let routes = self.plain_routes(change.id, &table);
             old.push(PifChange {
                 id: change.id,
@@ -416,10 +522,7 @@ impl Shared {
         {
             let mut t = self.tables();
             for change in old {
-                if let Some(pif) = t.config.by_id_mut(change.id) {
-                    pif.table = change.table;
-                    bump(&mut t, change.id);
-                }
+                t.swap(change.id, change.table);
                 ids.push(change.id);
             }
         }
@@ -575,7 +678,7 @@ struct Proposed {
     id: PifId,
     name: String,
     caps: crate::rule::Caps,
-    rules: Vec<crate::rule::Rule>,
+    rules: Vec<(crate::rule::Rule, Option<Owner>)>,
     place: Placement,
 }
 
@@ -598,7 +701,7 @@ fn validate_rules(pifs: Vec<Proposed>, targets: Targets) -> Result<Shadow, Statu
             s.pif = Some(id);
             return Err(s);
         }
-        let table = Table::with_rules(caps, rules).map_err(|(i, e)| {
+        let table = Table::with_owned_rules(caps, rules).map_err(|(i, e)| {
             let code = if e.is_limit() {
                 Code::Limit
             } else {
@@ -610,7 +713,10 @@ fn validate_rules(pifs: Vec<Proposed>, targets: Targets) -> Result<Shadow, Statu
             .map_err(|(i, e)| rule_status(Code::Invalid, id, i, format!("{name}: {e}")))?;
         tables.push(PifChange { id, table, routes });
     }
-    Ok(Shadow { tables })
+    Ok(Shadow {
+        tables,
+        scopes: Vec::new(),
+    })
 }
 
 fn check_generation(t: &Tables, id: PifId, snapshot: &Snapshot) -> Result<(), Status> {
@@ -632,8 +738,74 @@ fn check_generation(t: &Tables, id: PifId, snapshot: &Snapshot) -> Result<(), St
     Err(s)
 }
 
-fn bump(t: &mut Tables, id: PifId) {
-    *t.generations.entry(id).or_insert(0) += 1;
+/// STALE if a scope changed since the client read it; INVALID for a pif
+/// that does not exist.
+fn check_scopes(t: &Tables, scopes: &[ScopeUpdate]) -> Result<(), Status> {
+    for sc in scopes {
+        if t.config.by_id(sc.pif).is_none() {
+            let mut s = Status::new(Code::Invalid, format!("there is no pif {}", sc.pif));
+            s.pif = Some(sc.pif);
+            return Err(s);
+        }
+        let current = t.scope_generation(sc.pif, &sc.owner);
+        if current != sc.generation {
+            let mut s = Status::new(
+                Code::Stale,
+                format!(
+                    "the rules of owner '{}' on pif {} changed since they were listed \
+                     (generation {}, now {current}): read them again and retry",
+                    sc.owner, sc.pif, sc.generation
+                ),
+            );
+            s.pif = Some(sc.pif);
+            s.snapshot = sc.generation;
+            s.current = current;
+            return Err(s);
+        }
+    }
+    Ok(())
+}
+
+/// The tables, now, of the pifs that `scopes` touch, with their names.
+fn current_tables(t: &Tables, scopes: &[ScopeUpdate]) -> Vec<(PifId, (String, Table))> {
+    let mut out: Vec<(PifId, (String, Table))> = Vec::new();
+    for sc in scopes {
+        if out.iter().any(|(id, _)| *id == sc.pif) {
+            continue;
+        }
+        if let Some(p) = t.config.by_id(sc.pif) {
+            out.push((sc.pif, (p.name.clone(), p.table.clone())));
+        }
+    }
+    out
+}
+
+/// Merges each scope into its pif's table (see [`scope::replace`]) and
+/// makes the routes: the shadow of a scoped transaction.
+fn merge_scopes(
+    current: Vec<(PifId, (String, Table))>,
+    scopes: Vec<ScopeUpdate>,
+    places: &BTreeMap<PifId, Placement>,
+    targets: Targets,
+) -> Result<Shadow, Status> {
+    let mut tables = Vec::with_capacity(current.len());
+    for (id, (name, mut table)) in current {
+        for sc in scopes.iter().filter(|s| s.pif == id) {
+            table = scope::replace(&table, &sc.owner, &sc.rules).map_err(|(i, e)| {
+                let code = if e.is_limit() {
+                    Code::Limit
+                } else {
+                    Code::Invalid
+                };
+                rule_status(code, id, i, format!("{name}, owner '{}': {e}", sc.owner))
+            })?;
+        }
+        let place = places.get(&id).cloned().unwrap_or_default();
+        let routes = routes(&table, targets, &place)
+            .map_err(|(i, e)| rule_status(Code::Invalid, id, i, format!("{name}: {e}")))?;
+        tables.push(PifChange { id, table, routes });
+    }
+    Ok(Shadow { tables, scopes })
 }
 
 fn rule_status(code: Code, pif: PifId, index: usize, message: String) -> Status {
