@@ -35,14 +35,16 @@ use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
 use crate::codec::v3::{
-    ClientHello, ClientMsg, Code, HelloV3Ext, PifInfo, PifRules, READ_ONLY, Report, ServerHello,
-    ServerMsg, Status, VERSION_3,
+    ClientHello, ClientMsg, Code, HelloV3Ext, OWNERS, PifInfo, PifRules, READ_ONLY, Report,
+    ServerHello, ServerMsg, Status, VERSION_3, features,
 };
 use crate::codec::{CodecError, Limits, PifListing, Update, WireCodec};
-use crate::edit::{self, EditError, Op};
+use crate::edit::{self, EditError, Op, OwnerMode};
+use crate::owner::Owner;
 use crate::rule::PifId;
+use crate::scope::ScopeUpdate;
 use crate::spec::Ephemeral;
-use crate::table::{Config, RuleError};
+use crate::table::{Config, PifTable, RuleError, Table};
 
 /// Client settings.
 #[derive(Debug, Clone, Copy)]
@@ -162,7 +164,7 @@ impl Link {
 fn unexpected(what: &str, got: &ServerMsg) -> ClientError {
     let kind = match got {
         ServerMsg::Pifs(_) => "a pif list",
-        ServerMsg::Rules(_) => "a rule listing",
+        ServerMsg::Rules(_) | ServerMsg::RulesOwned(_) => "a rule listing",
         ServerMsg::Status(_) => "a status",
         ServerMsg::Report(_) => "a report",
     };
@@ -208,7 +210,12 @@ impl Session {
         let Some(ext) = hello.ext else {
             return Err(ClientError::Version(hello.base.version));
         };
-        let flags = if opts.read_only { READ_ONLY } else { 0 };
+        let mut flags = if opts.read_only { READ_ONLY } else { 0 };
+        // Owners whenever the server has them: a listing with owners is a
+        // listing all the same for code that ignores them.
+        if ext.features & features::OWNERS != 0 {
+            flags |= OWNERS;
+        }
         let sent = hello_conn
             .send(&ClientHello {
                 version: VERSION_3,
@@ -233,7 +240,7 @@ impl Session {
             other => return Err(unexpected("pif list", &other)),
         };
         let rules = match link.recv("rules", t).await? {
-            ServerMsg::Rules(r) => r,
+            ServerMsg::Rules(r) | ServerMsg::RulesOwned(r) => r,
             other => return Err(unexpected("rules", &other)),
         };
         Ok(Session {
@@ -285,10 +292,73 @@ impl Session {
             .collect()
     }
 
-    /// The server's tables, validated.
+    /// The server's tables with their owners, validated.
     pub fn config(&self) -> Result<Config, ClientError> {
-        Config::from_listing(&self.listing())
-            .map_err(|(pif, index, error)| ClientError::BadListing { pif, index, error })
+        let pifs = self
+            .pifs
+            .iter()
+            .map(|p| {
+                let listed = self.rules.iter().find(|r| r.id == p.id);
+                let owned = listed.into_iter().flat_map(|r| {
+                    let owners = r.owners.iter().cloned().chain(std::iter::repeat(None));
+                    r.rules.iter().cloned().zip(owners)
+                });
+                let table = Table::with_owned_rules(p.caps, owned).map_err(|(index, error)| {
+                    ClientError::BadListing {
+                        pif: p.id,
+                        index,
+                        error,
+                    }
+                })?;
+                Ok(PifTable {
+                    id: p.id,
+                    name: p.name.clone(),
+                    table,
+                })
+            })
+            .collect::<Result<_, ClientError>>()?;
+        Ok(Config { pifs })
+    }
+
+    /// Whether the server knows owners (and listed them).
+    pub fn has_owners(&self) -> bool {
+        self.hello.features & features::OWNERS != 0
+    }
+
+    /// The generation of `owner`'s scope on `pif` as listed (0: it has no
+    /// rules there).
+    pub fn scope_generation(&self, pif: PifId, owner: &Owner) -> u64 {
+        self.rules
+            .iter()
+            .find(|r| r.id == pif)
+            .and_then(|r| r.scopes.iter().find(|(o, _)| o == owner))
+            .map_or(0, |(_, g)| *g)
+    }
+
+    /// The operations of `pesto --owner`: the scopes of `owner` they change
+    /// (none if the owner has what they ask for already). See
+    /// [`edit::apply_owned`].
+    pub fn edit_owned(
+        &self,
+        owner: &Owner,
+        mode: OwnerMode,
+        ops: &[Op],
+    ) -> Result<Vec<ScopeUpdate>, ClientError> {
+        if !self.has_owners() {
+            return Err(ClientError::Protocol(
+                "this server does not know rule owners".into(),
+            ));
+        }
+        let config = self.config()?;
+        let generation = |pif| self.scope_generation(pif, owner);
+        Ok(edit::apply_owned(
+            &config,
+            owner,
+            mode,
+            ops,
+            Ephemeral::probe(),
+            generation,
+        )?)
     }
 
     /// Applies upstream pesto's sequential operations to the server's tables:
@@ -309,8 +379,20 @@ impl Session {
     }
 
     /// Steps 5 and 6: sends new tables and waits for the server's verdict.
-    pub async fn propose(mut self, update: &Update) -> Result<Proposed, ClientError> {
-        self.link.send(&ClientMsg::Update(update.clone())).await?;
+    pub async fn propose(self, update: &Update) -> Result<Proposed, ClientError> {
+        self.propose_message(ClientMsg::Update(update.clone()))
+            .await
+    }
+
+    /// Steps 5 and 6 for scopes: each (pif, owner)'s new rule set, judged
+    /// against the scope's own generation; the other owners' rules stay.
+    pub async fn propose_scoped(self, scopes: &[ScopeUpdate]) -> Result<Proposed, ClientError> {
+        self.propose_message(ClientMsg::UpdateScoped(scopes.to_vec()))
+            .await
+    }
+
+    async fn propose_message(mut self, msg: ClientMsg) -> Result<Proposed, ClientError> {
+        self.link.send(&msg).await?;
         let t = self.link.timeout;
         let ack = self.link.status("acknowledgement", t).await?;
         Ok(Proposed {
@@ -396,11 +478,24 @@ impl Default for TransactOptions {
     }
 }
 
+/// What a transaction changes, as [`transact_change`]'s plan computes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Whole tables of the pifs given.
+    Whole(Update),
+    /// Rule sets of (pif, owner) scopes.
+    Scoped(Vec<ScopeUpdate>),
+    /// Nothing: the tables are as asked already. No transaction is made.
+    Nothing,
+}
+
 /// How a transaction made by [`transact`] ended.
 #[derive(Debug, Clone)]
 pub struct Transaction {
     /// Attempts it took (1 if the first one went through).
     pub attempts: u32,
+    /// Nothing was to change: no update was sent.
+    pub unchanged: bool,
     /// The server's acknowledgement of the last attempt.
     pub ack: Status,
     /// What the apply bound (none for a dry run).
@@ -424,6 +519,19 @@ pub async fn transact<F>(
 ) -> Result<Transaction, ClientError>
 where
     F: FnMut(&Session, u32) -> Result<Update, ClientError>,
+{
+    transact_change(path, opts, t, |s, n| plan(s, n).map(Change::Whole)).await
+}
+
+/// [`transact`] for any [`Change`]: whole tables, scopes, or nothing.
+pub async fn transact_change<F>(
+    path: &Path,
+    opts: Options,
+    t: TransactOptions,
+    mut plan: F,
+) -> Result<Transaction, ClientError>
+where
+    F: FnMut(&Session, u32) -> Result<Change, ClientError>,
 {
     let mut attempt = 1;
     loop {
@@ -455,15 +563,29 @@ async fn attempt_once<F>(
     attempt: u32,
 ) -> Result<Transaction, ClientError>
 where
-    F: FnMut(&Session, u32) -> Result<Update, ClientError>,
+    F: FnMut(&Session, u32) -> Result<Change, ClientError>,
 {
     let session = Session::connect(path, opts).await?;
-    let update = plan(&session, attempt)?;
-    let proposed = session.propose(&update).await?;
+    let proposed = match plan(&session, attempt)? {
+        Change::Whole(update) => session.propose(&update).await?,
+        Change::Scoped(scopes) => session.propose_scoped(&scopes).await?,
+        // Leaving after the listing changes nothing, by protocol.
+        Change::Nothing => {
+            return Ok(Transaction {
+                attempts: attempt,
+                unchanged: true,
+                ack: Status::ok("nothing to change"),
+                report: None,
+                committed: false,
+                answer: None,
+            });
+        }
+    };
     let ack = proposed.ack().clone();
     if t.dry_run {
         return Ok(Transaction {
             attempts: attempt,
+            unchanged: false,
             ack,
             report: None,
             committed: false,
@@ -480,6 +602,7 @@ where
     };
     Ok(Transaction {
         attempts: attempt,
+        unchanged: false,
         ack,
         report: Some(report),
         committed,

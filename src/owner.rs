@@ -63,6 +63,12 @@ impl Owner {
         Ok(Owner(String::from_utf8_lossy(raw).into_owned()))
     }
 
+    /// The least owner in the order of labels: where a range over owners
+    /// starts.
+    pub(crate) fn min() -> Owner {
+        Owner(String::new())
+    }
+
     /// The label.
     pub fn as_str(&self) -> &str {
         &self.0

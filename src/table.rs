@@ -391,8 +391,12 @@ impl std::fmt::Display for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for pif in &self.pifs {
             writeln!(f, "  {}", pif.name)?;
-            for rule in pif.table.rules() {
-                writeln!(f, "    {rule}")?;
+            for (rule, owner) in pif.table.owned_rules() {
+                match owner {
+                    // Upstream's line, then the owner.
+                    Some(o) => writeln!(f, "    {rule} owner {o}")?,
+                    None => writeln!(f, "    {rule}")?,
+                }
             }
         }
         Ok(())

@@ -11,10 +11,12 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser};
 use serde_json::{Value, json};
 
-use pesto::client::{ClientError, Options, Session, TransactOptions, transact};
+use pesto::client::{Change, ClientError, Options, Session, TransactOptions, transact_change};
 use pesto::codec::v3::{Code, Report, Status};
-use pesto::edit::{EditError, Op};
+use pesto::edit::{EditError, Op, OwnerMode};
+use pesto::owner::Owner;
 use pesto::rule::{PifId, Rule};
+use pesto::scope;
 use pesto::spec::{PortSpec, SpecOpt};
 use pesto::table::Config;
 
@@ -97,6 +99,25 @@ struct Args {
     /// Seconds to wait for each answer of the server.
     #[arg(long, value_name = "SECS", default_value_t = 15.0)]
     timeout: f64,
+
+    /// Change only the rules of owner NAME (1 to 64 of A-Z a-z 0-9 . _ : @ / -):
+    /// other owners' rules are never touched, and concurrent owners never
+    /// make each other retry. -A of a rule NAME has already does nothing.
+    #[arg(long, value_name = "NAME")]
+    owner: Option<String>,
+
+    /// With --owner: the specs are NAME's whole rule set, replacing what it
+    /// had on every pif (a restarted container declares its set again).
+    #[arg(long, requires = "owner", conflicts_with_all = ["release", "add", "delete", "clear"])]
+    set: bool,
+
+    /// With --owner: remove every rule of NAME.
+    #[arg(long, requires = "owner", conflicts_with_all = ["tcp", "udp", "tcp_ns", "udp_ns", "add", "delete", "clear"])]
+    release: bool,
+
+    /// List the owners with their rule counts per pif.
+    #[arg(long, conflicts_with_all = ["owner", "tcp", "udp", "tcp_ns", "udp_ns", "add", "delete", "clear"])]
+    owners: bool,
 
     /// The daemon's control socket.
     #[arg(value_name = "PATH")]
@@ -187,9 +208,21 @@ fn ordered_ops(m: &ArgMatches) -> Vec<Op> {
 }
 
 async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
+    let owner = match args.owner.as_deref().map(Owner::new).transpose() {
+        Ok(o) => o,
+        Err(e) => {
+            out.error_text(&format!("--owner: {e}"));
+            return Exit::Usage;
+        }
+    };
+    let mode = match (args.set, args.release) {
+        (true, _) => OwnerMode::Set,
+        (_, true) => OwnerMode::Release,
+        _ => OwnerMode::Edit,
+    };
     let opts = Options {
         step_timeout: Duration::from_secs_f64(args.timeout),
-        read_only: ops.is_empty(),
+        read_only: ops.is_empty() && mode == OwnerMode::Edit,
     };
     let path = args.path.display();
     // Specs are checked before connecting: a typo is a usage error, also
@@ -205,7 +238,20 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         out.outcome("nothing to change: -A and -D apply to the specs after them");
         return Exit::Done;
     }
-    if ops.is_empty() {
+    if opts.read_only && args.owners {
+        let session = match Session::connect(&args.path, opts).await {
+            Ok(s) => s,
+            Err(e) => return out.error(&e, Exit::Failed),
+        };
+        return match session.config() {
+            Ok(config) => {
+                out.owners(&session, &config);
+                Exit::Done
+            }
+            Err(e) => out.error(&e, Exit::Failed),
+        };
+    }
+    if opts.read_only {
         let session = match Session::connect(&args.path, opts).await {
             Ok(s) => s,
             Err(e) => return out.error(&e, Exit::Failed),
@@ -227,13 +273,32 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
     };
     // The operations are recomputed on the fresh tables of every attempt.
     let mut tables: Option<(Config, Config)> = None;
-    let result = transact(&args.path, opts, t, |session, attempt| {
+    let result = transact_change(&args.path, opts, t, |session, attempt| {
         tracing::debug!(attempt, hello = ?session.hello(), "connected");
         let before = session.config()?;
-        let (update, after) = session.edit(ops)?;
         out.state(session, &before);
+        let Some(owner) = &owner else {
+            let (update, after) = session.edit(ops)?;
+            tables = Some((before, after));
+            return Ok(Change::Whole(update));
+        };
+        let scopes = session.edit_owned(owner, mode, ops)?;
+        // What the server will make of it, to show and to name the report's
+        // rules; the server builds it again from its tables at APPLY.
+        let mut after = before.clone();
+        for sc in &scopes {
+            if let Some(p) = after.by_id_mut(sc.pif) {
+                if let Ok(t) = scope::replace(&p.table, owner, &sc.rules) {
+                    p.table = t;
+                }
+            }
+        }
         tables = Some((before, after));
-        Ok(update)
+        Ok(if scopes.is_empty() {
+            Change::Nothing
+        } else {
+            Change::Scoped(scopes)
+        })
     })
     .await;
     if let (true, Some((before, _))) = (args.show, &tables) {
@@ -244,6 +309,7 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         Err(e) => {
             let exit = match &e {
                 ClientError::Edit(EditError::Spec(_)) => Exit::Usage,
+                ClientError::Protocol(_) if owner.is_some() => Exit::Usage,
                 ClientError::Edit(_) => Exit::Rejected,
                 e => exit_for(e),
             };
@@ -253,6 +319,13 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
     let Some((_, after)) = tables else {
         return Exit::Failed;
     };
+    if tx.unchanged {
+        out.outcome("nothing to change: the owner's rules are as asked already");
+        if args.show {
+            out.text(&format!("Configuration ({path})\n{after}"));
+        }
+        return Exit::Done;
+    }
     out.ack(&tx.ack);
     out.attempts(tx.attempts);
     let Some(report) = &tx.report else {
@@ -321,11 +394,58 @@ impl Output {
                         "name": p.name,
                         "caps": p.table.caps().bits(),
                         "generation": session.generation(p.id),
-                        "rules": p.table.rules().iter().map(rule_json).collect::<Vec<_>>(),
+                        "rules": p.table.owned_rules().map(|(r, o)| {
+                            let mut v = rule_json(r);
+                            if let Some(o) = o {
+                                v["owner"] = json!(o.as_str());
+                            }
+                            v
+                        }).collect::<Vec<_>>(),
                     })
                 })
                 .collect();
             m.insert("pifs".into(), Value::Array(pifs));
+        }
+    }
+
+    /// `--owners`: each owner with its rule count and scope generation
+    /// per pif.
+    fn owners(&mut self, session: &Session, config: &Config) {
+        let mut rows = Vec::new();
+        for p in &config.pifs {
+            for (o, n) in scope::owners(&p.table) {
+                rows.push((p.name.clone(), session.scope_generation(p.id, &o), o, n));
+            }
+        }
+        if let Some(m) = &mut self.json {
+            let owners: Vec<Value> = rows
+                .iter()
+                .map(|(pif, g, o, n)| {
+                    json!({ "owner": o.as_str(), "pif": pif, "rules": n, "generation": g })
+                })
+                .collect();
+            m.insert("owners".into(), Value::Array(owners));
+            return;
+        }
+        if rows.is_empty() {
+            println!("no owned rules");
+            return;
+        }
+        println!(
+            "{:<32} {:<8} {:>6} {:>10}",
+            "OWNER", "PIF", "RULES", "GENERATION"
+        );
+        for (pif, g, o, n) in rows {
+            println!("{:<32} {:<8} {:>6} {:>10}", o.as_str(), pif, n, g);
+        }
+    }
+
+    fn error_text(&mut self, s: &str) {
+        match &mut self.json {
+            Some(m) => {
+                m.insert("error".into(), json!({ "message": s }));
+            }
+            None => eprintln!("pesto: {s}"),
         }
     }
 

@@ -11,7 +11,9 @@ use super::{
     CLIENT_MAGIC, CodecError, DecodeResult, HelloV2, Limits, Reader, Update, Wire, get_pif_header,
     get_pif_id, get_rules, put_pif_header, put_rules,
 };
+use crate::owner::{MAX_OWNER, Owner};
 use crate::rule::{Caps, PifId, Rule};
+use crate::scope::ScopeUpdate;
 
 /// This implementation's protocol version.
 pub const VERSION_3: u32 = 3;
@@ -42,6 +44,11 @@ pub mod msg {
     pub const COMMIT: u8 = 0x12;
     /// Client: go back to the tables before the apply (step 9).
     pub const ROLLBACK: u8 = 0x13;
+    /// Server: each pif's rules with their owners and the scopes'
+    /// generations (step 4, to a client with the [`super::OWNERS`] flag).
+    pub const RULES_OWNED: u8 = 0x05;
+    /// Client: new rule sets of (pif, owner) scopes (step 5).
+    pub const UPDATE_SCOPED: u8 = 0x14;
 }
 
 /// Feature bits of the server hello.
@@ -50,10 +57,19 @@ pub mod features {
     pub const TRANSACTIONS: u32 = 1;
     /// Per-pif generation numbers, and STALE for outdated transactions.
     pub const GENERATIONS: u32 = 2;
+    /// Rule owners and scoped updates, for clients that set the
+    /// [`super::OWNERS`] hello flag.
+    pub const OWNERS: u32 = 4;
 }
 
 /// Client hello flag: the client only reads (steps 1 to 4).
 pub const READ_ONLY: u32 = 1;
+/// Client hello flag: the client knows owners. The server lists rules with
+/// RULES_OWNED instead of RULES, and takes UPDATE_SCOPED. A client without
+/// it sees and sends exactly what it did before owners existed.
+pub const OWNERS: u32 = 2;
+/// Most scopes in one UPDATE_SCOPED.
+pub const MAX_SCOPES: usize = 256;
 
 /// What the server announces after the version-2 hello: features, limits and
 /// timeouts.
@@ -161,6 +177,24 @@ pub struct PifRules {
     pub generation: u64,
     /// The rules, as the server has them.
     pub rules: Vec<Rule>,
+    /// Each rule's owner (RULES_OWNED only; none in a RULES message).
+    pub owners: Vec<Option<Owner>>,
+    /// Each owner on the pif with its scope's generation (RULES_OWNED only).
+    pub scopes: Vec<(Owner, u64)>,
+}
+
+impl PifRules {
+    /// A pif's rules without owners, as RULES carries them.
+    pub fn plain(id: PifId, generation: u64, rules: Vec<Rule>) -> PifRules {
+        let owners = vec![None; rules.len()];
+        PifRules {
+            id,
+            generation,
+            rules,
+            owners,
+            scopes: Vec::new(),
+        }
+    }
 }
 
 /// Status codes.
@@ -331,6 +365,8 @@ pub enum ServerMsg {
     Pifs(Vec<PifInfo>),
     /// Step 4.
     Rules(Vec<PifRules>),
+    /// Step 4, with owners and scope generations.
+    RulesOwned(Vec<PifRules>),
     /// An acknowledgement or an error.
     Status(Status),
     /// Step 8.
@@ -363,13 +399,28 @@ impl Wire for ServerMsg {
                     seen.push(id.0);
                     let generation = r.u64()?;
                     let rules = get_rules(r, limits)?;
+                    pifs.push(PifRules::plain(id, generation, rules));
+                }
+                Ok(ServerMsg::Rules(pifs))
+            }
+            msg::RULES_OWNED => {
+                let mut pifs = Vec::new();
+                let mut seen = Vec::new();
+                while let Some(id) = get_pif_id(r, &seen, limits)? {
+                    seen.push(id.0);
+                    let generation = r.u64()?;
+                    let rules = get_rules(r, limits)?;
+                    let owners = get_owners(r, rules.len())?;
+                    let scopes = get_scopes(r, limits)?;
                     pifs.push(PifRules {
                         id,
                         generation,
                         rules,
+                        owners,
+                        scopes,
                     });
                 }
-                Ok(ServerMsg::Rules(pifs))
+                Ok(ServerMsg::RulesOwned(pifs))
             }
             msg::STATUS => Ok(ServerMsg::Status(get_status(r)?)),
             msg::REPORT => Ok(ServerMsg::Report(get_report(r, limits)?)),
@@ -397,9 +448,117 @@ impl Wire for ServerMsg {
                 }
                 out.put_u8(0);
             }
+            ServerMsg::RulesOwned(pifs) => {
+                out.put_u8(msg::RULES_OWNED);
+                for p in pifs {
+                    out.put_u8(p.id.0);
+                    out.put_u64(p.generation);
+                    put_rules(out, &p.rules);
+                    put_owners(out, &p.owners, p.rules.len());
+                    put_scopes(out, &p.scopes);
+                }
+                out.put_u8(0);
+            }
             ServerMsg::Status(s) => put_status(out, s),
             ServerMsg::Report(rep) => put_report(out, rep),
         }
+    }
+}
+
+/// An owner label: a length byte, then the bytes.
+fn get_owner(r: &mut Reader<'_>) -> DecodeResult<Owner> {
+    let len = usize::from(r.u8()?);
+    let raw = r.bytes(len)?;
+    Ok(Owner::from_bytes(raw).map_err(|e| CodecError::Malformed(e.to_string()))?)
+}
+
+fn put_owner(out: &mut BytesMut, o: &Owner) {
+    out.put_u8(o.as_str().len() as u8);
+    out.put_slice(o.as_str().as_bytes());
+}
+
+/// The owners of `count` rules: a u32 byte length, then per rule a length
+/// byte (0: no owner) and the label. Length first, so that a reader waits
+/// for the whole section at once.
+fn get_owners(r: &mut Reader<'_>, count: usize) -> DecodeResult<Vec<Option<Owner>>> {
+    let len = r.u32()? as usize;
+    if len > count * (1 + MAX_OWNER) {
+        return Err(
+            CodecError::Malformed(format!("{len} bytes of owners for {count} rules")).into(),
+        );
+    }
+    r.need(len)?;
+    let start = r.position();
+    let mut owners = Vec::with_capacity(count);
+    for _ in 0..count {
+        if r.peek(1) == [0] {
+            r.u8()?;
+            owners.push(None);
+        } else {
+            owners.push(Some(get_owner(r)?));
+        }
+    }
+    if r.position() - start != len {
+        return Err(CodecError::Malformed("owner section length does not match".into()).into());
+    }
+    Ok(owners)
+}
+
+fn put_owners(out: &mut BytesMut, owners: &[Option<Owner>], count: usize) {
+    let none = None;
+    let each = (0..count).map(|i| owners.get(i).unwrap_or(&none));
+    let len: usize = each
+        .clone()
+        .map(|o| 1 + o.as_ref().map_or(0, |o| o.as_str().len()))
+        .sum();
+    out.put_u32(len as u32);
+    for o in each {
+        match o {
+            Some(o) => put_owner(out, o),
+            None => out.put_u8(0),
+        }
+    }
+}
+
+/// A pif's scopes: a u32 byte length, a u32 count, then per scope the owner
+/// and its u64 generation.
+fn get_scopes(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<(Owner, u64)>> {
+    let len = r.u32()? as usize;
+    if len > 4 + limits.max_rules * (1 + MAX_OWNER + 8) {
+        return Err(CodecError::Malformed(format!("{len} bytes of scopes")).into());
+    }
+    r.need(len)?;
+    let start = r.position();
+    let count = r.u32()? as usize;
+    if count > limits.max_rules {
+        return Err(CodecError::TooMany {
+            what: "scope",
+            count: count as u64,
+            max: limits.max_rules as u64,
+        }
+        .into());
+    }
+    let mut scopes = Vec::with_capacity(count.min(len / 10));
+    for _ in 0..count {
+        let o = get_owner(r)?;
+        scopes.push((o, r.u64()?));
+    }
+    if r.position() - start != len {
+        return Err(CodecError::Malformed("scope section length does not match".into()).into());
+    }
+    Ok(scopes)
+}
+
+fn put_scopes(out: &mut BytesMut, scopes: &[(Owner, u64)]) {
+    let len: usize = 4 + scopes
+        .iter()
+        .map(|(o, _)| 1 + o.as_str().len() + 8)
+        .sum::<usize>();
+    out.put_u32(len as u32);
+    out.put_u32(scopes.len() as u32);
+    for (o, g) in scopes {
+        put_owner(out, o);
+        out.put_u64(*g);
     }
 }
 
@@ -532,6 +691,8 @@ fn put_report(out: &mut BytesMut, rep: &Report) {
 pub enum ClientMsg {
     /// Step 5: new tables.
     Update(Update),
+    /// Step 5: new rule sets of (pif, owner) scopes.
+    UpdateScoped(Vec<ScopeUpdate>),
     /// Step 7.
     Apply,
     /// Step 9: keep.
@@ -544,6 +705,7 @@ impl Wire for ClientMsg {
     fn decode(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<ClientMsg> {
         match r.u8()? {
             msg::UPDATE => Ok(ClientMsg::Update(Update::decode(r, limits)?)),
+            msg::UPDATE_SCOPED => Ok(ClientMsg::UpdateScoped(get_scoped(r, limits)?)),
             msg::APPLY => Ok(ClientMsg::Apply),
             msg::COMMIT => Ok(ClientMsg::Commit),
             msg::ROLLBACK => Ok(ClientMsg::Rollback),
@@ -559,10 +721,62 @@ impl Wire for ClientMsg {
                 out.put_u8(msg::UPDATE);
                 u.encode(out);
             }
+            ClientMsg::UpdateScoped(scopes) => put_scoped(out, scopes),
             ClientMsg::Apply => out.put_u8(msg::APPLY),
             ClientMsg::Commit => out.put_u8(msg::COMMIT),
             ClientMsg::Rollback => out.put_u8(msg::ROLLBACK),
         }
+    }
+}
+
+/// UPDATE_SCOPED: a u32 scope count, then per scope the pif id, the
+/// owner, the u64 generation the client read and the scope's rules.
+fn get_scoped(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<ScopeUpdate>> {
+    let count = r.u32()? as usize;
+    if count > MAX_SCOPES {
+        return Err(CodecError::TooMany {
+            what: "scope",
+            count: count as u64,
+            max: MAX_SCOPES as u64,
+        }
+        .into());
+    }
+    let mut scopes = Vec::with_capacity(count);
+    for _ in 0..count {
+        let pif = match r.u8()? {
+            0 => return Err(CodecError::Malformed("scope of pif 0".into()).into()),
+            id => PifId(id),
+        };
+        let owner = get_owner(r)?;
+        let generation = r.u64()?;
+        let rules = get_rules(r, limits)?;
+        if scopes
+            .iter()
+            .any(|s: &ScopeUpdate| s.pif == pif && s.owner == owner)
+        {
+            return Err(CodecError::Malformed(format!(
+                "scope of owner '{owner}' on pif {pif} given twice"
+            ))
+            .into());
+        }
+        scopes.push(ScopeUpdate {
+            pif,
+            owner,
+            generation,
+            rules,
+        });
+    }
+    Ok(scopes)
+}
+
+fn put_scoped(out: &mut BytesMut, scopes: &[ScopeUpdate]) {
+    out.put_u8(msg::UPDATE_SCOPED);
+    out.put_u32(scopes.len() as u32);
+    for sc in scopes {
+        out.put_u8(sc.pif.0);
+        put_owner(out, &sc.owner);
+        out.put_u64(sc.generation);
+        put_rules(out, &sc.rules);
     }
 }
 

@@ -291,6 +291,13 @@ impl Shared {
                 id: p.id,
                 generation: t.generations.get(&p.id).copied().unwrap_or(0),
                 rules: p.table.rules().to_vec(),
+                owners: p.table.owners().to_vec(),
+                scopes: t
+                    .scopes
+                    .range((p.id, Owner::min())..)
+                    .take_while(|((pif, _), _)| *pif == p.id)
+                    .map(|((_, o), g)| (o.clone(), *g))
+                    .collect(),
             })
             .collect();
         (info, rules)

@@ -12,8 +12,8 @@ use tracing::{info, warn};
 use super::state::{Shared, Snapshot};
 use super::{Waiter, Waiting};
 use crate::codec::v3::{
-    ClientHello, ClientMsg, Code, HelloV3Ext, READ_ONLY, ServerHello, ServerMsg, Status, VERSION_3,
-    features,
+    ClientHello, ClientMsg, Code, HelloV3Ext, OWNERS, READ_ONLY, ServerHello, ServerMsg, Status,
+    VERSION_3, features,
 };
 use crate::codec::{CodecError, HelloV2, Limits, Wire, WireCodec};
 use crate::table::{MAX_RULES, MAX_SOCKETS};
@@ -213,10 +213,10 @@ async fn handshake(
             ),
         ));
     }
-    if client.flags & !READ_ONLY != 0 {
+    if client.flags & !(READ_ONLY | OWNERS) != 0 {
         return Err(protocol(format!(
             "unknown client hello flags 0x{:08x}",
-            client.flags & !READ_ONLY
+            client.flags & !(READ_ONLY | OWNERS)
         )));
     }
     Ok(client)
@@ -237,22 +237,35 @@ async fn transaction(
     send(conn, &ServerMsg::Pifs(pifs), t.step)
         .await
         .map_err(protocol)?;
-    send(conn, &ServerMsg::Rules(rules), t.step)
-        .await
-        .map_err(protocol)?;
+    let owners = client.flags & OWNERS != 0;
+    let listing = if owners {
+        ServerMsg::RulesOwned(rules)
+    } else {
+        ServerMsg::Rules(rules)
+    };
+    send(conn, &listing, t.step).await.map_err(protocol)?;
     if client.flags & READ_ONLY != 0 {
         return Ok("read only".to_owned());
     }
     // Step 5.
     let update = match recv(conn, t.step, stop).await {
-        Ok(ClientMsg::Update(u)) => u,
+        Ok(ClientMsg::Update(u)) => Proposal::Whole(u),
+        Ok(ClientMsg::UpdateScoped(s)) if owners => Proposal::Scoped(s),
+        Ok(ClientMsg::UpdateScoped(_)) => {
+            return Err(protocol(
+                "UPDATE_SCOPED from a client whose hello did not set the OWNERS flag",
+            ));
+        }
         Ok(other) => return Err(protocol(format!("expected UPDATE, got {other:?}"))),
         // Reading and leaving is allowed: nothing changed.
         Err(End::Closed) => return Ok("listed, no update".to_owned()),
         Err(e) => return Err(ended(e, "update")),
     };
     // Step 6.
-    let shadow = shared.validate(update, &snapshot).await?;
+    let shadow = match update {
+        Proposal::Whole(u) => shared.validate(u, &snapshot).await?,
+        Proposal::Scoped(s) => shared.validate_scoped(s).await?,
+    };
     send(conn, &ServerMsg::Status(Status::ok("valid")), t.step)
         .await
         .map_err(protocol)?;
@@ -303,13 +316,21 @@ async fn transaction(
     }
 }
 
+/// What a client proposes at step 5.
+enum Proposal {
+    /// Whole tables, judged against the pifs' generations.
+    Whole(crate::codec::Update),
+    /// Scopes, judged against their own generations.
+    Scoped(Vec<crate::scope::ScopeUpdate>),
+}
+
 /// Step 1: the version-2 hello with version 3, features, limits, timeouts.
 fn server_hello(shared: &Shared) -> ServerHello {
     let t = shared.timeouts();
     ServerHello {
         base: HelloV2::new(VERSION_3),
         ext: Some(HelloV3Ext {
-            features: features::TRANSACTIONS | features::GENERATIONS,
+            features: features::TRANSACTIONS | features::GENERATIONS | features::OWNERS,
             max_rules: MAX_RULES as u32,
             max_sockets: MAX_SOCKETS,
             max_pifs: Limits::default().max_pifs as u32,
