@@ -834,12 +834,44 @@ mod tests {
             name: "HOST".into(),
             caps: Caps::from_bits_retain(0x2f),
         }]));
-        let b = round_trip(&ServerMsg::Rules(vec![PifRules {
+        let b = round_trip(&ServerMsg::Rules(vec![PifRules::plain(
+            PifId::HOST,
+            7,
+            vec![rule.clone()],
+        )]));
+        assert_eq!(b.len(), 1 + 1 + 8 + 4 + 56 + 1);
+        let web = Owner::new("web").unwrap();
+        let b = round_trip(&ServerMsg::RulesOwned(vec![PifRules {
             id: PifId::HOST,
             generation: 7,
+            rules: vec![rule.clone(), rule.clone()],
+            owners: vec![Some(web.clone()), None],
+            scopes: vec![(web.clone(), 5)],
+        }]));
+        // Rules, then owners (length, "web", none), then scopes (length,
+        // count, "web", generation).
+        assert_eq!(
+            b.len(),
+            1 + 1 + 8 + 4 + 2 * 56 + (4 + 4 + 1) + (4 + 4 + 4 + 8) + 1
+        );
+        round_trip(&ClientMsg::UpdateScoped(vec![ScopeUpdate {
+            pif: PifId::HOST,
+            owner: web.clone(),
+            generation: 5,
             rules: vec![rule.clone()],
         }]));
-        assert_eq!(b.len(), 1 + 1 + 8 + 4 + 56 + 1);
+        // A bad owner label is refused, not taken.
+        let mut bad = encode_to_vec(&ClientMsg::UpdateScoped(vec![ScopeUpdate {
+            pif: PifId::HOST,
+            owner: web,
+            generation: 0,
+            rules: vec![],
+        }]));
+        bad[1 + 4 + 1 + 1] = b' ';
+        assert!(matches!(
+            decode_from::<ClientMsg>(&bad, &Limits::default()),
+            Err(DecodeError::Bad(_))
+        ));
         let b = round_trip(&ServerMsg::Status(Status {
             code: Code::Stale,
             pif: Some(PifId::HOST),
