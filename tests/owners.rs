@@ -1,0 +1,253 @@
+//! Many tenants on one daemon: owners, scoped transactions, and the pesto
+//! options that use them, against the real daemon.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use pesto::client::{ClientError, Options, Session};
+use pesto::codec::Update;
+use pesto::codec::v3::Code;
+use pesto::owner::Owner;
+use pesto::rule::{PifId, Proto, Rule};
+use pesto::scope::ScopeUpdate;
+
+/// A UDP rule on 127.0.0.1 to a dead target: cheap to bind, no loop.
+fn rule(port: u16) -> Rule {
+    Rule::new(Proto::Udp, "127.0.0.1".parse().unwrap(), port, port, 9)
+}
+
+fn owner(name: &str) -> Owner {
+    Owner::new(name).unwrap()
+}
+
+async fn session(sock: &Path) -> Session {
+    Session::connect(sock, Options::default()).await.unwrap()
+}
+
+/// `owner`'s new set on HOST, judged against the generation `s` listed.
+fn scope(s: &Session, name: &str, rules: Vec<Rule>) -> Vec<ScopeUpdate> {
+    let owner = owner(name);
+    vec![ScopeUpdate {
+        pif: PifId::HOST,
+        generation: s.scope_generation(PifId::HOST, &owner),
+        owner,
+        rules,
+    }]
+}
+
+/// Proposes, applies and commits `scopes` in `s`.
+async fn commit(s: Session, scopes: &[ScopeUpdate]) -> Result<(), ClientError> {
+    let applied = s.propose_scoped(scopes).await?.apply().await?;
+    assert!(applied.report().ok);
+    applied.commit().await?;
+    Ok(())
+}
+
+/// HOST's rules with their owners now.
+async fn host(sock: &Path) -> Vec<(u16, Option<String>)> {
+    let s = Session::connect(
+        sock,
+        Options {
+            read_only: true,
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    let config = s.config().unwrap();
+    let pif = config.by_id(PifId::HOST).unwrap();
+    let mut out: Vec<(u16, Option<String>)> = pif
+        .table
+        .owned_rules()
+        .map(|(r, o)| (r.first, o.map(|o| o.to_string())))
+        .collect();
+    out.sort();
+    out
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+/// Two owners read the same state, then both change their own rules: the
+/// second is not STALE, although the pif changed under it.
+#[test]
+fn two_owners_commit_side_by_side_without_stale() {
+    let d = Daemon::start(&[]);
+    let base = free_ports(2);
+    rt().block_on(async {
+        let a = session(&d.sock).await;
+        let b = session(&d.sock).await;
+        let (sa, sb) = (
+            scope(&a, "a", vec![rule(base)]),
+            scope(&b, "b", vec![rule(base + 1)]),
+        );
+        commit(a, &sa).await.unwrap();
+        commit(b, &sb)
+            .await
+            .expect("b's scope did not change: no STALE");
+        assert_eq!(
+            host(&d.sock).await,
+            [(base, Some("a".into())), (base + 1, Some("b".into()))]
+        );
+    });
+}
+
+/// A scope that changed since it was listed is STALE; a conflict with
+/// another owner's rule is INVALID and names that owner.
+#[test]
+fn own_changes_are_stale_and_conflicts_name_the_owner() {
+    let d = Daemon::start(&[]);
+    let base = free_ports(2);
+    rt().block_on(async {
+        let first = session(&d.sock).await;
+        let second = session(&d.sock).await;
+        let s1 = scope(&first, "a", vec![rule(base)]);
+        let s2 = scope(&second, "a", vec![rule(base + 1)]);
+        commit(first, &s1).await.unwrap();
+        let e = commit(second, &s2).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::Stale), "{e}");
+
+        let s = session(&d.sock).await;
+        let theirs = scope(&s, "b", vec![rule(base)]);
+        let e = s.propose_scoped(&theirs).await.err().expect("a conflict");
+        assert_eq!(e.code(), Some(Code::Invalid), "{e}");
+        assert!(e.to_string().contains("of owner 'a'"), "{e}");
+    });
+}
+
+/// A transaction applied after another owner's commit is built on it, and
+/// its rollback restores only its own scope: the commit stays.
+#[test]
+fn a_rollback_never_undoes_a_commit_that_landed_in_between() {
+    let d = Daemon::start(&[]);
+    let base = free_ports(3);
+    rt().block_on(async {
+        let setup = session(&d.sock).await;
+        let s0 = scope(&setup, "x", vec![rule(base)]);
+        commit(setup, &s0).await.unwrap();
+
+        // T (owner x) lists and proposes moving its rule; U (owner y)
+        // commits meanwhile.
+        let t = session(&d.sock).await;
+        let tx = scope(&t, "x", vec![rule(base + 2)]);
+        let proposed = t.propose_scoped(&tx).await.unwrap();
+        let u = session(&d.sock).await;
+        let uy = scope(&u, "y", vec![rule(base + 1)]);
+        commit(u, &uy).await.unwrap();
+
+        let applied = proposed.apply().await.unwrap();
+        assert!(applied.report().ok);
+        assert_eq!(
+            host(&d.sock).await,
+            [(base + 1, Some("y".into())), (base + 2, Some("x".into()))],
+            "T's table keeps U's commit"
+        );
+        applied.rollback().await.unwrap();
+        assert_eq!(
+            host(&d.sock).await,
+            [(base, Some("x".into())), (base + 1, Some("y".into()))],
+            "the rollback restores x and keeps y"
+        );
+    });
+}
+
+/// An owner-unaware whole-table update (upstream's way: the whole table
+/// back with one rule more) keeps every owner's rules theirs.
+#[test]
+fn whole_table_updates_keep_owners() {
+    let d = Daemon::start(&[]);
+    let base = free_ports(2);
+    rt().block_on(async {
+        let s = session(&d.sock).await;
+        let sc = scope(&s, "a", vec![rule(base)]);
+        commit(s, &sc).await.unwrap();
+        let s = session(&d.sock).await;
+        let mut rules = s.rules()[0].rules.clone();
+        rules.push(rule(base + 1));
+        let update = Update {
+            tables: vec![(PifId::HOST, rules)],
+        };
+        let applied = s.propose(&update).await.unwrap().apply().await.unwrap();
+        applied.commit().await.unwrap();
+        assert_eq!(
+            host(&d.sock).await,
+            [(base, Some("a".into())), (base + 1, None)]
+        );
+    });
+}
+
+/// HOST's generation and the owner's scope generation, from `pesto --json`.
+fn generations(d: &Daemon, name: &str) -> (u64, u64) {
+    let out = d.pesto(&["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let host = v["pifs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "HOST")
+        .unwrap()
+        .clone();
+    let out = d.pesto(&["--owners", "--json"]);
+    let o: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scope = o["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["owner"] == name)
+        .map_or(0, |s| s["generation"].as_u64().unwrap());
+    (host["generation"].as_u64().unwrap(), scope)
+}
+
+fn run(d: &Daemon, args: &[&str]) -> (i32, String) {
+    let out = d.pesto(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), err)
+}
+
+/// The pesto options: an idempotent -A and a repeated --set change no
+/// generation; -D of another owner's rule names it; --release removes
+/// every rule of the owner.
+#[test]
+fn pesto_owner_options() {
+    let d = Daemon::start(&[]);
+    let base = free_ports(4);
+    let spec = |p: u16| format!("127.0.0.1/{p}:9");
+    let (a, b, c) = (spec(base), spec(base + 1), spec(base + 2));
+    assert_eq!(run(&d, &["--owner", "web", "-A", "-u", &a]).0, 0);
+    let before = generations(&d, "web");
+    assert!(before.1 > 0);
+    let (code, err) = run(&d, &["--owner", "web", "-A", "-u", &a]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("nothing to change"), "{err}");
+    assert_eq!(generations(&d, "web"), before, "an idempotent -A");
+
+    assert_eq!(
+        run(&d, &["--owner", "web", "--set", "-u", &a, "-u", &b]).0,
+        0
+    );
+    let set = generations(&d, "web");
+    assert!(set.0 > before.0);
+    let (code, err) = run(&d, &["--owner", "web", "--set", "-u", &b, "-u", &a]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(generations(&d, "web"), set, "a repeated --set");
+
+    assert_eq!(run(&d, &["--owner", "db", "-A", "-u", &c]).0, 0);
+    let (code, err) = run(&d, &["--owner", "db", "-D", "-u", &a]);
+    assert_eq!(code, 2);
+    assert!(err.contains("owner 'web'"), "{err}");
+
+    let (code, err) = run(&d, &["--owner", "web", "--release"]);
+    assert_eq!(code, 0, "{err}");
+    let out = d.pesto(&[]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(!listing.contains("owner web"), "{listing}");
+    assert!(listing.contains("owner db"), "{listing}");
+    assert_eq!(generations(&d, "web").1, 0);
+
+    let (code, err) = run(&d, &["--owner", "bad name", "-A", "-u", &a]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--owner"), "{err}");
+}
