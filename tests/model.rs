@@ -146,7 +146,7 @@ fn run_case(ops: Vec<Op>, schedule: Vec<usize>, base: u16) {
                         let update = Update {
                             tables: vec![(PifId::HOST, new)],
                         };
-                        match shared.validate(update, &snap).await {
+                        match shared.validate(update, &snap, 0).await {
                             Ok(shadow) => Phase::Validated(snap, shadow),
                             Err(s) => {
                                 assert_eq!(s.code, Code::Stale, "{s}");

@@ -251,3 +251,65 @@ fn pesto_owner_options() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--owner"), "{err}");
 }
+
+/// An owner belongs to the uid that made it: another uid is DENIED, naming
+/// the owner, and changes nothing; root may.
+#[test]
+fn owners_of_another_uid_are_denied() {
+    if !rustix::process::getuid().is_root() {
+        skip("needs root to run a client as another uid");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let sock = dir.path().join("c.sock");
+    let _p = Pestod::start(&["-c", sock.to_str().unwrap(), "--control-mode", "0666"]);
+    // The build tree may be private: a copy the other uid can run.
+    let client = dir.path().join("pesto");
+    std::fs::copy(env!("CARGO_BIN_EXE_pesto"), &client).unwrap();
+    std::fs::set_permissions(&client, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let base = free_ports(3);
+    let spec = |p: u16| format!("127.0.0.1/{p}:9");
+    let as_uid = |uid: u32, args: &[&str]| {
+        use std::os::unix::process::CommandExt;
+        let out = std::process::Command::new(&client)
+            .args(args)
+            .arg(&sock)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = as_uid(65534, &["--owner", "nobody-ctr", "-A", "-u", &spec(base)]);
+    assert_eq!(code, 0, "{err}");
+    // Another uid may neither change nor release it, nor strip it with a
+    // whole-table update.
+    let (code, err) = as_uid(4242, &["--owner", "nobody-ctr", "--release"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("DENIED") && err.contains("nobody-ctr"),
+        "{err}"
+    );
+    let (code, err) = as_uid(4242, &["-u", &spec(base + 1)]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("DENIED"), "{err}");
+    // Its own owners it may make, beside.
+    let (code, err) = as_uid(4242, &["--owner", "other-ctr", "-A", "-u", &spec(base + 2)]);
+    assert_eq!(code, 0, "{err}");
+    let listing = rt().block_on(host(&sock));
+    assert!(
+        listing.contains(&(base, Some("nobody-ctr".into()))),
+        "{listing:?}"
+    );
+    // Root may.
+    let (code, err) = as_uid(0, &["--owner", "nobody-ctr", "--release"]);
+    assert_eq!(code, 0, "{err}");
+}

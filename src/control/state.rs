@@ -99,9 +99,40 @@ struct Tables {
     /// Each scope's generation: the pif's generation when the owner's rule
     /// set there last changed. A scope with no rules has none (0).
     scopes: BTreeMap<(PifId, Owner), u64>,
+    /// The uid that made each owner that has rules: only it (and root and
+    /// the daemon's own uid) may change the owner's rules.
+    owner_uids: BTreeMap<Owner, u32>,
+}
+
+/// Whether `uid` may change any owner's rules: root and the daemon's uid.
+fn is_exempt(uid: u32) -> bool {
+    uid == 0 || uid == rustix::process::getuid().as_raw()
 }
 
 impl Tables {
+    /// DENIED if `owner` belongs to another uid than `uid`.
+    fn check_owner(&self, owner: &Owner, uid: u32) -> Result<(), Status> {
+        match self.owner_uids.get(owner) {
+            Some(&made) if made != uid && !is_exempt(uid) => Err(Status::new(
+                Code::Denied,
+                format!(
+                    "owner '{owner}' belongs to uid {made}; uid {uid} may not change its rules"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records `uid` as the maker of the owners in `scopes` that have none,
+    /// and forgets the owners that have no rules left.
+    fn settle_owners(&mut self, scopes: &[ScopeUpdate], uid: u32) {
+        for sc in scopes {
+            self.owner_uids.entry(sc.owner.clone()).or_insert(uid);
+        }
+        let live: std::collections::BTreeSet<&Owner> = self.scopes.keys().map(|(_, o)| o).collect();
+        self.owner_uids.retain(|o, _| live.contains(o));
+    }
+
     /// A scope's generation now (0: the owner has no rules there).
     fn scope_generation(&self, pif: PifId, owner: &Owner) -> u64 {
         self.scopes.get(&(pif, owner.clone())).copied().unwrap_or(0)
@@ -163,6 +194,8 @@ pub struct Shadow {
     /// For a scoped transaction, its scopes: the new tables are built again
     /// at APPLY from the other owners' rules as they are then.
     scopes: Vec<ScopeUpdate>,
+    /// The peer's uid: owners it makes are its own.
+    uid: u32,
 }
 
 #[derive(Debug)]
@@ -209,6 +242,7 @@ impl Shared {
                 config,
                 generations,
                 scopes,
+                owner_uids: BTreeMap::new(),
             }),
             registry: Arc::new(tokio::sync::Mutex::new(registry)),
             targets,
@@ -308,7 +342,12 @@ impl Shared {
     /// tables lock; the rules on a blocking thread, after it: a large table
     /// takes a while, and the loop check asks the kernel whether a target
     /// address is local (a bind).
-    pub async fn validate(&self, update: Update, snapshot: &Snapshot) -> Result<Shadow, Status> {
+    pub async fn validate(
+        &self,
+        update: Update,
+        snapshot: &Snapshot,
+        uid: u32,
+    ) -> Result<Shadow, Status> {
         let mut pifs = Vec::with_capacity(update.tables.len());
         {
             let t = self.tables();
@@ -325,13 +364,17 @@ impl Shared {
                     caps: pif.table.caps(),
                     // An owner-unaware client sends no owners: identical
                     // rules keep theirs.
-                    rules: scope::carry_owners(&pif.table, rules),
+                    rules: {
+                        let carried = scope::carry_owners(&pif.table, rules);
+                        check_whole(&t, pif.id, &pif.table, &carried, uid)?;
+                        carried
+                    },
                     place: self.placement(id),
                 });
             }
         }
         let targets = self.targets;
-        tokio::task::spawn_blocking(move || validate_rules(pifs, targets))
+        tokio::task::spawn_blocking(move || validate_rules(pifs, targets, uid))
             .await
             .unwrap_or_else(|_| Err(Status::new(Code::Internal, "validation failed")))
     }
@@ -340,10 +383,14 @@ impl Shared {
     /// into its pif's table as it is now and validated. STALE only if one of
     /// the scopes changed since the client read it; a conflict with another
     /// owner's rule is INVALID (retrying cannot help).
-    pub async fn validate_scoped(&self, scopes: Vec<ScopeUpdate>) -> Result<Shadow, Status> {
+    pub async fn validate_scoped(
+        &self,
+        scopes: Vec<ScopeUpdate>,
+        uid: u32,
+    ) -> Result<Shadow, Status> {
         let current = {
             let t = self.tables();
-            check_scopes(&t, &scopes)?;
+            check_scopes(&t, &scopes, uid)?;
             current_tables(&t, &scopes)
         };
         let targets = self.targets;
@@ -351,7 +398,7 @@ impl Shared {
             .iter()
             .map(|(id, _)| (*id, self.placement(*id)))
             .collect();
-        tokio::task::spawn_blocking(move || merge_scopes(current, scopes, &places, targets))
+        tokio::task::spawn_blocking(move || merge_scopes(current, scopes, &places, targets, uid))
             .await
             .unwrap_or_else(|_| Err(Status::new(Code::Internal, "validation failed")))
     }
@@ -383,7 +430,7 @@ impl Shared {
         let current = {
             let t = self.tables();
             if scoped {
-                check_scopes(&t, &shadow.scopes)?;
+                check_scopes(&t, &shadow.scopes, shadow.uid)?;
                 current_tables(&t, &shadow.scopes)
             } else {
                 for id in shadow.pifs() {
@@ -402,19 +449,23 @@ impl Shared {
         // A scoped transaction's tables are built again first, from the
         // tables as they are now that the registry is ours: another
         // owner's commit since step 6 is kept, or conflicts (INVALID).
-        let Shadow { tables, scopes } = shadow;
+        let Shadow {
+            tables,
+            scopes,
+            uid,
+        } = shadow;
         let bound = tokio::task::spawn_blocking(move || {
             let changes = if scoped {
-                let merged = merge_scopes(current, scopes, &places, targets)?;
+                let merged = merge_scopes(current, scopes.clone(), &places, targets, uid)?;
                 // A scope that already has these rules changes nothing.
                 merged.tables
             } else {
                 tables
             };
-            Ok::<_, Status>((registry, changes))
+            Ok::<_, Status>((registry, changes, scopes))
         })
         .await;
-        let (mut registry, changes) = match bound {
+        let (mut registry, changes, scopes) = match bound {
             Ok(Ok(done)) => done,
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::new(Code::Internal, "validation failed")),
@@ -463,6 +514,7 @@ impl Shared {
                 routes,
             });
         }
+        t.settle_owners(&scopes, uid);
         drop(t);
         Ok(Applied {
             registry,
@@ -532,6 +584,7 @@ impl Shared {
                 t.swap(change.id, change.table);
                 ids.push(change.id);
             }
+            t.settle_owners(&[], 0);
         }
         for id in ids {
             registry.close_parked(id).await;
@@ -690,7 +743,7 @@ struct Proposed {
 }
 
 /// The rules part of [`Shared::validate`], off the tables lock.
-fn validate_rules(pifs: Vec<Proposed>, targets: Targets) -> Result<Shadow, Status> {
+fn validate_rules(pifs: Vec<Proposed>, targets: Targets, uid: u32) -> Result<Shadow, Status> {
     let mut tables = Vec::with_capacity(pifs.len());
     for p in pifs {
         let Proposed {
@@ -723,6 +776,7 @@ fn validate_rules(pifs: Vec<Proposed>, targets: Targets) -> Result<Shadow, Statu
     Ok(Shadow {
         tables,
         scopes: Vec::new(),
+        uid,
     })
 }
 
@@ -747,8 +801,9 @@ fn check_generation(t: &Tables, id: PifId, snapshot: &Snapshot) -> Result<(), St
 
 /// STALE if a scope changed since the client read it; INVALID for a pif
 /// that does not exist.
-fn check_scopes(t: &Tables, scopes: &[ScopeUpdate]) -> Result<(), Status> {
+fn check_scopes(t: &Tables, scopes: &[ScopeUpdate], uid: u32) -> Result<(), Status> {
     for sc in scopes {
+        t.check_owner(&sc.owner, uid)?;
         if t.config.by_id(sc.pif).is_none() {
             let mut s = Status::new(Code::Invalid, format!("there is no pif {}", sc.pif));
             s.pif = Some(sc.pif);
@@ -794,6 +849,7 @@ fn merge_scopes(
     scopes: Vec<ScopeUpdate>,
     places: &BTreeMap<PifId, Placement>,
     targets: Targets,
+    uid: u32,
 ) -> Result<Shadow, Status> {
     let mut tables = Vec::with_capacity(current.len());
     for (id, (name, mut table)) in current {
@@ -812,7 +868,37 @@ fn merge_scopes(
             .map_err(|(i, e)| rule_status(Code::Invalid, id, i, format!("{name}: {e}")))?;
         tables.push(PifChange { id, table, routes });
     }
-    Ok(Shadow { tables, scopes })
+    Ok(Shadow {
+        tables,
+        scopes,
+        uid,
+    })
+}
+
+/// DENIED if a whole-table update from `uid` would change the rules of an
+/// owner that belongs to another uid.
+fn check_whole(
+    t: &Tables,
+    pif: PifId,
+    current: &Table,
+    new: &[(crate::rule::Rule, Option<Owner>)],
+    uid: u32,
+) -> Result<(), Status> {
+    if is_exempt(uid) {
+        return Ok(());
+    }
+    // Owners carried over keep their rules; an owner whose rules are not
+    // all there any more loses some.
+    for (o, n) in scope::owners(current) {
+        let kept = new.iter().filter(|(_, x)| x.as_ref() == Some(&o)).count();
+        if kept != n {
+            t.check_owner(&o, uid).map_err(|mut s| {
+                s.pif = Some(pif);
+                s
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn rule_status(code: Code, pif: PifId, index: usize, message: String) -> Status {

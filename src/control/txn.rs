@@ -263,8 +263,8 @@ async fn transaction(
     };
     // Step 6.
     let shadow = match update {
-        Proposal::Whole(u) => shared.validate(u, &snapshot).await?,
-        Proposal::Scoped(s) => shared.validate_scoped(s).await?,
+        Proposal::Whole(u) => shared.validate(u, &snapshot, peer.uid).await?,
+        Proposal::Scoped(s) => shared.validate_scoped(s, peer.uid).await?,
     };
     send(conn, &ServerMsg::Status(Status::ok("valid")), t.step)
         .await
