@@ -40,6 +40,7 @@ use crate::codec::v3::{
 };
 use crate::codec::{CodecError, Limits, PifListing, Update, WireCodec};
 use crate::edit::{self, EditError, Op, OwnerMode};
+use crate::lease::Lease;
 use crate::owner::Owner;
 use crate::rule::PifId;
 use crate::scope::ScopeUpdate;
@@ -331,8 +332,17 @@ impl Session {
         self.rules
             .iter()
             .find(|r| r.id == pif)
-            .and_then(|r| r.scopes.iter().find(|(o, _)| o == owner))
-            .map_or(0, |(_, g)| *g)
+            .and_then(|r| r.scopes.iter().find(|s| &s.owner == owner))
+            .map_or(0, |s| s.generation)
+    }
+
+    /// `owner`'s lease as listed (the same on every pif).
+    pub fn lease(&self, owner: &Owner) -> Option<Lease> {
+        self.rules
+            .iter()
+            .flat_map(|r| r.scopes.iter())
+            .find(|s| &s.owner == owner)
+            .and_then(|s| s.lease)
     }
 
     /// The operations of `pesto --owner`: the scopes of `owner` they change

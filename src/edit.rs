@@ -167,6 +167,7 @@ pub fn apply_owned(
             owner: owner.clone(),
             generation: generation(new.id),
             rules: b.to_vec(),
+            lease: None,
         });
     }
     Ok(out)

@@ -7,6 +7,7 @@
 //! - [`table`]: a pif's rule table and the validation of its rules;
 //! - [`owner`]: the owner labels that tenants put on their rules;
 //! - [`scope`]: one owner's rules on one pif, replaced as a whole;
+//! - [`lease`]: owners' rules that go when a process exits or a TTL ends;
 //! - [`edit`]: upstream pesto's sequential `-A`/`-D`/`-C` table operations;
 //! - [`codec`]: control-protocol messages to and from bytes;
 //! - [`socket`]: what identifies a listening socket, and how one is made;
@@ -44,6 +45,7 @@ pub mod dataplane;
 pub mod edit;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod lease;
 pub mod netns;
 pub mod owner;
 pub mod registry;

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use crate::lease::Lease;
 use crate::owner::Owner;
 use crate::rule::{PifId, Rule};
 use crate::table::{RuleError, Table};
@@ -21,6 +22,9 @@ pub struct ScopeUpdate {
     pub generation: u64,
     /// The owner's complete rule set on the pif after the transaction.
     pub rules: Vec<Rule>,
+    /// A new lease for the owner's rules; `None` keeps the one it has (and
+    /// renews a TTL).
+    pub lease: Option<Lease>,
 }
 
 /// The rules `owner` has in `table`, in table order.

@@ -11,6 +11,7 @@ use super::{
     CLIENT_MAGIC, CodecError, DecodeResult, HelloV2, Limits, Reader, Update, Wire, get_pif_header,
     get_pif_id, get_rules, put_pif_header, put_rules,
 };
+use crate::lease::Lease;
 use crate::owner::{MAX_OWNER, Owner};
 use crate::rule::{Caps, PifId, Rule};
 use crate::scope::ScopeUpdate;
@@ -179,8 +180,20 @@ pub struct PifRules {
     pub rules: Vec<Rule>,
     /// Each rule's owner (RULES_OWNED only; none in a RULES message).
     pub owners: Vec<Option<Owner>>,
-    /// Each owner on the pif with its scope's generation (RULES_OWNED only).
-    pub scopes: Vec<(Owner, u64)>,
+    /// Each owner on the pif with its scope's generation and lease
+    /// (RULES_OWNED only).
+    pub scopes: Vec<ScopeInfo>,
+}
+
+/// An owner's scope on a pif, as RULES_OWNED lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeInfo {
+    /// The owner.
+    pub owner: Owner,
+    /// The scope's generation: a scoped update is judged against it.
+    pub generation: u64,
+    /// The owner's lease, if its rules have one.
+    pub lease: Option<Lease>,
 }
 
 impl PifRules {
@@ -522,9 +535,9 @@ fn put_owners(out: &mut BytesMut, owners: &[Option<Owner>], count: usize) {
 
 /// A pif's scopes: a u32 byte length, a u32 count, then per scope the owner
 /// and its u64 generation.
-fn get_scopes(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<(Owner, u64)>> {
+fn get_scopes(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<ScopeInfo>> {
     let len = r.u32()? as usize;
-    if len > 4 + limits.max_rules * (1 + MAX_OWNER + 8) {
+    if len > 4 + limits.max_rules * (1 + MAX_OWNER + 8 + 5) {
         return Err(CodecError::Malformed(format!("{len} bytes of scopes")).into());
     }
     r.need(len)?;
@@ -540,8 +553,15 @@ fn get_scopes(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<(Owner, u
     }
     let mut scopes = Vec::with_capacity(count.min(len / 10));
     for _ in 0..count {
-        let o = get_owner(r)?;
-        scopes.push((o, r.u64()?));
+        let owner = get_owner(r)?;
+        let generation = r.u64()?;
+        let (kind, value) = (r.u8()?, r.u32()?);
+        let lease = Lease::from_wire(kind, value).map_err(CodecError::Malformed)?;
+        scopes.push(ScopeInfo {
+            owner,
+            generation,
+            lease,
+        });
     }
     if r.position() - start != len {
         return Err(CodecError::Malformed("scope section length does not match".into()).into());
@@ -549,16 +569,19 @@ fn get_scopes(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<(Owner, u
     Ok(scopes)
 }
 
-fn put_scopes(out: &mut BytesMut, scopes: &[(Owner, u64)]) {
+fn put_scopes(out: &mut BytesMut, scopes: &[ScopeInfo]) {
     let len: usize = 4 + scopes
         .iter()
-        .map(|(o, _)| 1 + o.as_str().len() + 8)
+        .map(|s| 1 + s.owner.as_str().len() + 8 + 5)
         .sum::<usize>();
     out.put_u32(len as u32);
     out.put_u32(scopes.len() as u32);
-    for (o, g) in scopes {
-        put_owner(out, o);
-        out.put_u64(*g);
+    for s in scopes {
+        put_owner(out, &s.owner);
+        out.put_u64(s.generation);
+        let (kind, value) = Lease::to_wire(s.lease);
+        out.put_u8(kind);
+        out.put_u32(value);
     }
 }
 
@@ -749,6 +772,8 @@ fn get_scoped(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<ScopeUpda
         };
         let owner = get_owner(r)?;
         let generation = r.u64()?;
+        let (kind, value) = (r.u8()?, r.u32()?);
+        let lease = Lease::from_wire(kind, value).map_err(CodecError::Malformed)?;
         let rules = get_rules(r, limits)?;
         if scopes
             .iter()
@@ -764,6 +789,7 @@ fn get_scoped(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<ScopeUpda
             owner,
             generation,
             rules,
+            lease,
         });
     }
     Ok(scopes)
@@ -776,6 +802,9 @@ fn put_scoped(out: &mut BytesMut, scopes: &[ScopeUpdate]) {
         out.put_u8(sc.pif.0);
         put_owner(out, &sc.owner);
         out.put_u64(sc.generation);
+        let (kind, value) = Lease::to_wire(sc.lease);
+        out.put_u8(kind);
+        out.put_u32(value);
         put_rules(out, &sc.rules);
     }
 }
@@ -846,19 +875,24 @@ mod tests {
             generation: 7,
             rules: vec![rule.clone(), rule.clone()],
             owners: vec![Some(web.clone()), None],
-            scopes: vec![(web.clone(), 5)],
+            scopes: vec![ScopeInfo {
+                owner: web.clone(),
+                generation: 5,
+                lease: Some(Lease::Pid(77)),
+            }],
         }]));
         // Rules, then owners (length, "web", none), then scopes (length,
-        // count, "web", generation).
+        // count, "web", generation, lease kind and value).
         assert_eq!(
             b.len(),
-            1 + 1 + 8 + 4 + 2 * 56 + (4 + 4 + 1) + (4 + 4 + 4 + 8) + 1
+            1 + 1 + 8 + 4 + 2 * 56 + (4 + 4 + 1) + (4 + 4 + 4 + 8 + 5) + 1
         );
         round_trip(&ClientMsg::UpdateScoped(vec![ScopeUpdate {
             pif: PifId::HOST,
             owner: web.clone(),
             generation: 5,
             rules: vec![rule.clone()],
+            lease: Some(Lease::Ttl(30)),
         }]));
         // A bad owner label is refused, not taken.
         let mut bad = encode_to_vec(&ClientMsg::UpdateScoped(vec![ScopeUpdate {
@@ -866,6 +900,7 @@ mod tests {
             owner: web,
             generation: 0,
             rules: vec![],
+            lease: None,
         }]));
         bad[1 + 4 + 1 + 1] = b' ';
         assert!(matches!(

@@ -5,6 +5,7 @@
 //!   shared by every connection;
 //! - `txn`: one connection's transaction, step by step.
 
+pub mod leases;
 pub mod state;
 mod txn;
 

@@ -8,12 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{OwnedMutexGuard, mpsc};
 
 use crate::codec::Update;
 use crate::codec::v3::{
-    Code, FailedPorts, PifInfo, PifReport, PifRules, Report, RuleOutcome, Status,
+    Code, FailedPorts, PifInfo, PifReport, PifRules, Report, RuleOutcome, ScopeInfo, Status,
 };
+use super::leases::LeaseEvent;
+use crate::lease::Lease;
 use crate::owner::Owner;
 use crate::registry::{Registry, SyncReport};
 use crate::rule::PifId;
@@ -102,6 +104,8 @@ struct Tables {
     /// The uid that made each owner that has rules: only it (and root and
     /// the daemon's own uid) may change the owner's rules.
     owner_uids: BTreeMap<Owner, u32>,
+    /// Each owner's lease, if its rules have one.
+    leases: BTreeMap<Owner, Lease>,
 }
 
 /// Whether `uid` may change any owner's rules: root and the daemon's uid.
@@ -185,6 +189,9 @@ pub struct Shared {
     state_file: Option<std::path::PathBuf>,
     /// Pifs whose last `auto` round left ports unbound.
     scan_retry: Mutex<std::collections::BTreeSet<PifId>>,
+    /// Tells the lease watcher what commits changed (none until
+    /// [`Shared::watch_leases`]).
+    lease_events: Mutex<Option<mpsc::UnboundedSender<LeaseEvent>>>,
 }
 
 /// Validated new tables of one connection, not yet active.
@@ -219,6 +226,8 @@ impl Shadow {
 pub struct Applied {
     registry: OwnedMutexGuard<Registry>,
     old: Vec<PifChange>,
+    /// The owners of a scoped transaction, with the lease each asked for.
+    leases: Vec<(Owner, Option<Lease>)>,
     /// What the apply bound.
     pub report: Report,
 }
@@ -243,6 +252,7 @@ impl Shared {
                 generations,
                 scopes,
                 owner_uids: BTreeMap::new(),
+                leases: BTreeMap::new(),
             }),
             registry: Arc::new(tokio::sync::Mutex::new(registry)),
             targets,
@@ -252,6 +262,7 @@ impl Shared {
             closed: AtomicBool::new(false),
             state_file: None,
             scan_retry: Mutex::default(),
+            lease_events: Mutex::default(),
         }
     }
 
@@ -330,7 +341,11 @@ impl Shared {
                     .scopes
                     .range((p.id, Owner::min())..)
                     .take_while(|((pif, _), _)| *pif == p.id)
-                    .map(|((_, o), g)| (o.clone(), *g))
+                    .map(|((_, o), g)| ScopeInfo {
+                        owner: o.clone(),
+                        generation: *g,
+                        lease: t.leases.get(o).copied(),
+                    })
                     .collect(),
             })
             .collect();
@@ -516,9 +531,17 @@ impl Shared {
         }
         t.settle_owners(&scopes, uid);
         drop(t);
+        let mut leases: Vec<(Owner, Option<Lease>)> = Vec::new();
+        for sc in scopes {
+            match leases.iter_mut().find(|(o, _)| *o == sc.owner) {
+                Some((_, l)) => *l = sc.lease.or(*l),
+                None => leases.push((sc.owner, sc.lease)),
+            }
+        }
         Ok(Applied {
             registry,
             old,
+            leases,
             report,
         })
     }
@@ -530,6 +553,7 @@ impl Shared {
         for change in &applied.old {
             applied.registry.close_parked(change.id).await;
         }
+        self.commit_leases(&applied.leases);
         // Still under the registry lock, so saves happen in commit order; on
         // a blocking thread, as fsync may take long.
         let warning = match self.state_file.clone() {
@@ -591,6 +615,112 @@ impl Shared {
         }
         self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
         reports
+    }
+
+    /// Starts the task that watches leases and ends them
+    /// ([`super::leases::run`]), with the leases the tables have now.
+    pub fn watch_leases(self: &Arc<Self>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for (o, l) in self.tables().leases.clone() {
+            let _ = tx.send(LeaseEvent::Set(o, l));
+        }
+        *self
+            .lease_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        tokio::spawn(super::leases::run(Arc::downgrade(self), rx));
+    }
+
+    /// The owners' leases now.
+    pub fn leases(&self) -> BTreeMap<Owner, Lease> {
+        self.tables().leases.clone()
+    }
+
+    /// Sets leases (restored from the state file, before any transaction).
+    pub fn restore_leases(&self, leases: BTreeMap<Owner, Lease>) {
+        self.tables().leases = leases;
+    }
+
+    /// After a commit: owners with no rules left lose their lease, a new
+    /// lease replaces the old, and any transaction renews a TTL.
+    fn commit_leases(&self, owners: &[(Owner, Option<Lease>)]) {
+        let mut events = Vec::new();
+        {
+            let mut t = self.tables();
+            for (o, lease) in owners {
+                let has_rules = t.scopes.keys().any(|(_, x)| x == o);
+                if !has_rules {
+                    if t.leases.remove(o).is_some() {
+                        events.push(LeaseEvent::Drop(o.clone()));
+                    }
+                } else if let Some(l) = lease {
+                    t.leases.insert(o.clone(), *l);
+                    events.push(LeaseEvent::Set(o.clone(), *l));
+                } else if t.leases.contains_key(o) {
+                    events.push(LeaseEvent::Renew(o.clone()));
+                }
+            }
+        }
+        let tx = self
+            .lease_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = tx.as_ref() {
+            for ev in events {
+                let _ = tx.send(ev);
+            }
+        }
+    }
+
+    /// Ends `owner`'s lease: removes its rules as a transaction of the
+    /// daemon's own (socket continuity for the rest, generations moved,
+    /// state saved), and says so in the log. Tried again while another
+    /// transaction holds the apply slot.
+    pub async fn expire(&self, owner: &Owner, why: &str) {
+        for attempt in 1..=5u32 {
+            let scopes: Vec<ScopeUpdate> = {
+                let t = self.tables();
+                t.scopes
+                    .keys()
+                    .filter(|(_, o)| o == owner)
+                    .map(|(pif, o)| ScopeUpdate {
+                        pif: *pif,
+                        owner: o.clone(),
+                        generation: t.scope_generation(*pif, o),
+                        rules: Vec::new(),
+                        lease: None,
+                    })
+                    .collect()
+            };
+            if scopes.is_empty() {
+                // No rules: only the lease goes.
+                self.commit_leases(&[(owner.clone(), None)]);
+                return;
+            }
+            let done = async {
+                let shadow = self.validate_scoped(scopes, 0).await?;
+                let applied = self.apply(shadow, &Snapshot::new()).await?;
+                let removed: u32 = applied
+                    .report
+                    .pifs
+                    .iter()
+                    .map(|p| p.rules.len() as u32)
+                    .sum();
+                self.commit(applied).await;
+                Ok::<u32, Status>(removed)
+            }
+            .await;
+            match done {
+                Ok(_) => {
+                    tracing::info!(%owner, "lease ended ({why}): the owner's rules are removed");
+                    return;
+                }
+                Err(s) => {
+                    tracing::warn!(%owner, attempt, "lease ended ({why}) but removing the rules failed: {s}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
 
     /// Closes every socket, once any applied transaction has ended.
@@ -804,6 +934,16 @@ fn check_generation(t: &Tables, id: PifId, snapshot: &Snapshot) -> Result<(), St
 fn check_scopes(t: &Tables, scopes: &[ScopeUpdate], uid: u32) -> Result<(), Status> {
     for sc in scopes {
         t.check_owner(&sc.owner, uid)?;
+        if let Some(Lease::Pid(pid)) = sc.lease {
+            if crate::lease::start_time(pid).is_none() {
+                let mut s = Status::new(
+                    Code::Invalid,
+                    format!("lease for owner '{}': there is no process {pid}", sc.owner),
+                );
+                s.pif = Some(sc.pif);
+                return Err(s);
+            }
+        }
         if t.config.by_id(sc.pif).is_none() {
             let mut s = Status::new(Code::Invalid, format!("there is no pif {}", sc.pif));
             s.pif = Some(sc.pif);
