@@ -129,24 +129,40 @@ impl Default for Limits {
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// After `Incomplete`: how long the buffer must be before a new attempt
+    /// can get further.
+    wanted: usize,
 }
 
 impl<'a> Reader<'a> {
     /// A reader at the start of `buf`.
     pub fn new(buf: &'a [u8]) -> Reader<'a> {
-        Reader { buf, pos: 0 }
+        Reader {
+            buf,
+            pos: 0,
+            wanted: 0,
+        }
     }
     /// Bytes consumed so far.
     pub fn position(&self) -> usize {
         self.pos
+    }
+    /// After an `Incomplete`, the buffer length below which decoding again
+    /// would stop at the same place: the end of the field that was missing.
+    /// Decoders read every count before waiting for what it counts, so this
+    /// grows by whole tables, and a message dribbled in is parsed a bounded
+    /// number of times, not once per byte.
+    pub fn wanted(&self) -> usize {
+        self.wanted
     }
     /// Bytes left.
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
     /// Fails with `Incomplete` unless `n` more bytes are there.
-    pub fn need(&self, n: usize) -> DecodeResult<()> {
+    pub fn need(&mut self, n: usize) -> DecodeResult<()> {
         if self.remaining() < n {
+            self.wanted = self.pos.saturating_add(n);
             Err(DecodeError::Incomplete)
         } else {
             Ok(())
@@ -190,6 +206,11 @@ impl<'a> Reader<'a> {
             }
             return Err(CodecError::BadMagic(got).into());
         }
+        if head.len() < magic.len() {
+            // Byte by byte, so that the first wrong byte is refused at once.
+            self.wanted = self.pos + head.len() + 1;
+            return Err(DecodeError::Incomplete);
+        }
         self.array::<8>().map(|_| ())
     }
     /// A big-endian u32.
@@ -229,9 +250,16 @@ pub fn encode_to_vec<T: Wire>(msg: &T) -> Vec<u8> {
 }
 
 /// A tokio-util codec that decodes `D` and encodes any [`Wire`] message.
+///
+/// It remembers how many bytes the message needs at least (the fixed fields,
+/// then each table once its count is read) and does not parse again until
+/// they are there: a message costs O(its length) to decode however it is
+/// split, instead of a parse from its first byte for every read.
 #[derive(Debug)]
 pub struct WireCodec<D> {
     limits: Limits,
+    /// Bytes the buffer must hold before the next parse; 0 between messages.
+    wanted: usize,
     _decodes: PhantomData<fn() -> D>,
 }
 
@@ -240,8 +268,14 @@ impl<D> WireCodec<D> {
     pub fn new(limits: Limits) -> WireCodec<D> {
         WireCodec {
             limits,
+            wanted: 0,
             _decodes: PhantomData,
         }
+    }
+
+    /// The buffer length the next parse waits for (0: none pending).
+    pub fn wanted(&self) -> usize {
+        self.wanted
     }
 
     /// The same limits, decoding another message type next.
@@ -255,13 +289,30 @@ impl<D: Wire> Decoder for WireCodec<D> {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<D>, CodecError> {
-        match decode_from::<D>(src, &self.limits) {
-            Ok((msg, len)) => {
+        if src.len() < self.wanted {
+            // A parse would stop where the last one did.
+            return Ok(None);
+        }
+        let mut r = Reader::new(src);
+        match D::decode(&mut r, &self.limits) {
+            Ok(msg) => {
+                let len = r.position();
+                self.wanted = 0;
                 src.advance(len);
                 Ok(Some(msg))
             }
-            Err(DecodeError::Incomplete) => Ok(None),
-            Err(DecodeError::Bad(e)) => Err(e),
+            Err(DecodeError::Incomplete) => {
+                // Never 0 here: an attempt that ran out wanted one more byte
+                // at least. Bounded by the limits the counts were checked
+                // against.
+                self.wanted = r.wanted().max(src.len() + 1);
+                src.reserve(self.wanted - src.len());
+                Ok(None)
+            }
+            Err(DecodeError::Bad(e)) => {
+                self.wanted = 0;
+                Err(e)
+            }
         }
     }
 }
@@ -655,6 +706,188 @@ mod tests {
         assert!(matches!(
             decode_from::<Rule>(&b, &lim),
             Err(DecodeError::Bad(CodecError::NotTerminated(_)))
+        ));
+    }
+
+    /// Feeds `bytes` to a fresh [`WireCodec`] in pieces cut at `cuts`, and
+    /// returns what it decoded (with the bytes left over), or the error, with
+    /// the number of parses it ran: a call with fewer bytes than it asked
+    /// for returns at once and is not counted.
+    fn feed<T: Wire>(bytes: &[u8], cuts: &[usize]) -> (Result<(T, usize), String>, usize) {
+        let mut codec = WireCodec::<T>::new(Limits::default());
+        let mut buf = BytesMut::new();
+        let mut parses = 0;
+        let mut from = 0;
+        for &to in cuts.iter().chain([&bytes.len()]) {
+            buf.extend_from_slice(&bytes[from..to]);
+            from = to;
+            if buf.len() >= codec.wanted() {
+                parses += 1;
+            }
+            match codec.decode(&mut buf) {
+                Ok(Some(msg)) => return (Ok((msg, from - buf.len())), parses),
+                Ok(None) => assert!(codec.wanted() > buf.len(), "waits for nothing"),
+                Err(e) => return (Err(e.to_string()), parses),
+            }
+        }
+        (Err("incomplete".into()), parses)
+    }
+
+    /// What a decode of the whole of `bytes` at once gives, as `feed` does.
+    fn at_once<T: Wire>(bytes: &[u8]) -> Result<(T, usize), String> {
+        match decode_from::<T>(bytes, &Limits::default()) {
+            Ok(v) => Ok(v),
+            Err(DecodeError::Incomplete) => Err("incomplete".into()),
+            Err(DecodeError::Bad(e)) => Err(e.to_string()),
+        }
+    }
+
+    /// Decoding `bytes` gives the same result cut at any one byte, and
+    /// dribbled a byte at a time, with at most `max_parses` parses then.
+    pub(super) fn same_however_split<T: Wire + PartialEq + std::fmt::Debug>(
+        bytes: &[u8],
+        max_parses: usize,
+    ) {
+        let whole = at_once::<T>(bytes);
+        for cut in 0..=bytes.len() {
+            let (got, _) = feed::<T>(bytes, &[cut]);
+            assert_eq!(got, whole, "cut at {cut} of {}", bytes.len());
+        }
+        let every: Vec<usize> = (1..bytes.len()).collect();
+        let (got, parses) = feed::<T>(bytes, &every);
+        assert_eq!(got, whole, "byte by byte");
+        assert!(
+            parses <= max_parses,
+            "{parses} parses for {} bytes byte by byte",
+            bytes.len()
+        );
+        // Where it fails, it fails at the same byte as a parse of each
+        // prefix would: the checks are made as early as before.
+        if whole.is_err() {
+            let first_bad = (1..=bytes.len()).find(|&n| {
+                matches!(
+                    decode_from::<T>(&bytes[..n], &Limits::default()),
+                    Err(DecodeError::Bad(_))
+                )
+            });
+            if let Some(n) = first_bad {
+                let early: Vec<usize> = (1..n).collect();
+                let (got, _) = feed::<T>(&bytes[..n], &early);
+                assert_eq!(got, whole, "refused at byte {n}");
+            }
+        }
+    }
+
+    fn vector(name: &str) -> Vec<u8> {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/upstream-v2")
+            .join(name);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[test]
+    fn upstream_messages_decode_the_same_however_split() {
+        for name in [
+            "client-update-add.bin",
+            "client-update-addr.bin",
+            "client-update-del2.bin",
+            "client-update-on1-clear.bin",
+            "client-update-on1-del.bin",
+            "client-update-on1-replace.bin",
+            "client-update-udprange.bin",
+            "client-update-v6.bin",
+        ] {
+            let b = vector(name);
+            assert!(at_once::<Update>(&b).is_ok(), "{name}");
+            // Per pif: its id, its count, its table; then the final zero.
+            same_however_split::<Update>(&b, 3 * 8 + 2);
+        }
+        for n in [1, 2] {
+            let b = vector(&format!("server-listing-{n}.bin"));
+            same_however_split::<HelloV2>(&b[..HELLO_V2_SIZE], 16);
+            let b = &b[HELLO_V2_SIZE..];
+            assert!(at_once::<ListingV2>(b).is_ok(), "listing {n}");
+            same_however_split::<ListingV2>(b, 4 * 8 + 2);
+        }
+    }
+
+    /// A full table on each of the most pifs: the largest update.
+    fn largest_update() -> Update {
+        let rules: Vec<Rule> = (0..MAX_RULES as u16)
+            .map(|i| Rule::dual_stack(Proto::Tcp, 1000 + i, 1000 + i, 2000 + i))
+            .collect();
+        Update {
+            tables: (1..=Limits::default().max_pifs as u8)
+                .map(|id| (PifId(id), rules.clone()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn largest_update_dribbled_is_parsed_a_bounded_number_of_times() {
+        let b = encode_to_vec(&largest_update());
+        let every: Vec<usize> = (1..b.len()).collect();
+        let (got, parses) = feed::<Update>(&b, &every);
+        assert_eq!(got, Ok((largest_update(), b.len())));
+        // Before: one parse per byte, 114,265 of them.
+        assert!(parses <= 3 * 8 + 2, "{parses} parses");
+        // Cut in two, at a prime step (every byte is the other tests' job
+        // on smaller messages; a cut here costs a whole parse).
+        for cut in (0..=b.len()).step_by(997) {
+            assert_eq!(feed::<Update>(&b, &[cut]).0, got, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn bad_updates_are_refused_at_the_same_byte_however_split() {
+        let good = encode_to_vec(&Update {
+            tables: vec![
+                (PifId(1), vec![Rule::dual_stack(Proto::Tcp, 1, 1, 1)]),
+                (PifId(3), vec![Rule::dual_stack(Proto::Udp, 2, 3, 4)]),
+            ],
+        });
+        // A rule of the second table with an unknown protocol.
+        let mut proto = good.clone();
+        proto[1 + 4 + RULE_SIZE + 1 + 4 + 54] = 1;
+        // The first pif again.
+        let mut dup = good.clone();
+        dup[1 + 4 + RULE_SIZE] = 1;
+        // A count past the limit, in the second table.
+        let mut count = good.clone();
+        count[1 + 4 + RULE_SIZE + 1..][..4].copy_from_slice(&1000u32.to_be_bytes());
+        for b in [proto, dup, count] {
+            assert!(at_once::<Update>(&b).is_err());
+            same_however_split::<Update>(&b, 3 * 8 + 2);
+        }
+    }
+
+    #[test]
+    fn messages_in_a_row_decode_one_after_the_other() {
+        let one = encode_to_vec(&largest_update());
+        let mut both = one.clone();
+        both.extend_from_slice(&one);
+        let mut codec = WireCodec::<Update>::new(Limits::default());
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for chunk in both.chunks(1000) {
+            buf.extend_from_slice(chunk);
+            while let Some(u) = codec.decode(&mut buf).unwrap() {
+                got.push(u);
+            }
+        }
+        assert_eq!(got, vec![largest_update(), largest_update()]);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_wrong_magic_is_refused_at_its_first_byte() {
+        let mut codec = WireCodec::<HelloV2>::new(Limits::default());
+        let mut buf = BytesMut::from(&b"basil:"[..]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(b"x");
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(CodecError::BadMagic(_))
         ));
     }
 }

@@ -584,6 +584,8 @@ mod tests {
                 Err(DecodeError::Incomplete)
             ));
         }
+        // Through the codec, cut anywhere or a byte at a time: the same.
+        crate::codec::tests::same_however_split::<T>(&bytes, 32);
         bytes
     }
 
@@ -671,6 +673,7 @@ mod tests {
             decode_from::<ServerMsg>(&b, &lim),
             Err(DecodeError::Bad(_))
         ));
+        crate::codec::tests::same_however_split::<ServerMsg>(&b, 32);
         // A report claiming more failed ranges than ports.
         let b = [
             msg::REPORT,
@@ -697,5 +700,7 @@ mod tests {
             decode_from::<ServerMsg>(&b, &lim),
             Err(DecodeError::Bad(_))
         ));
+        // Refused at the same byte however it arrives.
+        crate::codec::tests::same_however_split::<ServerMsg>(&b, 32);
     }
 }
