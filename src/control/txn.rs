@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use tokio::net::UnixStream;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Decoder, Framed};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -31,7 +31,92 @@ enum End {
     Bad(CodecError),
 }
 
-type Link<D> = Framed<UnixStream, WireCodec<D>>;
+type Link<D> = Framed<Sock, WireCodec<D>>;
+
+/// A control connection's socket, which leaves the event loop while a
+/// dribbling client is made to wait, so that the bytes arriving meanwhile
+/// wake nobody: AF_UNIX wakes a reader for every write, whatever
+/// SO_RCVLOWAT says.
+struct Sock {
+    live: Option<UnixStream>,
+    parked: Option<std::os::unix::net::UnixStream>,
+}
+
+impl Sock {
+    fn new(stream: UnixStream) -> Sock {
+        Sock {
+            live: Some(stream),
+            parked: None,
+        }
+    }
+
+    /// Takes the socket out of the event loop until it is used again.
+    fn park(&mut self) -> std::io::Result<()> {
+        if let Some(s) = self.live.take() {
+            self.parked = Some(s.into_std()?);
+        }
+        Ok(())
+    }
+
+    /// The socket, back in the event loop.
+    fn live(&mut self) -> std::io::Result<&mut UnixStream> {
+        if let Some(s) = self.parked.take() {
+            self.live = Some(UnixStream::from_std(s)?);
+        }
+        self.live.as_mut().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the socket was lost while parked",
+            )
+        })
+    }
+}
+
+impl tokio::io::AsyncRead for Sock {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().live() {
+            Ok(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Sock {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut().live() {
+            Ok(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().live() {
+            Ok(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().live() {
+            Ok(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+}
 
 /// Who is at the other end, for the logs.
 #[derive(Debug, Clone, Copy)]
@@ -87,7 +172,8 @@ impl Conn {
             waiter,
             hello_timeout,
         } = self;
-        let mut link: Link<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
+        let mut link: Link<ClientHello> =
+            Framed::new(Sock::new(stream), WireCodec::new(Limits::default()));
         // Until its hello, a newcomer may push this connection out.
         let hello = handshake(&mut link, &shared, &stop, &waiter, hello_timeout).await;
         waiting.leave(&waiter);
@@ -114,7 +200,8 @@ pub(super) async fn turn_away(
     code: Code,
     message: &'static str,
 ) {
-    let mut link: Link<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
+    let mut link: Link<ClientHello> =
+        Framed::new(Sock::new(stream), WireCodec::new(Limits::default()));
     if send(&mut link, &server_hello(&shared), limit).await.is_ok() {
         refuse(&mut link, &shared, peer, Status::new(code, message)).await;
     }
@@ -140,6 +227,73 @@ async fn send<D, M: Wire>(conn: &mut Link<D>, msg: &M, limit: Duration) -> Resul
     }
 }
 
+/// A read that leaves a message incomplete and brought fewer bytes than
+/// this is a dribble: the next read waits [`DRIBBLE_PAUSE`].
+const DRIBBLE_CHUNK: usize = 1024;
+
+/// How long a dribbling client waits between two reads. The socket is
+/// readable as soon as one byte is there (AF_UNIX ignores SO_RCVLOWAT), so
+/// without a pause a client writing a byte at a time costs a wakeup and a
+/// read per byte; with it, a message costs at most one read per pause, and
+/// its step timeout bounds them. A message written at once never waits.
+const DRIBBLE_PAUSE: Duration = Duration::from_millis(10);
+
+/// The next message, or `None` at a clean end of the stream. The codec
+/// says when a message is incomplete; then a small read is followed by a
+/// pause before the next, so that a client's CPU cost on the daemon is
+/// bounded by the bytes it sends and the time it takes, not by its writes.
+async fn next_msg<D: Wire>(conn: &mut Link<D>) -> Option<Result<D, CodecError>> {
+    // The buffer is taken out only between awaits, so that a cancelled read
+    // loses nothing.
+    let mut dribbling = false;
+    loop {
+        let mut buf = std::mem::take(conn.read_buffer_mut());
+        let decoded = conn.codec_mut().decode(&mut buf);
+        *conn.read_buffer_mut() = buf;
+        match decoded {
+            Ok(Some(msg)) => return Some(Ok(msg)),
+            Err(e) => return Some(Err(e)),
+            Ok(None) => {}
+        }
+        if dribbling && !conn.read_buffer().is_empty() {
+            if let Err(e) = conn.get_mut().park() {
+                return Some(Err(e.into()));
+            }
+            tokio::time::sleep(DRIBBLE_PAUSE).await;
+        }
+        let readable = match conn.get_mut().live() {
+            Ok(s) => s.readable().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = readable {
+            return Some(Err(e.into()));
+        }
+        let mut buf = std::mem::take(conn.read_buffer_mut());
+        if buf.capacity() - buf.len() < DRIBBLE_CHUNK {
+            buf.reserve(8 * DRIBBLE_CHUNK);
+        }
+        let read = match conn.get_mut().live() {
+            Ok(s) => s.try_read_buf(&mut buf),
+            Err(e) => Err(e),
+        };
+        let left = buf.len();
+        *conn.read_buffer_mut() = buf;
+        match read {
+            // The buffer was decoded before this read: what is left at the
+            // end is part of a message, cut short.
+            Ok(0) if left == 0 => return None,
+            Ok(0) => {
+                return Some(Err(CodecError::Malformed(format!(
+                    "the connection closed inside a message, after {left} bytes of it"
+                ))));
+            }
+            Ok(n) => dribbling = n < DRIBBLE_CHUNK,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => dribbling = false,
+            Err(e) => return Some(Err(e.into())),
+        }
+    }
+}
+
 /// The next message, within `limit`.
 async fn recv<D: Wire>(
     conn: &mut Link<D>,
@@ -148,7 +302,7 @@ async fn recv<D: Wire>(
 ) -> Result<D, End> {
     tokio::select! {
         _ = stop.cancelled() => Err(End::Shutdown),
-        r = tokio::time::timeout(limit, conn.next()) => match r {
+        r = tokio::time::timeout(limit, next_msg(conn)) => match r {
             Err(_) => Err(End::Timeout(limit)),
             Ok(None) => Err(End::Closed),
             Ok(Some(Err(e))) => Err(End::Bad(e)),
