@@ -27,8 +27,34 @@ enum End {
     Timeout(Duration),
     /// The daemon is shutting down.
     Shutdown,
-    /// Bad bytes or a failed transport.
+    /// Bad bytes.
     Bad(CodecError),
+    /// The transport failed (a reset, a broken pipe): the client is gone.
+    Transport(std::io::Error),
+}
+
+impl From<CodecError> for End {
+    fn from(e: CodecError) -> End {
+        match e {
+            CodecError::Io(e) => End::Transport(e),
+            e => End::Bad(e),
+        }
+    }
+}
+
+/// How a transaction ends early.
+#[derive(Debug)]
+enum Fail {
+    /// With this status sent to the client, counted by its code.
+    Refuse(Status),
+    /// The client is gone: nothing to send, nothing the client did wrong.
+    Gone(String),
+}
+
+impl From<Status> for Fail {
+    fn from(s: Status) -> Fail {
+        Fail::Refuse(s)
+    }
 }
 
 type Link<D> = Framed<Sock, WireCodec<D>>;
@@ -179,13 +205,15 @@ impl Conn {
         waiting.leave(&waiter);
         let client = match hello {
             Ok(c) => c,
-            Err(status) => return refuse(&mut link, &shared, peer, status).await,
+            Err(Fail::Refuse(status)) => return refuse(&mut link, &shared, peer, status).await,
+            Err(Fail::Gone(why)) => return info!(%peer, "transaction: {why}"),
         };
         // From here on every client message is typed.
         let mut link: Link<ClientMsg> = link.map_codec(|c| c.expect());
         match transaction(&mut link, client, &shared, &stop, peer).await {
             Ok(outcome) => info!(%peer, "transaction: {outcome}"),
-            Err(status) => refuse(&mut link, &shared, peer, status).await,
+            Err(Fail::Refuse(status)) => refuse(&mut link, &shared, peer, status).await,
+            Err(Fail::Gone(why)) => info!(%peer, "transaction: {why}"),
         }
     }
 }
@@ -305,25 +333,39 @@ async fn recv<D: Wire>(
         r = tokio::time::timeout(limit, next_msg(conn)) => match r {
             Err(_) => Err(End::Timeout(limit)),
             Ok(None) => Err(End::Closed),
-            Ok(Some(Err(e))) => Err(End::Bad(e)),
+            Ok(Some(Err(e))) => Err(e.into()),
             Ok(Some(Ok(m))) => Ok(m),
         },
     }
 }
 
-fn protocol(e: impl std::fmt::Display) -> Status {
-    Status::new(Code::Protocol, e.to_string())
+fn protocol(e: impl std::fmt::Display) -> Fail {
+    Fail::Refuse(Status::new(Code::Protocol, e.to_string()))
 }
 
-fn ended(end: End, step: &str) -> Status {
+/// A send that failed: the client stopped reading, or is gone.
+fn unsent(e: CodecError) -> Fail {
+    match End::from(e) {
+        End::Transport(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            Status::new(Code::Timeout, e.to_string()).into()
+        }
+        End::Transport(e) => Fail::Gone(format!("the connection failed: {e}")),
+        End::Bad(e) => protocol(e),
+        other => protocol(format!("{other:?}")),
+    }
+}
+
+fn ended(end: End, step: &str) -> Fail {
     match end {
-        End::Closed => Status::new(Code::Protocol, format!("closed at {step}")),
+        End::Closed => protocol(format!("closed at {step}")),
         End::Timeout(t) => Status::new(
             Code::Timeout,
             format!("no {step} within {} s", t.as_secs_f64()),
-        ),
-        End::Shutdown => Status::new(Code::Busy, "the daemon is shutting down"),
+        )
+        .into(),
+        End::Shutdown => Status::new(Code::Busy, "the daemon is shutting down").into(),
         End::Bad(e) => protocol(format!("bad {step}: {e}")),
+        End::Transport(e) => Fail::Gone(format!("the connection failed at {step}: {e}")),
     }
 }
 
@@ -335,12 +377,12 @@ async fn handshake(
     stop: &CancellationToken,
     waiter: &Waiter,
     hello_timeout: Duration,
-) -> Result<ClientHello, Status> {
+) -> Result<ClientHello, Fail> {
     let t = shared.timeouts();
     // Step 1.
     send(conn, &server_hello(shared), t.step)
         .await
-        .map_err(protocol)?;
+        .map_err(unsent)?;
     // Step 2.
     let pushed_out = || {
         Status::new(
@@ -350,13 +392,13 @@ async fn handshake(
         )
     };
     let client = tokio::select! {
-        _ = waiter.pushed_out.cancelled() => return Err(pushed_out()),
+        _ = waiter.pushed_out.cancelled() => return Err(pushed_out().into()),
         r = recv(conn, hello_timeout, stop) => r.map_err(|e| ended(e, "client hello"))?,
     };
     // A hello that arrived as it was pushed out: the push-out wins, its slot
     // is promised to the newcomer.
     if !waiter.hello_done() {
-        return Err(pushed_out());
+        return Err(pushed_out().into());
     }
     if client.version != VERSION_3 {
         return Err(Status::new(
@@ -365,7 +407,8 @@ async fn handshake(
                 "client speaks protocol version {}, this server speaks {VERSION_3}",
                 client.version
             ),
-        ));
+        )
+        .into());
     }
     if client.flags & !READ_ONLY != 0 {
         return Err(protocol(format!(
@@ -383,17 +426,17 @@ async fn transaction(
     shared: &Shared,
     stop: &CancellationToken,
     peer: Peer,
-) -> Result<String, Status> {
+) -> Result<String, Fail> {
     let t = shared.timeouts();
     // Steps 3 and 4, read in one go so that they agree.
     let (pifs, rules) = shared.listing();
     let snapshot: Snapshot = rules.iter().map(|p| (p.id, p.generation)).collect();
     send(conn, &ServerMsg::Pifs(pifs), t.step)
         .await
-        .map_err(protocol)?;
+        .map_err(unsent)?;
     send(conn, &ServerMsg::Rules(rules), t.step)
         .await
-        .map_err(protocol)?;
+        .map_err(unsent)?;
     if client.flags & READ_ONLY != 0 {
         return Ok("read only".to_owned());
     }
@@ -403,18 +446,20 @@ async fn transaction(
         Ok(other) => return Err(protocol(format!("expected UPDATE, got {other:?}"))),
         // Reading and leaving is allowed: nothing changed.
         Err(End::Closed) => return Ok("listed, no update".to_owned()),
+        Err(End::Transport(e)) => return Ok(format!("listed, no update: {e}")),
         Err(e) => return Err(ended(e, "update")),
     };
     // Step 6.
     let shadow = shared.validate(update, &snapshot)?;
     send(conn, &ServerMsg::Status(Status::ok("valid")), t.step)
         .await
-        .map_err(protocol)?;
+        .map_err(unsent)?;
     // Step 7.
     match recv(conn, t.step, stop).await {
         Ok(ClientMsg::Apply) => {}
         Ok(other) => return Err(protocol(format!("expected APPLY, got {other:?}"))),
         Err(End::Closed) => return Ok("validated, not applied".to_owned()),
+        Err(End::Transport(e)) => return Ok(format!("validated, not applied: {e}")),
         Err(e) => return Err(ended(e, "APPLY")),
     }
     let applied = shared.apply(shadow, &snapshot).await?;
@@ -423,7 +468,7 @@ async fn transaction(
     let sent = send(conn, &ServerMsg::Report(applied.report.clone()), t.step).await;
     // Step 9: anything but COMMIT rolls back.
     let answer = match sent {
-        Err(e) => Err(End::Bad(e)),
+        Err(e) => Err(End::from(e)),
         Ok(()) => recv(conn, t.commit, stop).await,
     };
     match answer {
@@ -447,12 +492,27 @@ async fn transaction(
                 "expected COMMIT or ROLLBACK, got {other:?}; rolled back"
             )))
         }
+        // The client left: a plain rollback, not a client's error.
+        Err(End::Closed) => {
+            shared.rollback(applied).await;
+            Ok(format!("applied ({verdict}), the client left: rolled back"))
+        }
+        Err(End::Transport(e)) => {
+            shared.rollback(applied).await;
+            Ok(format!(
+                "applied ({verdict}), the connection failed ({e}): rolled back"
+            ))
+        }
         Err(e) => {
             shared.rollback(applied).await;
             warn!(%peer, "applied transaction rolled back: {:?}", e);
-            let mut status = ended(e, "COMMIT or ROLLBACK");
-            status.message.push_str("; rolled back");
-            Err(status)
+            match ended(e, "COMMIT or ROLLBACK") {
+                Fail::Refuse(mut status) => {
+                    status.message.push_str("; rolled back");
+                    Err(status.into())
+                }
+                gone => Err(gone),
+            }
         }
     }
 }
