@@ -206,7 +206,10 @@ impl Conn {
         let client = match hello {
             Ok(c) => c,
             Err(Fail::Refuse(status)) => return refuse(&mut link, &shared, peer, status).await,
-            Err(Fail::Gone(why)) => return info!(%peer, "transaction: {why}"),
+            Err(Fail::Gone(why)) => {
+                info!(%peer, "transaction: {why}");
+                return;
+            }
         };
         // From here on every client message is typed.
         let mut link: Link<ClientMsg> = link.map_codec(|c| c.expect());
@@ -345,13 +348,12 @@ fn protocol(e: impl std::fmt::Display) -> Fail {
 
 /// A send that failed: the client stopped reading, or is gone.
 fn unsent(e: CodecError) -> Fail {
-    match End::from(e) {
-        End::Transport(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+    match e {
+        CodecError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => {
             Status::new(Code::Timeout, e.to_string()).into()
         }
-        End::Transport(e) => Fail::Gone(format!("the connection failed: {e}")),
-        End::Bad(e) => protocol(e),
-        other => protocol(format!("{other:?}")),
+        CodecError::Io(e) => Fail::Gone(format!("the connection failed: {e}")),
+        e => protocol(e),
     }
 }
 
