@@ -550,6 +550,40 @@ fn sigterm_rolls_back_an_applied_transaction() {
     let _ = port;
 }
 
+/// A client that leaves after APPLY is rolled back, and logged and counted
+/// as a rollback (at info level), not as a protocol error.
+#[test]
+fn leaving_after_apply_counts_as_a_rollback_not_a_protocol_error() {
+    let (mut d, port, target) = daemon_with_port(&[]);
+    let before = d.listing();
+    let new_port = free_ports(1);
+    let mut c = d.raw();
+    c.propose_adding(new_port, target);
+    c.apply();
+    assert!(forwards(new_port));
+    drop(c);
+    wait_until(|| d.listing() == before, "table back");
+    wait_until(|| !forwards(new_port), "new port closed");
+    assert!(forwards(port));
+    // The counters are logged at shutdown.
+    d.proc.signal(rustix::process::Signal::TERM);
+    assert_eq!(d.proc.wait().code(), Some(0), "{}", d.proc.log());
+    let log = d.proc.log();
+    let counters = log
+        .lines()
+        .find(|l| l.contains("control: ") && l.contains("rolled back,"))
+        .unwrap_or_else(|| panic!("no counters in the log:\n{log}"));
+    assert!(counters.contains(" 1 rolled back,"), "{counters}");
+    assert!(counters.contains(" 0 protocol errors,"), "{counters}");
+    let left = log
+        .lines()
+        .find(|l| l.contains("the client left: rolled back"))
+        .unwrap_or_else(|| panic!("no rollback line in the log:\n{log}"));
+    assert!(left.contains("INFO"), "{left}");
+    assert!(!log.contains("PROTOCOL"), "{log}");
+    assert!(!log.contains("WARN"), "{log}");
+}
+
 fn wait_until(f: impl FnMut() -> bool, what: &str) {
     common::wait_until(PATIENCE, what, f);
 }

@@ -34,6 +34,7 @@ fn scope(s: &Session, name: &str, rules: Vec<Rule>) -> Vec<ScopeUpdate> {
         generation: s.scope_generation(PifId::HOST, &owner),
         owner,
         rules,
+        lease: None,
     }]
 }
 

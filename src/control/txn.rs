@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use tokio::net::UnixStream;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Decoder, Framed};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -27,11 +27,122 @@ enum End {
     Timeout(Duration),
     /// The daemon is shutting down.
     Shutdown,
-    /// Bad bytes or a failed transport.
+    /// Bad bytes.
     Bad(CodecError),
+    /// The transport failed (a reset, a broken pipe): the client is gone.
+    Transport(std::io::Error),
 }
 
-type Link<D> = Framed<UnixStream, WireCodec<D>>;
+impl From<CodecError> for End {
+    fn from(e: CodecError) -> End {
+        match e {
+            CodecError::Io(e) => End::Transport(e),
+            e => End::Bad(e),
+        }
+    }
+}
+
+/// How a transaction ends early.
+#[derive(Debug)]
+enum Fail {
+    /// With this status sent to the client, counted by its code.
+    Refuse(Status),
+    /// The client is gone: nothing to send, nothing the client did wrong.
+    Gone(String),
+}
+
+impl From<Status> for Fail {
+    fn from(s: Status) -> Fail {
+        Fail::Refuse(s)
+    }
+}
+
+type Link<D> = Framed<Sock, WireCodec<D>>;
+
+/// A control connection's socket, which leaves the event loop while a
+/// dribbling client is made to wait, so that the bytes arriving meanwhile
+/// wake nobody: AF_UNIX wakes a reader for every write, whatever
+/// SO_RCVLOWAT says.
+struct Sock {
+    live: Option<UnixStream>,
+    parked: Option<std::os::unix::net::UnixStream>,
+}
+
+impl Sock {
+    fn new(stream: UnixStream) -> Sock {
+        Sock {
+            live: Some(stream),
+            parked: None,
+        }
+    }
+
+    /// Takes the socket out of the event loop until it is used again.
+    fn park(&mut self) -> std::io::Result<()> {
+        if let Some(s) = self.live.take() {
+            self.parked = Some(s.into_std()?);
+        }
+        Ok(())
+    }
+
+    /// The socket, back in the event loop.
+    fn live(&mut self) -> std::io::Result<&mut UnixStream> {
+        if let Some(s) = self.parked.take() {
+            self.live = Some(UnixStream::from_std(s)?);
+        }
+        self.live.as_mut().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the socket was lost while parked",
+            )
+        })
+    }
+}
+
+impl tokio::io::AsyncRead for Sock {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().live() {
+            Ok(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Sock {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut().live() {
+            Ok(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().live() {
+            Ok(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().live() {
+            Ok(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+}
 
 /// Who is at the other end, for the logs.
 #[derive(Debug, Clone, Copy)]
@@ -87,19 +198,25 @@ impl Conn {
             waiter,
             hello_timeout,
         } = self;
-        let mut link: Link<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
+        let mut link: Link<ClientHello> =
+            Framed::new(Sock::new(stream), WireCodec::new(Limits::default()));
         // Until its hello, a newcomer may push this connection out.
         let hello = handshake(&mut link, &shared, &stop, &waiter, hello_timeout).await;
         waiting.leave(&waiter);
         let client = match hello {
             Ok(c) => c,
-            Err(status) => return refuse(&mut link, &shared, peer, status).await,
+            Err(Fail::Refuse(status)) => return refuse(&mut link, &shared, peer, status).await,
+            Err(Fail::Gone(why)) => {
+                info!(%peer, "transaction: {why}");
+                return;
+            }
         };
         // From here on every client message is typed.
         let mut link: Link<ClientMsg> = link.map_codec(|c| c.expect());
         match transaction(&mut link, client, &shared, &stop, peer).await {
             Ok(outcome) => info!(%peer, "transaction: {outcome}"),
-            Err(status) => refuse(&mut link, &shared, peer, status).await,
+            Err(Fail::Refuse(status)) => refuse(&mut link, &shared, peer, status).await,
+            Err(Fail::Gone(why)) => info!(%peer, "transaction: {why}"),
         }
     }
 }
@@ -114,7 +231,8 @@ pub(super) async fn turn_away(
     code: Code,
     message: &'static str,
 ) {
-    let mut link: Link<ClientHello> = Framed::new(stream, WireCodec::new(Limits::default()));
+    let mut link: Link<ClientHello> =
+        Framed::new(Sock::new(stream), WireCodec::new(Limits::default()));
     if send(&mut link, &server_hello(&shared), limit).await.is_ok() {
         refuse(&mut link, &shared, peer, Status::new(code, message)).await;
     }
@@ -140,6 +258,73 @@ async fn send<D, M: Wire>(conn: &mut Link<D>, msg: &M, limit: Duration) -> Resul
     }
 }
 
+/// A read that leaves a message incomplete and brought fewer bytes than
+/// this is a dribble: the next read waits [`DRIBBLE_PAUSE`].
+const DRIBBLE_CHUNK: usize = 1024;
+
+/// How long a dribbling client waits between two reads. The socket is
+/// readable as soon as one byte is there (AF_UNIX ignores SO_RCVLOWAT), so
+/// without a pause a client writing a byte at a time costs a wakeup and a
+/// read per byte; with it, a message costs at most one read per pause, and
+/// its step timeout bounds them. A message written at once never waits.
+const DRIBBLE_PAUSE: Duration = Duration::from_millis(10);
+
+/// The next message, or `None` at a clean end of the stream. The codec
+/// says when a message is incomplete; then a small read is followed by a
+/// pause before the next, so that a client's CPU cost on the daemon is
+/// bounded by the bytes it sends and the time it takes, not by its writes.
+async fn next_msg<D: Wire>(conn: &mut Link<D>) -> Option<Result<D, CodecError>> {
+    // The buffer is taken out only between awaits, so that a cancelled read
+    // loses nothing.
+    let mut dribbling = false;
+    loop {
+        let mut buf = std::mem::take(conn.read_buffer_mut());
+        let decoded = conn.codec_mut().decode(&mut buf);
+        *conn.read_buffer_mut() = buf;
+        match decoded {
+            Ok(Some(msg)) => return Some(Ok(msg)),
+            Err(e) => return Some(Err(e)),
+            Ok(None) => {}
+        }
+        if dribbling && !conn.read_buffer().is_empty() {
+            if let Err(e) = conn.get_mut().park() {
+                return Some(Err(e.into()));
+            }
+            tokio::time::sleep(DRIBBLE_PAUSE).await;
+        }
+        let readable = match conn.get_mut().live() {
+            Ok(s) => s.readable().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = readable {
+            return Some(Err(e.into()));
+        }
+        let mut buf = std::mem::take(conn.read_buffer_mut());
+        if buf.capacity() - buf.len() < DRIBBLE_CHUNK {
+            buf.reserve(8 * DRIBBLE_CHUNK);
+        }
+        let read = match conn.get_mut().live() {
+            Ok(s) => s.try_read_buf(&mut buf),
+            Err(e) => Err(e),
+        };
+        let left = buf.len();
+        *conn.read_buffer_mut() = buf;
+        match read {
+            // The buffer was decoded before this read: what is left at the
+            // end is part of a message, cut short.
+            Ok(0) if left == 0 => return None,
+            Ok(0) => {
+                return Some(Err(CodecError::Malformed(format!(
+                    "the connection closed inside a message, after {left} bytes of it"
+                ))));
+            }
+            Ok(n) => dribbling = n < DRIBBLE_CHUNK,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => dribbling = false,
+            Err(e) => return Some(Err(e.into())),
+        }
+    }
+}
+
 /// The next message, within `limit`.
 async fn recv<D: Wire>(
     conn: &mut Link<D>,
@@ -148,28 +333,41 @@ async fn recv<D: Wire>(
 ) -> Result<D, End> {
     tokio::select! {
         _ = stop.cancelled() => Err(End::Shutdown),
-        r = tokio::time::timeout(limit, conn.next()) => match r {
+        r = tokio::time::timeout(limit, next_msg(conn)) => match r {
             Err(_) => Err(End::Timeout(limit)),
             Ok(None) => Err(End::Closed),
-            Ok(Some(Err(e))) => Err(End::Bad(e)),
+            Ok(Some(Err(e))) => Err(e.into()),
             Ok(Some(Ok(m))) => Ok(m),
         },
     }
 }
 
-fn protocol(e: impl std::fmt::Display) -> Status {
-    Status::new(Code::Protocol, e.to_string())
+fn protocol(e: impl std::fmt::Display) -> Fail {
+    Fail::Refuse(Status::new(Code::Protocol, e.to_string()))
 }
 
-fn ended(end: End, step: &str) -> Status {
+/// A send that failed: the client stopped reading, or is gone.
+fn unsent(e: CodecError) -> Fail {
+    match e {
+        CodecError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            Status::new(Code::Timeout, e.to_string()).into()
+        }
+        CodecError::Io(e) => Fail::Gone(format!("the connection failed: {e}")),
+        e => protocol(e),
+    }
+}
+
+fn ended(end: End, step: &str) -> Fail {
     match end {
-        End::Closed => Status::new(Code::Protocol, format!("closed at {step}")),
+        End::Closed => protocol(format!("closed at {step}")),
         End::Timeout(t) => Status::new(
             Code::Timeout,
             format!("no {step} within {} s", t.as_secs_f64()),
-        ),
-        End::Shutdown => Status::new(Code::Busy, "the daemon is shutting down"),
+        )
+        .into(),
+        End::Shutdown => Status::new(Code::Busy, "the daemon is shutting down").into(),
         End::Bad(e) => protocol(format!("bad {step}: {e}")),
+        End::Transport(e) => Fail::Gone(format!("the connection failed at {step}: {e}")),
     }
 }
 
@@ -181,12 +379,12 @@ async fn handshake(
     stop: &CancellationToken,
     waiter: &Waiter,
     hello_timeout: Duration,
-) -> Result<ClientHello, Status> {
+) -> Result<ClientHello, Fail> {
     let t = shared.timeouts();
     // Step 1.
     send(conn, &server_hello(shared), t.step)
         .await
-        .map_err(protocol)?;
+        .map_err(unsent)?;
     // Step 2.
     let pushed_out = || {
         Status::new(
@@ -196,13 +394,13 @@ async fn handshake(
         )
     };
     let client = tokio::select! {
-        _ = waiter.pushed_out.cancelled() => return Err(pushed_out()),
+        _ = waiter.pushed_out.cancelled() => return Err(pushed_out().into()),
         r = recv(conn, hello_timeout, stop) => r.map_err(|e| ended(e, "client hello"))?,
     };
     // A hello that arrived as it was pushed out: the push-out wins, its slot
     // is promised to the newcomer.
     if !waiter.hello_done() {
-        return Err(pushed_out());
+        return Err(pushed_out().into());
     }
     if client.version != VERSION_3 {
         return Err(Status::new(
@@ -211,7 +409,8 @@ async fn handshake(
                 "client speaks protocol version {}, this server speaks {VERSION_3}",
                 client.version
             ),
-        ));
+        )
+        .into());
     }
     if client.flags & !(READ_ONLY | OWNERS) != 0 {
         return Err(protocol(format!(
@@ -229,21 +428,21 @@ async fn transaction(
     shared: &Shared,
     stop: &CancellationToken,
     peer: Peer,
-) -> Result<String, Status> {
+) -> Result<String, Fail> {
     let t = shared.timeouts();
     // Steps 3 and 4, read in one go so that they agree.
     let (pifs, rules) = shared.listing();
     let snapshot: Snapshot = rules.iter().map(|p| (p.id, p.generation)).collect();
     send(conn, &ServerMsg::Pifs(pifs), t.step)
         .await
-        .map_err(protocol)?;
+        .map_err(unsent)?;
     let owners = client.flags & OWNERS != 0;
     let listing = if owners {
         ServerMsg::RulesOwned(rules)
     } else {
         ServerMsg::Rules(rules)
     };
-    send(conn, &listing, t.step).await.map_err(protocol)?;
+    send(conn, &listing, t.step).await.map_err(unsent)?;
     if client.flags & READ_ONLY != 0 {
         return Ok("read only".to_owned());
     }
@@ -259,6 +458,7 @@ async fn transaction(
         Ok(other) => return Err(protocol(format!("expected UPDATE, got {other:?}"))),
         // Reading and leaving is allowed: nothing changed.
         Err(End::Closed) => return Ok("listed, no update".to_owned()),
+        Err(End::Transport(e)) => return Ok(format!("listed, no update: {e}")),
         Err(e) => return Err(ended(e, "update")),
     };
     // Step 6.
@@ -268,12 +468,13 @@ async fn transaction(
     };
     send(conn, &ServerMsg::Status(Status::ok("valid")), t.step)
         .await
-        .map_err(protocol)?;
+        .map_err(unsent)?;
     // Step 7.
     match recv(conn, t.step, stop).await {
         Ok(ClientMsg::Apply) => {}
         Ok(other) => return Err(protocol(format!("expected APPLY, got {other:?}"))),
         Err(End::Closed) => return Ok("validated, not applied".to_owned()),
+        Err(End::Transport(e)) => return Ok(format!("validated, not applied: {e}")),
         Err(e) => return Err(ended(e, "APPLY")),
     }
     let applied = shared.apply(shadow, &snapshot).await?;
@@ -282,7 +483,7 @@ async fn transaction(
     let sent = send(conn, &ServerMsg::Report(applied.report.clone()), t.step).await;
     // Step 9: anything but COMMIT rolls back.
     let answer = match sent {
-        Err(e) => Err(End::Bad(e)),
+        Err(e) => Err(End::from(e)),
         Ok(()) => recv(conn, t.commit, stop).await,
     };
     match answer {
@@ -306,12 +507,27 @@ async fn transaction(
                 "expected COMMIT or ROLLBACK, got {other:?}; rolled back"
             )))
         }
+        // The client left: a plain rollback, not a client's error.
+        Err(End::Closed) => {
+            shared.rollback(applied).await;
+            Ok(format!("applied ({verdict}), the client left: rolled back"))
+        }
+        Err(End::Transport(e)) => {
+            shared.rollback(applied).await;
+            Ok(format!(
+                "applied ({verdict}), the connection failed ({e}): rolled back"
+            ))
+        }
         Err(e) => {
             shared.rollback(applied).await;
             warn!(%peer, "applied transaction rolled back: {:?}", e);
-            let mut status = ended(e, "COMMIT or ROLLBACK");
-            status.message.push_str("; rolled back");
-            Err(status)
+            match ended(e, "COMMIT or ROLLBACK") {
+                Fail::Refuse(mut status) => {
+                    status.message.push_str("; rolled back");
+                    Err(status.into())
+                }
+                gone => Err(gone),
+            }
         }
     }
 }
