@@ -2,6 +2,7 @@
 //! start-up to shutdown. The `pestod` binary parses its command line into
 //! [`Options`] and drives a [`Daemon`]; tests drive the same thing in-process.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +14,9 @@ use crate::control::state::{Shared, Timeouts};
 use crate::control::{ControlError, ControlOptions, ControlServer};
 use crate::dataplane::{DataPlane, Settings};
 use crate::edit::{HOST_NAME, SPLICE_NAME};
+use crate::lease::Lease;
 use crate::netns::Netns;
+use crate::owner::Owner;
 use crate::registry::{Registry, SyncReport};
 use crate::rule::{Caps, PifId, Rule};
 use crate::scan::{self, Listening};
@@ -157,9 +160,31 @@ impl Daemon {
     /// rule) stops the start, with every socket closed again. Must be called
     /// from within a tokio runtime.
     pub async fn start(mut opts: Options) -> Result<Daemon, StartError> {
+        let mut leases = BTreeMap::new();
         if let Some(path) = opts.state_file.clone() {
             if let Some(saved) = crate::statefile::read(&path)? {
-                restore(&mut opts, &path, saved)?;
+                let crate::statefile::Saved {
+                    mut tables,
+                    leases: saved,
+                } = saved;
+                for (owner, lease, start) in saved {
+                    // A pid lease whose process is gone (or whose pid now
+                    // names another process) ended while pestod was down.
+                    if let Lease::Pid(pid) = lease {
+                        if start == 0 || crate::lease::start_time(pid) != Some(start) {
+                            let removed = remove_owner(&mut tables, &owner);
+                            info!(
+                                %owner,
+                                removed,
+                                "lease ended while pestod was down (process {pid} exited): \
+                                 the owner's rules are removed"
+                            );
+                            continue;
+                        }
+                    }
+                    leases.insert(owner, lease);
+                }
+                restore(&mut opts, &path, tables)?;
                 info!("tables restored from {}", path.display());
             }
         }
@@ -197,6 +222,10 @@ impl Daemon {
             shared = shared.placed(id, place);
         }
         let shared = Arc::new(shared);
+        // A TTL starts again in full: the daemon cannot know how long it
+        // was down.
+        shared.restore_leases(leases);
+        shared.watch_leases();
         // The file always holds what runs, from the start on.
         if let Err(e) = shared.save() {
             shared.close_all().await;
@@ -357,10 +386,21 @@ fn restore(
                 )));
             }
         };
-        *table = Table::with_rules(table.caps(), rules)
+        *table = Table::with_owned_rules(table.caps(), rules)
             .map_err(|(i, e)| bad(format!("rule {i} of pif {pif}: {e}")))?;
     }
     Ok(())
+}
+
+/// Takes `owner`'s rules out of saved tables; returns how many.
+fn remove_owner(tables: &mut crate::statefile::Tables, owner: &Owner) -> usize {
+    let mut removed = 0;
+    for (_, rules) in tables.iter_mut() {
+        let before = rules.len();
+        rules.retain(|(_, o)| o.as_ref() != Some(owner));
+        removed += before - rules.len();
+    }
+    removed
 }
 
 /// Runs a round of `auto` every [`scan::INTERVAL`] while the daemon lives.

@@ -1,24 +1,32 @@
 //! The state file: the committed tables, written atomically on every commit
 //! and read back at start, so that a restarted daemon forwards what it did.
 //!
-//! Layout: the magic `pestost\0`, a big-endian u32 version (1), then the
-//! tables exactly as a control-protocol table update (docs/protocol.md), and
-//! nothing after it. Anything else is corrupt: a clear start-up error, never
-//! a silently empty table.
+//! Layout: the magic `pestost\0`, a big-endian u32 version (2), the tables
+//! exactly as a control-protocol table update (docs/protocol.md), then the
+//! owners: for each pif of the update, in its order, a u32 count (its
+//! rules') and each rule's owner as a length byte (0: none) and the label;
+//! then a u32 count of leases, each an owner, a kind byte and a u32 value
+//! as in UPDATE_SCOPED, and for a pid lease the process's u64 start time
+//! (0 for a TTL), so that a reused pid is not mistaken for the process.
+//! Nothing after it. Version 1 files (the tables only) are read too.
+//! Anything else is corrupt: a clear start-up error, never a silently
+//! empty table.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::codec::{DecodeError, Limits, Update, decode_from, encode_to_vec};
+use crate::codec::{CodecError, DecodeError, Limits, Reader, Update, decode_from, encode_to_vec};
+use crate::lease::Lease;
+use crate::owner::Owner;
 use crate::rule::{PifId, Rule};
 use crate::table::Config;
 
 /// First bytes of a state file.
 pub const MAGIC: &[u8; 8] = b"pestost\0";
 /// Layout version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// A state file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -41,11 +49,24 @@ pub enum StateFileError {
     },
 }
 
-/// Saved tables: each pif with its rules.
-pub type Tables = Vec<(PifId, Vec<Rule>)>;
+/// Saved tables: each pif with its rules and their owners.
+pub type Tables = Vec<(PifId, Vec<(Rule, Option<Owner>)>)>;
 
-/// Reads the tables saved at `path`; `None` if there is no file.
-pub fn read(path: &Path) -> Result<Option<Tables>, StateFileError> {
+/// A saved lease: the owner, the lease, and for a pid lease the process's
+/// start time (see [`crate::lease::start_time`]).
+pub type SavedLease = (Owner, Lease, u64);
+
+/// What a state file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Saved {
+    /// The tables.
+    pub tables: Tables,
+    /// The leases.
+    pub leases: Vec<SavedLease>,
+}
+
+/// Reads what is saved at `path`; `None` if there is no file.
+pub fn read(path: &Path) -> Result<Option<Saved>, StateFileError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -67,26 +88,88 @@ pub fn read(path: &Path) -> Result<Option<Tables>, StateFileError> {
         .split_first_chunk::<4>()
         .ok_or_else(|| corrupt("it ends before its version".into()))?;
     let version = u32::from_be_bytes(*version);
-    if version != VERSION {
+    if version != 1 && version != VERSION {
         return Err(corrupt(format!(
-            "version {version}, this daemon reads {VERSION}"
+            "version {version}, this daemon reads 1 and {VERSION}"
         )));
     }
     match decode_from::<Update>(rest, &Limits::default()) {
-        Ok((update, used)) if used == rest.len() => Ok(Some(update.tables)),
-        Ok((_, used)) => Err(corrupt(format!(
-            "{} bytes after the tables",
-            rest.len() - used
-        ))),
+        Ok((update, used)) => {
+            let tail = rest.get(used..).unwrap_or_default();
+            let saved = if version == 1 {
+                Saved {
+                    tables: update
+                        .tables
+                        .into_iter()
+                        .map(|(id, rules)| (id, rules.into_iter().map(|r| (r, None)).collect()))
+                        .collect(),
+                    leases: Vec::new(),
+                }
+            } else {
+                read_owners(update, tail).map_err(|e| match e {
+                    DecodeError::Incomplete => corrupt("it ends inside the owners".into()),
+                    DecodeError::Bad(e) => corrupt(e.to_string()),
+                })?
+            };
+            let extra = if version == 1 { tail.len() } else { 0 };
+            if extra > 0 {
+                return Err(corrupt(format!("{extra} bytes after the tables")));
+            }
+            Ok(Some(saved))
+        }
         Err(DecodeError::Incomplete) => Err(corrupt("it ends inside the tables".into())),
         Err(DecodeError::Bad(e)) => Err(corrupt(e.to_string())),
     }
 }
 
-/// Writes `config`'s tables to `path` atomically: a temporary file in the
-/// same directory, fsync, rename over the old one, fsync of the directory.
-/// A crash at any point leaves the old file or the new one, whole.
-pub fn write(path: &Path, config: &Config) -> Result<(), StateFileError> {
+/// The owners and leases after the tables of a version 2 file.
+fn read_owners(update: Update, tail: &[u8]) -> Result<Saved, DecodeError> {
+    let bad = |m: String| DecodeError::Bad(CodecError::Malformed(m));
+    let owner = |r: &mut Reader<'_>| -> Result<Owner, DecodeError> {
+        let len = usize::from(r.u8()?);
+        Owner::from_bytes(r.bytes(len)?).map_err(|e| bad(e.to_string()))
+    };
+    let mut r = Reader::new(tail);
+    let mut tables = Vec::with_capacity(update.tables.len());
+    for (id, rules) in update.tables {
+        let n = r.u32()? as usize;
+        if n != rules.len() {
+            return Err(bad(format!("{n} owners for {} rules", rules.len())));
+        }
+        let mut owned = Vec::with_capacity(n);
+        for rule in rules {
+            let o = if r.peek(1) == [0] {
+                r.u8()?;
+                None
+            } else {
+                Some(owner(&mut r)?)
+            };
+            owned.push((rule, o));
+        }
+        tables.push((id, owned));
+    }
+    let n = r.u32()? as usize;
+    let mut leases = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        let o = owner(&mut r)?;
+        let (kind, value) = (r.u8()?, r.u32()?);
+        let start = r.u64()?;
+        match Lease::from_wire(kind, value).map_err(bad)? {
+            Some(l) => leases.push((o, l, start)),
+            None => return Err(bad(format!("owner '{o}' with no lease"))),
+        }
+    }
+    if r.remaining() > 0 {
+        return Err(bad(format!("{} bytes after the leases", r.remaining())));
+    }
+    Ok(Saved { tables, leases })
+}
+
+/// Writes `config`'s tables with their owners, and `leases`, to `path`
+/// atomically: a temporary file in the same directory, fsync, rename over
+/// the old one, fsync of the directory. A crash at any point leaves the old
+/// file or the new one, whole.
+pub fn write(path: &Path, config: &Config, leases: &[SavedLease]) -> Result<(), StateFileError> {
     let io_err = |error| StateFileError::Io {
         path: path.to_owned(),
         error,
@@ -101,6 +184,27 @@ pub fn write(path: &Path, config: &Config) -> Result<(), StateFileError> {
     let mut bytes = MAGIC.to_vec();
     bytes.extend(VERSION.to_be_bytes());
     bytes.extend(encode_to_vec(&update));
+    let label = |b: &mut Vec<u8>, o: &Owner| {
+        b.push(o.as_str().len() as u8);
+        b.extend(o.as_str().as_bytes());
+    };
+    for p in &config.pifs {
+        bytes.extend((p.table.owners().len() as u32).to_be_bytes());
+        for o in p.table.owners() {
+            match o {
+                Some(o) => label(&mut bytes, o),
+                None => bytes.push(0),
+            }
+        }
+    }
+    bytes.extend((leases.len() as u32).to_be_bytes());
+    for (o, l, start) in leases {
+        label(&mut bytes, o);
+        let (kind, value) = Lease::to_wire(Some(*l));
+        bytes.push(kind);
+        bytes.extend(value.to_be_bytes());
+        bytes.extend(start.to_be_bytes());
+    }
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -155,8 +259,40 @@ mod tests {
                 table: Table::with_rules(Caps::from_bits_retain(0x2f), rules.clone()).unwrap(),
             }],
         };
-        write(&path, &config).unwrap();
-        assert_eq!(read(&path).unwrap(), Some(vec![(PifId::HOST, rules)]));
+        let web = Owner::new("web").unwrap();
+        let leases = vec![(web.clone(), Lease::Pid(42), 7)];
+        write(&path, &config, &leases).unwrap();
+        let saved = read(&path).unwrap().unwrap();
+        assert_eq!(
+            saved.tables,
+            vec![(PifId::HOST, vec![(rules[0].clone(), None)])]
+        );
+        assert_eq!(saved.leases, leases);
+        // Owners come back.
+        let owned = Table::with_owned_rules(
+            Caps::from_bits_retain(0x2f),
+            vec![(rules[0].clone(), Some(web.clone()))],
+        )
+        .unwrap();
+        let config2 = Config {
+            pifs: vec![PifTable {
+                id: PifId::HOST,
+                name: "HOST".into(),
+                table: owned,
+            }],
+        };
+        write(&path, &config2, &[]).unwrap();
+        let saved = read(&path).unwrap().unwrap();
+        assert_eq!(saved.tables[0].1[0].1, Some(web));
+        // A version 1 file (the tables only) still reads.
+        let mut v1 = MAGIC.to_vec();
+        v1.extend(1u32.to_be_bytes());
+        v1.extend(encode_to_vec(&Update {
+            tables: vec![(PifId::HOST, rules.clone())],
+        }));
+        std::fs::write(&path, &v1).unwrap();
+        assert_eq!(read(&path).unwrap().unwrap().tables[0].1.len(), 1);
+        write(&path, &config, &leases).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.truncate(bytes.len() - 3);
         std::fs::write(&path, &bytes).unwrap();

@@ -314,3 +314,204 @@ fn owners_of_another_uid_are_denied() {
     let (code, err) = as_uid(0, &["--owner", "nobody-ctr", "--release"]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// The owners listed by `pesto --owners --json`: (owner, lease).
+fn leases(d: &Daemon) -> Vec<(String, Option<String>)> {
+    let out = d.pesto(&["--owners", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["owner"].as_str().unwrap().to_owned(),
+                o["lease"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// Whether something listens on UDP 127.0.0.1:`port` (pestod's socket).
+fn udp_bound(port: u16) -> bool {
+    std::net::UdpSocket::bind(("127.0.0.1", port)).is_err()
+}
+
+/// A process to lease rules to, killed when dropped (a failing test must
+/// not leave it holding the test's output open).
+struct Tenant(std::process::Child);
+
+impl Tenant {
+    fn new() -> Tenant {
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Tenant(child)
+    }
+
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Tenant {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A pid lease: the rules go, and their ports close, when the process
+/// exits; the other owner's rules stay.
+#[test]
+fn pid_lease_ends_with_its_process() {
+    let d = Daemon::start(&[]);
+    let base = free_ports(2);
+    let mut tenant = Tenant::new();
+    let pid = tenant.pid();
+    let spec = |p: u16| format!("127.0.0.1/{p}:9");
+    let (code, err) = run(
+        &d,
+        &[
+            "--owner",
+            "ctr",
+            "--lease-pid",
+            &pid,
+            "-A",
+            "-u",
+            &spec(base),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        run(&d, &["--owner", "other", "-A", "-u", &spec(base + 1)]).0,
+        0
+    );
+    assert_eq!(
+        leases(&d),
+        [
+            ("ctr".into(), Some(format!("pid {pid}"))),
+            ("other".into(), None)
+        ]
+    );
+    assert!(udp_bound(base));
+    let (code, err) = run(
+        &d,
+        &[
+            "--owner",
+            "x",
+            "--lease-pid",
+            "999999999",
+            "-A",
+            "-u",
+            &spec(base + 1),
+        ],
+    );
+    assert_ne!(code, 0, "{err}");
+    tenant.kill();
+    wait_until(PATIENCE, "the leased rules to go", || leases(&d).len() == 1);
+    assert!(!udp_bound(base), "the port is closed");
+    assert!(udp_bound(base + 1), "the other owner keeps its port");
+    let log = d.proc.log();
+    assert!(log.contains("lease ended") && log.contains("ctr"), "{log}");
+}
+
+/// A TTL lease ends when nobody renews it, and --renew holds it.
+#[test]
+fn ttl_lease_expires_unless_renewed() {
+    let d = Daemon::start(&[]);
+    let base = free_ports(2);
+    let spec = |p: u16| format!("127.0.0.1/{p}:9");
+    let (code, err) = run(
+        &d,
+        &[
+            "--owner",
+            "held",
+            "--lease-ttl",
+            "2",
+            "-A",
+            "-u",
+            &spec(base),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = run(
+        &d,
+        &[
+            "--owner",
+            "left",
+            "--lease-ttl",
+            "1",
+            "-A",
+            "-u",
+            &spec(base + 1),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    // "held" renews every half second while "left" runs out.
+    wait_until(PATIENCE, "the unrenewed lease to end", || {
+        let (code, err) = run(&d, &["--owner", "held", "--renew"]);
+        assert_eq!(code, 0, "{err}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        !leases(&d).iter().any(|(o, _)| o == "left")
+    });
+    assert_eq!(leases(&d), [("held".into(), Some("ttl 2 s".into()))]);
+    wait_until(PATIENCE, "the held lease to end once not renewed", || {
+        leases(&d).is_empty()
+    });
+}
+
+/// Owners and leases survive a restart with --state-file; a pid lease whose
+/// process exited meanwhile ends at start-up.
+#[test]
+fn owners_and_leases_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let base = free_ports(3);
+    let spec = |p: u16| format!("127.0.0.1/{p}:9");
+    let mut alive = Tenant::new();
+    let mut dies = Tenant::new();
+    let (alive_pid, dies_pid) = (alive.pid(), dies.pid());
+    {
+        let mut d = Daemon::start(&["--state-file", state]);
+        for (o, lease, p) in [
+            ("ttl-ctr", ["--lease-ttl", "600"], base),
+            ("live-ctr", ["--lease-pid", &alive_pid], base + 1),
+            ("dead-ctr", ["--lease-pid", &dies_pid], base + 2),
+        ] {
+            let mut args = vec!["--owner", o];
+            args.extend(lease);
+            let s = spec(p);
+            args.extend(["-A", "-u", &s]);
+            let (code, err) = run(&d, &args);
+            assert_eq!(code, 0, "{err}");
+        }
+        d.proc.signal(rustix::process::Signal::TERM);
+        assert_eq!(d.proc.wait().code(), Some(0));
+    }
+    dies.kill();
+    let d = Daemon::start(&["--state-file", state]);
+    assert_eq!(
+        leases(&d),
+        [
+            ("live-ctr".into(), Some(format!("pid {alive_pid}"))),
+            ("ttl-ctr".into(), Some("ttl 600 s".into())),
+        ]
+    );
+    assert!(d.proc.log().contains("dead-ctr"), "{}", d.proc.log());
+    assert!(!udp_bound(base + 2));
+    // The live one is watched again: its process exits, its rules go.
+    alive.kill();
+    wait_until(PATIENCE, "the restored pid lease to end", || {
+        leases(&d).len() == 1
+    });
+}

@@ -14,9 +14,10 @@ use serde_json::{Value, json};
 use pesto::client::{Change, ClientError, Options, Session, TransactOptions, transact_change};
 use pesto::codec::v3::{Code, Report, Status};
 use pesto::edit::{EditError, Op, OwnerMode};
+use pesto::lease::Lease;
 use pesto::owner::Owner;
 use pesto::rule::{PifId, Rule};
-use pesto::scope;
+use pesto::scope::{self, ScopeUpdate};
 use pesto::spec::{PortSpec, SpecOpt};
 use pesto::table::Config;
 
@@ -114,6 +115,24 @@ struct Args {
     /// With --owner: remove every rule of NAME.
     #[arg(long, requires = "owner", conflicts_with_all = ["tcp", "udp", "tcp_ns", "udp_ns", "add", "delete", "clear"])]
     release: bool,
+
+    /// With --owner: NAME's rules go when process PID exits.
+    #[arg(
+        long,
+        value_name = "PID",
+        requires = "owner",
+        conflicts_with = "lease_ttl"
+    )]
+    lease_pid: Option<u32>,
+
+    /// With --owner: NAME's rules go after SECS seconds without a
+    /// transaction of NAME (each one renews it; see --renew).
+    #[arg(long, value_name = "SECS", requires = "owner")]
+    lease_ttl: Option<u32>,
+
+    /// With --owner: renew NAME's lease without changing its rules.
+    #[arg(long, requires = "owner", conflicts_with_all = ["set", "release"])]
+    renew: bool,
 
     /// List the owners with their rule counts per pif.
     #[arg(long, conflicts_with_all = ["owner", "tcp", "udp", "tcp_ns", "udp_ns", "add", "delete", "clear"])]
@@ -220,9 +239,23 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         (_, true) => OwnerMode::Release,
         _ => OwnerMode::Edit,
     };
+    let lease = match (args.lease_pid, args.lease_ttl) {
+        (Some(p), _) => Some(Lease::Pid(p)),
+        (_, Some(s)) => Some(Lease::Ttl(s)),
+        _ => None,
+    };
+    if let Some(l) = lease {
+        let (kind, value) = Lease::to_wire(Some(l));
+        if let Err(e) = Lease::from_wire(kind, value) {
+            out.error_text(&format!("lease: {e}"));
+            return Exit::Usage;
+        }
+    }
+    // A lease or a renewal is a change even when the rules stay.
+    let touch = lease.is_some() || args.renew;
     let opts = Options {
         step_timeout: Duration::from_secs_f64(args.timeout),
-        read_only: ops.is_empty() && mode == OwnerMode::Edit,
+        read_only: ops.is_empty() && mode == OwnerMode::Edit && !touch,
     };
     let path = args.path.display();
     // Specs are checked before connecting: a typo is a usage error, also
@@ -282,7 +315,26 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
             tables = Some((before, after));
             return Ok(Change::Whole(update));
         };
-        let scopes = session.edit_owned(owner, mode, ops)?;
+        let mut scopes = session.edit_owned(owner, mode, ops)?;
+        if touch && scopes.is_empty() {
+            // Nothing else changes: the owner's rules as they are carry the
+            // lease, or the renewal.
+            for p in &before.pifs {
+                let mine = scope::rules_of(&p.table, owner);
+                if !mine.is_empty() {
+                    scopes.push(ScopeUpdate {
+                        pif: p.id,
+                        owner: owner.clone(),
+                        generation: session.scope_generation(p.id, owner),
+                        rules: mine,
+                        lease: None,
+                    });
+                }
+            }
+        }
+        for s in &mut scopes {
+            s.lease = lease;
+        }
         // What the server will make of it, to show and to name the report's
         // rules; the server builds it again from its tables at APPLY.
         let mut after = before.clone();
@@ -414,14 +466,21 @@ impl Output {
         let mut rows = Vec::new();
         for p in &config.pifs {
             for (o, n) in scope::owners(&p.table) {
-                rows.push((p.name.clone(), session.scope_generation(p.id, &o), o, n));
+                let lease = session.lease(&o).map(|l| l.to_string());
+                rows.push((
+                    p.name.clone(),
+                    session.scope_generation(p.id, &o),
+                    o,
+                    n,
+                    lease,
+                ));
             }
         }
         if let Some(m) = &mut self.json {
             let owners: Vec<Value> = rows
                 .iter()
-                .map(|(pif, g, o, n)| {
-                    json!({ "owner": o.as_str(), "pif": pif, "rules": n, "generation": g })
+                .map(|(pif, g, o, n, l)| {
+                    json!({ "owner": o.as_str(), "pif": pif, "rules": n, "generation": g, "lease": l })
                 })
                 .collect();
             m.insert("owners".into(), Value::Array(owners));
@@ -432,11 +491,12 @@ impl Output {
             return;
         }
         println!(
-            "{:<32} {:<8} {:>6} {:>10}",
+            "{:<32} {:<8} {:>6} {:>10}  LEASE",
             "OWNER", "PIF", "RULES", "GENERATION"
         );
-        for (pif, g, o, n) in rows {
-            println!("{:<32} {:<8} {:>6} {:>10}", o.as_str(), pif, n, g);
+        for (pif, g, o, n, l) in rows {
+            let l = l.unwrap_or_else(|| "-".into());
+            println!("{:<32} {:<8} {:>6} {:>10}  {l}", o.as_str(), pif, n, g);
         }
     }
 

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedMutexGuard, mpsc};
 
+use super::leases::LeaseEvent;
 use crate::codec::Update;
 use crate::codec::v3::{
     Code, FailedPorts, PifInfo, PifReport, PifRules, Report, RuleOutcome, ScopeInfo, Status,
 };
-use super::leases::LeaseEvent;
 use crate::lease::Lease;
 use crate::owner::Owner;
 use crate::registry::{Registry, SyncReport};
@@ -277,7 +277,7 @@ impl Shared {
         let Some(path) = &self.state_file else {
             return Ok(());
         };
-        crate::statefile::write(path, &self.config())
+        crate::statefile::write(path, &self.config(), &self.saved_leases())
     }
 
     /// Says where `pif`'s sockets live and its targets are reached (the
@@ -560,9 +560,11 @@ impl Shared {
             None => None,
             Some(path) => {
                 let config = self.config();
-                let saved =
-                    tokio::task::spawn_blocking(move || crate::statefile::write(&path, &config))
-                        .await;
+                let leases = self.saved_leases();
+                let saved = tokio::task::spawn_blocking(move || {
+                    crate::statefile::write(&path, &config, &leases)
+                })
+                .await;
                 match saved {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(e.to_string()),
@@ -629,6 +631,21 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(tx);
         tokio::spawn(super::leases::run(Arc::downgrade(self), rx));
+    }
+
+    /// The leases as the state file keeps them: a pid lease with its
+    /// process's start time (0 if it is gone already).
+    fn saved_leases(&self) -> Vec<crate::statefile::SavedLease> {
+        self.leases()
+            .into_iter()
+            .map(|(o, l)| {
+                let start = match l {
+                    Lease::Pid(p) => crate::lease::start_time(p).unwrap_or(0),
+                    Lease::Ttl(_) => 0,
+                };
+                (o, l, start)
+            })
+            .collect()
     }
 
     /// The owners' leases now.
