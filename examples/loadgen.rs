@@ -5,7 +5,14 @@
 //! cargo build --release
 //! cargo run --release --example loadgen -- --clients 1,8,32 --seconds 10
 //! cargo run --release --example loadgen -- --socket /run/pestod.sock   # an existing daemon
+//! cargo run --release --example loadgen -- --owners --clients 32      # each client its own owner
 //! ```
+//!
+//! With `--owners` each client is an owner of its own (`loadgen-N`) and
+//! changes only its scope, as `pesto --owner` does; without it, each
+//! transaction sends the whole HOST table back, as upstream's pesto does.
+//! `--unfair` turns off the reservation a client asks for when it retries
+//! after STALE (the RESERVE hello flag), to compare.
 //!
 //! Without `--socket` it starts `target/release/pestod` with a private
 //! control socket and fills its HOST table with `--rules` UDP rules on
@@ -19,9 +26,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pesto::client::{ClientError, Options, Session, TransactOptions, transact};
+use pesto::client::{
+    Change, ClientError, Options, Session, TransactOptions, transact, transact_change,
+};
 use pesto::codec::Update;
-use pesto::edit::Op;
+use pesto::edit::{Op, OwnerMode};
+use pesto::owner::Owner;
 use pesto::spec::SpecOpt;
 
 struct Args {
@@ -29,6 +39,8 @@ struct Args {
     seconds: f64,
     rules: u16,
     socket: Option<PathBuf>,
+    owners: bool,
+    unfair: bool,
 }
 
 fn args() -> Result<Args, String> {
@@ -37,6 +49,8 @@ fn args() -> Result<Args, String> {
         seconds: 5.0,
         rules: 200,
         socket: None,
+        owners: false,
+        unfair: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,11 +65,13 @@ fn args() -> Result<Args, String> {
             "--seconds" => a.seconds = value()?.parse().map_err(|_| "bad --seconds")?,
             "--rules" => a.rules = value()?.parse().map_err(|_| "bad --rules")?,
             "--socket" => a.socket = Some(PathBuf::from(value()?)),
+            "--owners" => a.owners = true,
+            "--unfair" => a.unfair = true,
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => {
                 return Err(
                     "usage: loadgen [--clients 1,8,32] [--seconds 5] [--rules 200] \
-                            [--socket PATH]"
+                            [--socket PATH] [--owners] [--unfair]"
                         .into(),
                 );
             }
@@ -108,15 +124,22 @@ fn main() {
             fill(&sock, base, args.rules).await;
         }
         println!(
-            "{} rules in HOST; each transaction adds or deletes one UDP rule; {} s per run",
-            args.rules, args.seconds
+            "{} rules in HOST; each transaction adds or deletes one UDP rule ({}); {} s per run",
+            args.rules,
+            if args.owners {
+                "each client its own owner, scoped"
+            } else {
+                "whole table"
+            },
+            args.seconds
         );
         println!(
             "{:>8} {:>12} {:>10} {:>10} {:>10} {:>10}",
             "clients", "commits/s", "retried", "p50 ms", "p99 ms", "max ms"
         );
         for &n in &args.clients {
-            run(&sock, n, client_base, Duration::from_secs_f64(args.seconds)).await;
+            let dur = Duration::from_secs_f64(args.seconds);
+            run(&sock, n, client_base, dur, args.owners, !args.unfair).await;
         }
     });
     if let Some(mut d) = daemon {
@@ -182,7 +205,22 @@ async fn fill(sock: &Path, base: u16, n: u16) {
     assert!(tx.committed, "the table's ports could not all be bound");
 }
 
-async fn run(sock: &Path, clients: usize, base: u16, dur: Duration) {
+/// The change of one add or delete: scoped to `owner`, or the whole table.
+fn change(s: &Session, owner: Option<&Owner>, ops: &[Op]) -> Result<Change, ClientError> {
+    match owner {
+        None => Ok(Change::Whole(s.edit(ops)?.0)),
+        Some(o) => {
+            let scopes = s.edit_owned(o, OwnerMode::Edit, ops)?;
+            Ok(if scopes.is_empty() {
+                Change::Nothing
+            } else {
+                Change::Scoped(scopes)
+            })
+        }
+    }
+}
+
+async fn run(sock: &Path, clients: usize, base: u16, dur: Duration, owners: bool, fair: bool) {
     let sock = Arc::new(sock.to_owned());
     let deadline = Instant::now() + dur;
     let tasks: Vec<_> = (0..clients)
@@ -190,6 +228,8 @@ async fn run(sock: &Path, clients: usize, base: u16, dur: Duration) {
             let sock = Arc::clone(&sock);
             tokio::spawn(async move {
                 let mine = [base + 2 * c as u16, base + 2 * c as u16 + 1];
+                let owner = owners.then(|| Owner::new(&format!("loadgen-{c}")).expect("owner"));
+                let owner = owner.as_ref();
                 let mut present = BTreeSet::new();
                 let mut latencies = Vec::new();
                 let mut attempts = 0u64;
@@ -204,12 +244,12 @@ async fn run(sock: &Path, clients: usize, base: u16, dur: Duration) {
                     ];
                     let t = TransactOptions {
                         retries: 1000,
+                        reserve_on_retry: fair,
                         ..TransactOptions::default()
                     };
-                    let plan =
-                        |s: &Session, _| -> Result<Update, ClientError> { Ok(s.edit(&ops)?.0) };
+                    let plan = |s: &Session, _| change(s, owner, &ops);
                     let t0 = Instant::now();
-                    match transact(&sock, Options::default(), t, plan).await {
+                    match transact_change(&sock, Options::default(), t, plan).await {
                         Ok(tx) if tx.committed => {
                             latencies.push(t0.elapsed());
                             attempts += u64::from(tx.attempts);
@@ -226,13 +266,13 @@ async fn run(sock: &Path, clients: usize, base: u16, dur: Duration) {
                 // Leave the table as it was.
                 for port in present {
                     let ops = [Op::Delete, Op::Spec(SpecOpt::Udp, spec(port))];
-                    let plan =
-                        |s: &Session, _| -> Result<Update, ClientError> { Ok(s.edit(&ops)?.0) };
+                    let plan = |s: &Session, _| change(s, owner, &ops);
                     let t = TransactOptions {
                         retries: 1000,
+                        reserve_on_retry: fair,
                         ..TransactOptions::default()
                     };
-                    let _ = transact(&sock, Options::default(), t, plan).await;
+                    let _ = transact_change(&sock, Options::default(), t, plan).await;
                 }
                 (latencies, attempts)
             })

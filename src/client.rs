@@ -35,8 +35,8 @@ use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
 use crate::codec::v3::{
-    ClientHello, ClientMsg, Code, HelloV3Ext, OWNERS, PifInfo, PifRules, READ_ONLY, Report,
-    ServerHello, ServerMsg, Status, VERSION_3, features,
+    ClientHello, ClientMsg, Code, HelloV3Ext, OWNERS, PifInfo, PifRules, READ_ONLY, RESERVE,
+    Report, ServerHello, ServerMsg, Status, VERSION_3, features,
 };
 use crate::codec::{CodecError, Limits, PifListing, Update, WireCodec};
 use crate::edit::{self, EditError, Op, OwnerMode};
@@ -54,6 +54,10 @@ pub struct Options {
     pub step_timeout: Duration,
     /// Only read the state (steps 1 to 4).
     pub read_only: bool,
+    /// Ask the server to reserve the apply slot from the listing on (the
+    /// RESERVE hello flag): [`transact`] sets it on a retry after STALE, so
+    /// that a client that keeps losing gets its turn.
+    pub reserve: bool,
 }
 
 impl Default for Options {
@@ -61,6 +65,7 @@ impl Default for Options {
         Options {
             step_timeout: Duration::from_secs(15),
             read_only: false,
+            reserve: false,
         }
     }
 }
@@ -216,6 +221,9 @@ impl Session {
         // listing all the same for code that ignores them.
         if ext.features & features::OWNERS != 0 {
             flags |= OWNERS;
+        }
+        if opts.reserve && !opts.read_only && ext.features & features::RESERVE != 0 {
+            flags |= RESERVE;
         }
         let sent = hello_conn
             .send(&ClientHello {
@@ -476,6 +484,9 @@ pub struct TransactOptions {
     pub keep_partial: bool,
     /// Stop after the acknowledgement: validate only.
     pub dry_run: bool,
+    /// After STALE, retry with the apply slot reserved (see
+    /// [`Options::reserve`]).
+    pub reserve_on_retry: bool,
 }
 
 impl Default for TransactOptions {
@@ -484,6 +495,7 @@ impl Default for TransactOptions {
             retries: 5,
             keep_partial: false,
             dry_run: false,
+            reserve_on_retry: true,
         }
     }
 }
@@ -544,6 +556,7 @@ where
     F: FnMut(&Session, u32) -> Result<Change, ClientError>,
 {
     let mut attempt = 1;
+    let mut opts = opts;
     loop {
         match attempt_once(path, opts, t, &mut plan, attempt).await {
             Err(e)
@@ -559,6 +572,10 @@ where
                 );
                 tokio::time::sleep(pause).await;
                 attempt = attempt.saturating_add(1);
+                // Lost a race: this time, hold the slot from the listing on.
+                if e.code() == Some(Code::Stale) && t.reserve_on_retry {
+                    opts.reserve = true;
+                }
             }
             other => return other,
         }

@@ -256,6 +256,7 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
     let opts = Options {
         step_timeout: Duration::from_secs_f64(args.timeout),
         read_only: ops.is_empty() && mode == OwnerMode::Edit && !touch,
+        reserve: false,
     };
     let path = args.path.display();
     // Specs are checked before connecting: a typo is a usage error, also
@@ -303,6 +304,7 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         retries: args.retries,
         keep_partial: args.keep_partial,
         dry_run: args.dry_run,
+        reserve_on_retry: true,
     };
     // The operations are recomputed on the fresh tables of every attempt.
     let mut tables: Option<(Config, Config)> = None;

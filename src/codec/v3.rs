@@ -61,6 +61,9 @@ pub mod features {
     /// Rule owners and scoped updates, for clients that set the
     /// [`super::OWNERS`] hello flag.
     pub const OWNERS: u32 = 4;
+    /// The RESERVE hello flag: a retrying client may reserve the apply
+    /// slot from its listing on.
+    pub const RESERVE: u32 = 8;
 }
 
 /// Client hello flag: the client only reads (steps 1 to 4).
@@ -69,6 +72,12 @@ pub const READ_ONLY: u32 = 1;
 /// RULES_OWNED instead of RULES, and takes UPDATE_SCOPED. A client without
 /// it sees and sends exactly what it did before owners existed.
 pub const OWNERS: u32 = 2;
+/// Client hello flag: the client went STALE before and retries. The
+/// server takes the apply slot before it lists the tables and keeps it to
+/// the end of the transaction, so the retry cannot go STALE again (it may
+/// still get BUSY after the step timeout). For fairness; it costs every
+/// other writer a wait while this client thinks.
+pub const RESERVE: u32 = 4;
 /// Most scopes in one UPDATE_SCOPED.
 pub const MAX_SCOPES: usize = 256;
 

@@ -219,6 +219,11 @@ impl Shadow {
     }
 }
 
+/// The apply slot, taken at the listing by a client that asked for it
+/// (the RESERVE hello flag); dropping it gives the slot back.
+#[derive(Debug)]
+pub struct Reserved(OwnedMutexGuard<Registry>);
+
 /// An applied transaction: it holds the registry until it commits or rolls
 /// back, and dropping it without either is a bug (it would keep the parked
 /// sockets); the transaction code always ends it.
@@ -422,7 +427,15 @@ impl Shared {
     /// transaction applied before it to end, no longer than the step timeout
     /// (then BUSY), and checks the generations again (STALE).
     pub async fn apply(&self, shadow: Shadow, snapshot: &Snapshot) -> Result<Applied, Status> {
-        let registry = match Arc::clone(&self.registry).try_lock_owned() {
+        let registry = self.apply_slot().await?;
+        self.apply_in(registry, shadow, snapshot).await
+    }
+
+    /// The apply slot: held from APPLY to COMMIT or ROLLBACK, or from the
+    /// listing on by a client that reserved it ([`Reserved`]). Waits for the
+    /// transaction that holds it, no longer than the step timeout (BUSY).
+    async fn apply_slot(&self) -> Result<OwnedMutexGuard<Registry>, Status> {
+        Ok(match Arc::clone(&self.registry).try_lock_owned() {
             Ok(registry) => registry,
             Err(_) => {
                 // Said, so that an operator (and a test) can see an APPLY
@@ -440,7 +453,32 @@ impl Shared {
                 };
                 registry
             }
-        };
+        })
+    }
+
+    /// Takes the apply slot for a client that went STALE before: from its
+    /// listing on, no other transaction can apply, so its retry cannot go
+    /// STALE again. Clients that keep losing the race get their turn.
+    pub async fn reserve(&self) -> Result<Reserved, Status> {
+        Ok(Reserved(self.apply_slot().await?))
+    }
+
+    /// Step 7 with the slot reserved at the listing.
+    pub async fn apply_reserved(
+        &self,
+        reserved: Reserved,
+        shadow: Shadow,
+        snapshot: &Snapshot,
+    ) -> Result<Applied, Status> {
+        self.apply_in(reserved.0, shadow, snapshot).await
+    }
+
+    async fn apply_in(
+        &self,
+        registry: OwnedMutexGuard<Registry>,
+        shadow: Shadow,
+        snapshot: &Snapshot,
+    ) -> Result<Applied, Status> {
         let scoped = !shadow.scopes.is_empty();
         let current = {
             let t = self.tables();

@@ -12,8 +12,8 @@ use tracing::{info, warn};
 use super::state::{Shared, Snapshot};
 use super::{Waiter, Waiting};
 use crate::codec::v3::{
-    ClientHello, ClientMsg, Code, HelloV3Ext, OWNERS, READ_ONLY, ServerHello, ServerMsg, Status,
-    VERSION_3, features,
+    ClientHello, ClientMsg, Code, HelloV3Ext, OWNERS, READ_ONLY, RESERVE, ServerHello, ServerMsg,
+    Status, VERSION_3, features,
 };
 use crate::codec::{CodecError, HelloV2, Limits, Wire, WireCodec};
 use crate::table::{MAX_RULES, MAX_SOCKETS};
@@ -412,10 +412,11 @@ async fn handshake(
         )
         .into());
     }
-    if client.flags & !(READ_ONLY | OWNERS) != 0 {
+    let known = READ_ONLY | OWNERS | RESERVE;
+    if client.flags & !known != 0 {
         return Err(protocol(format!(
             "unknown client hello flags 0x{:08x}",
-            client.flags & !(READ_ONLY | OWNERS)
+            client.flags & !known
         )));
     }
     Ok(client)
@@ -430,6 +431,13 @@ async fn transaction(
     peer: Peer,
 ) -> Result<String, Fail> {
     let t = shared.timeouts();
+    // A client that went STALE before gets the apply slot now, before it
+    // reads the tables: nothing else applies until it is done.
+    let reserved = if client.flags & RESERVE != 0 && client.flags & READ_ONLY == 0 {
+        Some(shared.reserve().await?)
+    } else {
+        None
+    };
     // Steps 3 and 4, read in one go so that they agree.
     let (pifs, rules) = shared.listing();
     let snapshot: Snapshot = rules.iter().map(|p| (p.id, p.generation)).collect();
@@ -477,7 +485,10 @@ async fn transaction(
         Err(End::Transport(e)) => return Ok(format!("validated, not applied: {e}")),
         Err(e) => return Err(ended(e, "APPLY")),
     }
-    let applied = shared.apply(shadow, &snapshot).await?;
+    let applied = match reserved {
+        Some(r) => shared.apply_reserved(r, shadow, &snapshot).await?,
+        None => shared.apply(shadow, &snapshot).await?,
+    };
     let verdict = if applied.report.ok { "ok" } else { "failed" };
     // Step 8.
     let sent = send(conn, &ServerMsg::Report(applied.report.clone()), t.step).await;
@@ -546,7 +557,10 @@ fn server_hello(shared: &Shared) -> ServerHello {
     ServerHello {
         base: HelloV2::new(VERSION_3),
         ext: Some(HelloV3Ext {
-            features: features::TRANSACTIONS | features::GENERATIONS | features::OWNERS,
+            features: features::TRANSACTIONS
+                | features::GENERATIONS
+                | features::OWNERS
+                | features::RESERVE,
             max_rules: MAX_RULES as u32,
             max_sockets: MAX_SOCKETS,
             max_pifs: Limits::default().max_pifs as u32,
