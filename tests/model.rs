@@ -16,8 +16,10 @@ use pesto::codec::Update;
 use pesto::codec::v3::Code;
 use pesto::control::state::{Applied, Shadow, Shared, Snapshot, Timeouts};
 use pesto::dataplane::{DataPlane, Settings};
+use pesto::owner::Owner;
 use pesto::registry::Registry;
 use pesto::rule::{Caps, PifId, Proto, Rule};
+use pesto::scope::ScopeUpdate;
 use pesto::table::{Config, PifTable, Table};
 use pesto::target::Targets;
 
@@ -32,17 +34,25 @@ fn rule(port: u16) -> Rule {
     Rule::new(Proto::Udp, IpAddr::from([127, 0, 0, 1]), port, port, 9)
 }
 
-/// One client's transaction: add or delete one port.
+/// One client's transaction: add or delete one port, in the whole table,
+/// or in the scope of owner `o{n}`.
 #[derive(Debug, Clone, Copy)]
 struct Op {
     add: bool,
     port: usize,
     commit: bool,
+    owner: Option<u8>,
+}
+
+fn owner_of(op: Op) -> Option<Owner> {
+    op.owner.map(|n| Owner::new(&format!("o{n}")).unwrap())
 }
 
 enum Phase {
     Start,
-    Listed(Snapshot, Vec<Rule>),
+    /// The snapshot, the rules the op edits (the whole table, or the
+    /// owner's), and the owner's scope generation.
+    Listed(Snapshot, Vec<Rule>, u64),
     Validated(Snapshot, Shadow),
     Applied(Applied),
     Done,
@@ -138,19 +148,55 @@ fn run_case(ops: Vec<Op>, schedule: Vec<usize>, base: u16) {
                 Phase::Start => {
                     let (_, listed) = shared.listing();
                     let snap: Snapshot = listed.iter().map(|p| (p.id, p.generation)).collect();
-                    Phase::Listed(snap, listed[0].rules.clone())
+                    let host = &listed[0];
+                    match owner_of(c.op) {
+                        None => Phase::Listed(snap, host.rules.clone(), 0),
+                        Some(o) => {
+                            let mine = host
+                                .rules
+                                .iter()
+                                .zip(&host.owners)
+                                .filter(|(_, x)| x.as_ref() == Some(&o))
+                                .map(|(r, _)| r.clone())
+                                .collect();
+                            let g = host
+                                .scopes
+                                .iter()
+                                .find(|s| s.owner == o)
+                                .map_or(0, |s| s.generation);
+                            Phase::Listed(snap, mine, g)
+                        }
+                    }
                 }
-                Phase::Listed(snap, rules) => match edit(&rules, c.op, base) {
+                Phase::Listed(snap, rules, scope_gen) => match edit(&rules, c.op, base) {
                     None => Phase::Done,
                     Some(new) => {
-                        let update = Update {
-                            tables: vec![(PifId::HOST, new)],
+                        let validated = match owner_of(c.op) {
+                            None => {
+                                let update = Update {
+                                    tables: vec![(PifId::HOST, new)],
+                                };
+                                shared.validate(update, &snap, 0).await
+                            }
+                            Some(owner) => {
+                                let scope = ScopeUpdate {
+                                    pif: PifId::HOST,
+                                    owner,
+                                    generation: scope_gen,
+                                    rules: new,
+                                    lease: None,
+                                };
+                                shared.validate_scoped(vec![scope], 0).await
+                            }
                         };
-                        match shared.validate(update, &snap, 0).await {
+                        match validated {
                             Ok(shadow) => Phase::Validated(snap, shadow),
                             Err(s) => {
-                                assert_eq!(s.code, Code::Stale, "{s}");
-                                c.retry()
+                                // A scoped add may take a port someone else
+                                // has: INVALID, and retrying cannot help.
+                                let conflict = c.op.owner.is_some() && s.code == Code::Invalid;
+                                assert!(s.code == Code::Stale || conflict, "{s}");
+                                if conflict { Phase::Done } else { c.retry() }
                             }
                         }
                     }
@@ -161,8 +207,12 @@ fn run_case(ops: Vec<Op>, schedule: Vec<usize>, base: u16) {
                         Phase::Applied(applied)
                     }
                     Err(s) => {
-                        assert!(matches!(s.code, Code::Stale | Code::Busy), "{s}");
-                        c.retry()
+                        let conflict = c.op.owner.is_some() && s.code == Code::Invalid;
+                        assert!(
+                            matches!(s.code, Code::Stale | Code::Busy) || conflict,
+                            "{s}"
+                        );
+                        if conflict { Phase::Done } else { c.retry() }
                     }
                 },
                 Phase::Applied(applied) => {
@@ -191,10 +241,11 @@ fn run_case(ops: Vec<Op>, schedule: Vec<usize>, base: u16) {
             assert!(g >= last_gen, "generation went back from {last_gen} to {g}");
             last_gen = g;
         }
-        // The serial application of the committed transactions.
+        // The serial application of the committed transactions: each adds
+        // or deletes its port, whichever table or scope it edited.
         let mut expect: Vec<Rule> = initial;
         for op in &committed {
-            expect = edit(&expect, *op, base).expect("a committed op applied to its snapshot");
+            expect = edit(&expect, *op, base).expect("a committed op applied to the tables");
         }
         let got: BTreeSet<_> = host_rules(&shared).iter().map(|r| r.first).collect();
         let want: BTreeSet<_> = expect.iter().map(|r| r.first).collect();
@@ -218,8 +269,13 @@ proptest! {
     #[test]
     fn interleavings_match_serial_commit_order(
         ops in proptest::collection::vec(
-            (any::<bool>(), 0usize..8, proptest::bool::weighted(0.8))
-                .prop_map(|(add, port, commit)| Op { add, port, commit }),
+            (
+                any::<bool>(),
+                0usize..8,
+                proptest::bool::weighted(0.8),
+                proptest::option::weighted(0.5, 0u8..3),
+            )
+                .prop_map(|(add, port, commit, owner)| Op { add, port, commit, owner }),
             1..8,
         ),
         schedule in proptest::collection::vec(0usize..8, 0..60),
