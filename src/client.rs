@@ -353,6 +353,16 @@ impl Session {
             .and_then(|s| s.lease)
     }
 
+    /// The uid `owner` belongs to, if the server knows it.
+    pub fn owner_uid(&self, owner: &Owner) -> Option<u32> {
+        self.rules
+            .iter()
+            .flat_map(|r| r.scopes.iter())
+            .find(|s| &s.owner == owner)
+            .map(|s| s.uid)
+            .filter(|&u| u != crate::codec::v3::NO_UID)
+    }
+
     /// The operations of `pesto --owner`: the scopes of `owner` they change
     /// (none if the owner has what they ask for already). See
     /// [`edit::apply_owned`].

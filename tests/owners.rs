@@ -291,6 +291,13 @@ fn owners_of_another_uid_are_denied() {
     };
     let (code, err) = as_uid(65534, &["--owner", "nobody-ctr", "-A", "-u", &spec(base)]);
     assert_eq!(code, 0, "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pesto"))
+        .args(["--owners", "--json"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains(r#""uid":65534"#), "{listed}");
     // Another uid may neither change nor release it, nor strip it with a
     // whole-table update.
     let (code, err) = as_uid(4242, &["--owner", "nobody-ctr", "--release"]);

@@ -465,24 +465,39 @@ impl Output {
     /// `--owners`: each owner with its rule count and scope generation
     /// per pif.
     fn owners(&mut self, session: &Session, config: &Config) {
+        struct Row {
+            pif: String,
+            generation: u64,
+            owner: Owner,
+            rules: usize,
+            lease: Option<String>,
+            uid: Option<u32>,
+        }
         let mut rows = Vec::new();
         for p in &config.pifs {
-            for (o, n) in scope::owners(&p.table) {
-                let lease = session.lease(&o).map(|l| l.to_string());
-                rows.push((
-                    p.name.clone(),
-                    session.scope_generation(p.id, &o),
-                    o,
-                    n,
-                    lease,
-                ));
+            for (owner, rules) in scope::owners(&p.table) {
+                rows.push(Row {
+                    pif: p.name.clone(),
+                    generation: session.scope_generation(p.id, &owner),
+                    lease: session.lease(&owner).map(|l| l.to_string()),
+                    uid: session.owner_uid(&owner),
+                    owner,
+                    rules,
+                });
             }
         }
         if let Some(m) = &mut self.json {
             let owners: Vec<Value> = rows
                 .iter()
-                .map(|(pif, g, o, n, l)| {
-                    json!({ "owner": o.as_str(), "pif": pif, "rules": n, "generation": g, "lease": l })
+                .map(|r| {
+                    json!({
+                        "owner": r.owner.as_str(),
+                        "pif": r.pif,
+                        "rules": r.rules,
+                        "generation": r.generation,
+                        "lease": r.lease,
+                        "uid": r.uid,
+                    })
                 })
                 .collect();
             m.insert("owners".into(), Value::Array(owners));
@@ -493,12 +508,19 @@ impl Output {
             return;
         }
         println!(
-            "{:<32} {:<8} {:>6} {:>10}  LEASE",
-            "OWNER", "PIF", "RULES", "GENERATION"
+            "{:<32} {:<8} {:>6} {:>10} {:>6}  LEASE",
+            "OWNER", "PIF", "RULES", "GENERATION", "UID"
         );
-        for (pif, g, o, n, l) in rows {
-            let l = l.unwrap_or_else(|| "-".into());
-            println!("{:<32} {:<8} {:>6} {:>10}  {l}", o.as_str(), pif, n, g);
+        for r in rows {
+            let lease = r.lease.unwrap_or_else(|| "-".into());
+            let uid = r.uid.map_or_else(|| "-".into(), |u| u.to_string());
+            println!(
+                "{:<32} {:<8} {:>6} {:>10} {uid:>6}  {lease}",
+                r.owner.as_str(),
+                r.pif,
+                r.rules,
+                r.generation
+            );
         }
     }
 

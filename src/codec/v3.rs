@@ -203,7 +203,13 @@ pub struct ScopeInfo {
     pub generation: u64,
     /// The owner's lease, if its rules have one.
     pub lease: Option<Lease>,
+    /// The uid the owner belongs to ([`NO_UID`]: not known, as after a
+    /// restart).
+    pub uid: u32,
 }
+
+/// [`ScopeInfo::uid`] of an owner whose uid is not known.
+pub const NO_UID: u32 = u32::MAX;
 
 impl PifRules {
     /// A pif's rules without owners, as RULES carries them.
@@ -546,7 +552,7 @@ fn put_owners(out: &mut BytesMut, owners: &[Option<Owner>], count: usize) {
 /// and its u64 generation.
 fn get_scopes(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<ScopeInfo>> {
     let len = r.u32()? as usize;
-    if len > 4 + limits.max_rules * (1 + MAX_OWNER + 8 + 5) {
+    if len > 4 + limits.max_rules * (1 + MAX_OWNER + 8 + 5 + 4) {
         return Err(CodecError::Malformed(format!("{len} bytes of scopes")).into());
     }
     r.need(len)?;
@@ -566,10 +572,12 @@ fn get_scopes(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<ScopeInfo
         let generation = r.u64()?;
         let (kind, value) = (r.u8()?, r.u32()?);
         let lease = Lease::from_wire(kind, value).map_err(CodecError::Malformed)?;
+        let uid = r.u32()?;
         scopes.push(ScopeInfo {
             owner,
             generation,
             lease,
+            uid,
         });
     }
     if r.position() - start != len {
@@ -581,7 +589,7 @@ fn get_scopes(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<ScopeInfo
 fn put_scopes(out: &mut BytesMut, scopes: &[ScopeInfo]) {
     let len: usize = 4 + scopes
         .iter()
-        .map(|s| 1 + s.owner.as_str().len() + 8 + 5)
+        .map(|s| 1 + s.owner.as_str().len() + 8 + 5 + 4)
         .sum::<usize>();
     out.put_u32(len as u32);
     out.put_u32(scopes.len() as u32);
@@ -591,6 +599,7 @@ fn put_scopes(out: &mut BytesMut, scopes: &[ScopeInfo]) {
         let (kind, value) = Lease::to_wire(s.lease);
         out.put_u8(kind);
         out.put_u32(value);
+        out.put_u32(s.uid);
     }
 }
 
@@ -888,13 +897,14 @@ mod tests {
                 owner: web.clone(),
                 generation: 5,
                 lease: Some(Lease::Pid(77)),
+                uid: 1000,
             }],
         }]));
         // Rules, then owners (length, "web", none), then scopes (length,
-        // count, "web", generation, lease kind and value).
+        // count, "web", generation, lease kind and value, uid).
         assert_eq!(
             b.len(),
-            1 + 1 + 8 + 4 + 2 * 56 + (4 + 4 + 1) + (4 + 4 + 4 + 8 + 5) + 1
+            1 + 1 + 8 + 4 + 2 * 56 + (4 + 4 + 1) + (4 + 4 + 4 + 8 + 5 + 4) + 1
         );
         round_trip(&ClientMsg::UpdateScoped(vec![ScopeUpdate {
             pif: PifId::HOST,

@@ -13,7 +13,7 @@ use tokio::sync::{OwnedMutexGuard, mpsc};
 use super::leases::LeaseEvent;
 use crate::codec::Update;
 use crate::codec::v3::{
-    Code, FailedPorts, PifInfo, PifReport, PifRules, Report, RuleOutcome, ScopeInfo, Status,
+    Code, FailedPorts, NO_UID, PifInfo, PifReport, PifRules, Report, RuleOutcome, ScopeInfo, Status,
 };
 use crate::lease::Lease;
 use crate::owner::Owner;
@@ -350,6 +350,7 @@ impl Shared {
                         owner: o.clone(),
                         generation: *g,
                         lease: t.leases.get(o).copied(),
+                        uid: t.owner_uids.get(o).copied().unwrap_or(NO_UID),
                     })
                     .collect(),
             })
