@@ -420,36 +420,8 @@ impl Wire for ServerMsg {
                 }
                 Ok(ServerMsg::Pifs(pifs))
             }
-            msg::RULES => {
-                let mut pifs = Vec::new();
-                let mut seen = Vec::new();
-                while let Some(id) = get_pif_id(r, &seen, limits)? {
-                    seen.push(id.0);
-                    let generation = r.u64()?;
-                    let rules = get_rules(r, limits)?;
-                    pifs.push(PifRules::plain(id, generation, rules));
-                }
-                Ok(ServerMsg::Rules(pifs))
-            }
-            msg::RULES_OWNED => {
-                let mut pifs = Vec::new();
-                let mut seen = Vec::new();
-                while let Some(id) = get_pif_id(r, &seen, limits)? {
-                    seen.push(id.0);
-                    let generation = r.u64()?;
-                    let rules = get_rules(r, limits)?;
-                    let owners = get_owners(r, rules.len())?;
-                    let scopes = get_scopes(r, limits)?;
-                    pifs.push(PifRules {
-                        id,
-                        generation,
-                        rules,
-                        owners,
-                        scopes,
-                    });
-                }
-                Ok(ServerMsg::RulesOwned(pifs))
-            }
+            msg::RULES => Ok(ServerMsg::Rules(get_pif_rules(r, limits, false)?)),
+            msg::RULES_OWNED => Ok(ServerMsg::RulesOwned(get_pif_rules(r, limits, true)?)),
             msg::STATUS => Ok(ServerMsg::Status(get_status(r)?)),
             msg::REPORT => Ok(ServerMsg::Report(get_report(r, limits)?)),
             t => {
@@ -467,30 +439,52 @@ impl Wire for ServerMsg {
                 }
                 out.put_u8(0);
             }
-            ServerMsg::Rules(pifs) => {
-                out.put_u8(msg::RULES);
-                for p in pifs {
-                    out.put_u8(p.id.0);
-                    out.put_u64(p.generation);
-                    put_rules(out, &p.rules);
-                }
-                out.put_u8(0);
-            }
-            ServerMsg::RulesOwned(pifs) => {
-                out.put_u8(msg::RULES_OWNED);
-                for p in pifs {
-                    out.put_u8(p.id.0);
-                    out.put_u64(p.generation);
-                    put_rules(out, &p.rules);
-                    put_owners(out, &p.owners, p.rules.len());
-                    put_scopes(out, &p.scopes);
-                }
-                out.put_u8(0);
-            }
+            ServerMsg::Rules(pifs) => put_pif_rules(out, pifs, false),
+            ServerMsg::RulesOwned(pifs) => put_pif_rules(out, pifs, true),
             ServerMsg::Status(s) => put_status(out, s),
             ServerMsg::Report(rep) => put_report(out, rep),
         }
     }
+}
+
+/// RULES, or with `owned` RULES_OWNED, after the type byte: each pif's id,
+/// generation and rules (and owners and scopes), then a zero byte.
+fn get_pif_rules(r: &mut Reader<'_>, limits: &Limits, owned: bool) -> DecodeResult<Vec<PifRules>> {
+    let mut pifs = Vec::new();
+    let mut seen = Vec::new();
+    while let Some(id) = get_pif_id(r, &seen, limits)? {
+        seen.push(id.0);
+        let generation = r.u64()?;
+        let rules = get_rules(r, limits)?;
+        if !owned {
+            pifs.push(PifRules::plain(id, generation, rules));
+            continue;
+        }
+        let owners = get_owners(r, rules.len())?;
+        let scopes = get_scopes(r, limits)?;
+        pifs.push(PifRules {
+            id,
+            generation,
+            rules,
+            owners,
+            scopes,
+        });
+    }
+    Ok(pifs)
+}
+
+fn put_pif_rules(out: &mut BytesMut, pifs: &[PifRules], owned: bool) {
+    out.put_u8(if owned { msg::RULES_OWNED } else { msg::RULES });
+    for p in pifs {
+        out.put_u8(p.id.0);
+        out.put_u64(p.generation);
+        put_rules(out, &p.rules);
+        if owned {
+            put_owners(out, &p.owners, p.rules.len());
+            put_scopes(out, &p.scopes);
+        }
+    }
+    out.put_u8(0);
 }
 
 /// An owner label: a length byte, then the bytes.

@@ -519,7 +519,7 @@ impl Shared {
             Ok::<_, Status>((registry, changes, scopes))
         })
         .await;
-        let (mut registry, changes, scopes) = match bound {
+        let (registry, changes, scopes) = match bound {
             Ok(Ok(done)) => done,
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::new(Code::Internal, "validation failed")),
@@ -531,15 +531,7 @@ impl Shared {
                 .filter(|c| !scoped || t.config.by_id(c.id).is_none_or(|p| p.table != c.table))
                 .collect()
         };
-        let bound = tokio::task::spawn_blocking(move || {
-            let syncs: Vec<SyncReport> = changes
-                .iter()
-                .map(|c| registry.sync(c.id, &c.routes, true))
-                .collect();
-            (registry, changes, syncs)
-        })
-        .await;
-        let Ok((registry, changes, syncs)) = bound else {
+        let Some((registry, changes, syncs)) = sync_blocking(registry, changes, true).await else {
             return Err(Status::new(
                 Code::Internal,
                 "binding the new sockets failed",
@@ -625,22 +617,10 @@ impl Shared {
         // No bind happens here, but a table of many thousands of sockets
         // takes a while: a blocking thread, as for apply.
         let Applied { registry, old, .. } = applied;
-        let synced = tokio::task::spawn_blocking(move || {
-            let mut registry = registry;
-            let reports: Vec<SyncReport> = old
-                .iter()
-                .map(|c| registry.sync(c.id, &c.routes, false))
-                .collect();
-            (registry, old, reports)
-        })
-        .await;
-        let (mut registry, old, reports) = match synced {
-            Ok(done) => done,
+        let Some((mut registry, old, reports)) = sync_blocking(registry, old, false).await else {
             // Only a panic in sync gets here; the registry went with it.
-            Err(e) => {
-                tracing::error!("rollback failed: {e}");
-                return Vec::new();
-            }
+            tracing::error!("rollback failed: syncing the sockets panicked");
+            return Vec::new();
         };
         let mut ids = Vec::with_capacity(old.len());
         {
@@ -917,6 +897,26 @@ impl Shared {
             Err(e) => tracing::error!(%pif, "closing the sockets failed: {e}"),
         }
     }
+}
+
+/// Syncs each change's pif to its routes (binding the missing sockets if
+/// `bind`) on a blocking thread: a table may hold many thousands of
+/// sockets, and no runtime worker may stall meanwhile. `None` if the sync
+/// panicked.
+async fn sync_blocking(
+    mut registry: OwnedMutexGuard<Registry>,
+    changes: Vec<PifChange>,
+    bind: bool,
+) -> Option<(OwnedMutexGuard<Registry>, Vec<PifChange>, Vec<SyncReport>)> {
+    tokio::task::spawn_blocking(move || {
+        let reports = changes
+            .iter()
+            .map(|c| registry.sync(c.id, &c.routes, bind))
+            .collect();
+        (registry, changes, reports)
+    })
+    .await
+    .ok()
 }
 
 /// One pif's proposed rules, with what validating them needs.
