@@ -15,10 +15,7 @@ use crate::scope::{self, ScopeUpdate};
 use crate::spec::{Ephemeral, PortSpec, SpecError, SpecOpt};
 use crate::table::{Config, RuleError, Table};
 
-/// Name of the pif that `-t`/`-u` edit.
-pub const HOST_NAME: &str = "HOST";
-/// Name of the pif that `-T`/`-U` edit.
-pub const SPLICE_NAME: &str = "SPLICE";
+pub use crate::rule::{HOST_NAME, SPLICE_NAME};
 
 /// One command-line operation, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -393,6 +393,11 @@ impl PifId {
     pub const SPLICE: PifId = PifId(3);
 }
 
+/// Name of the HOST pif (upstream's), which `-t`/`-u` edit.
+pub const HOST_NAME: &str = "HOST";
+/// Name of the SPLICE pif (upstream's), which `-T`/`-U` edit.
+pub const SPLICE_NAME: &str = "SPLICE";
+
 impl fmt::Display for PifId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
