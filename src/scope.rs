@@ -45,26 +45,6 @@ pub fn replace(table: &Table, owner: &Owner, rules: &[Rule]) -> Result<Table, (u
     for (i, r) in rules.iter().enumerate() {
         index.entry(r).or_insert(i);
     }
-    let mut kept: HashSet<usize> = HashSet::new();
-    // Each entry with the index in `rules` it came from, if it did.
-    let mut entries: Vec<(Rule, Option<Owner>, Option<usize>)> =
-        Vec::with_capacity(table.rules().len() + rules.len());
-    for (r, o) in table.owned_rules() {
-        if o != Some(owner) {
-            entries.push((r.clone(), o.cloned(), None));
-            continue;
-        }
-        if let Some(&i) = index.get(r) {
-            if kept.insert(i) {
-                entries.push((r.clone(), Some(owner.clone()), Some(i)));
-            }
-        }
-    }
-    for (i, r) in rules.iter().enumerate() {
-        if !kept.contains(&i) && index.get(r) == Some(&i) {
-            entries.push((r.clone(), Some(owner.clone()), Some(i)));
-        }
-    }
     // A rule given twice: the second is a conflict with the first.
     if let Some(dup) =
         (0..rules.len()).find(|i| rules.get(*i).and_then(|r| index.get(r)) != Some(i))
@@ -81,9 +61,21 @@ pub fn replace(table: &Table, owner: &Owner, rules: &[Rule]) -> Result<Table, (u
             ));
         }
     }
-    let origins: Vec<Option<usize>> = entries.iter().map(|e| e.2).collect();
-    Table::with_owned_rules(table.caps(), entries.into_iter().map(|(r, o, _)| (r, o)))
-        .map_err(|(at, e)| (origins.get(at).copied().flatten().unwrap_or(0), e))
+    // Changed in place rather than built again: the rules that stay were
+    // valid together and stay so, and only the owner's new ones are
+    // checked, each in O(log n). The result and its errors are those of
+    // validating the whole new table in order: the same rules come before
+    // each new one.
+    let mut kept: HashSet<usize> = HashSet::new();
+    let mut new = table.clone();
+    new.retain(|r, o| o != Some(owner) || index.get(r).is_some_and(|&i| kept.insert(i)));
+    for (i, r) in rules.iter().enumerate() {
+        if !kept.contains(&i) {
+            new.add_owned(r.clone(), Some(owner.clone()))
+                .map_err(|e| (i, e))?;
+        }
+    }
+    Ok(new)
 }
 
 /// The owners whose rule sets differ between two tables of one pif: their
