@@ -157,8 +157,63 @@ fn replace_again(t: &Table, owner: &Owner, rules: &[Rule]) -> Result<Table, (usi
         .map_err(|(at, e)| (origins[at], e))
 }
 
+/// The owners whose sets differ, by the definition: every owner's set of
+/// rules in each table.
+fn changed_by_sets(old: &Table, new: &Table) -> std::collections::BTreeSet<Owner> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let sets = |t: &Table| {
+        let mut m: BTreeMap<Owner, BTreeSet<String>> = BTreeMap::new();
+        for (r, o) in t.owned_rules() {
+            if let Some(o) = o {
+                m.entry(o.clone()).or_default().insert(format!("{r:?}"));
+            }
+        }
+        m
+    };
+    let (a, b) = (sets(old), sets(new));
+    a.keys()
+        .chain(b.keys())
+        .filter(|o| a.get(*o) != b.get(*o))
+        .cloned()
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The owners a swap moves: by an ordered walk and a check of the few
+    /// it passes over, the same as comparing every owner's set; for scoped
+    /// changes, and for whole tables in another order.
+    #[test]
+    fn changed_owners_agrees_with_sets(
+        base in proptest::collection::vec((rule(), owner()), 0..60),
+        new in proptest::collection::vec(rule(), 0..4),
+        shuffle in proptest::collection::vec(any::<prop::sample::Index>(), 0..60),
+        who in prop_oneof![Just("a"), Just("b")],
+    ) {
+        let mut t = Table::new(ALL);
+        for (r, o) in base {
+            let _ = t.add_owned(r, o);
+        }
+        let who = Owner::new(who).unwrap();
+        if let Ok(n) = scope::replace(&t, &who, &new) {
+            prop_assert_eq!(scope::changed_owners(&t, &n), changed_by_sets(&t, &n));
+        }
+        // Some rules, some twice over, in another order, owners kept.
+        let mut picked: Vec<(Rule, Option<Owner>)> = Vec::new();
+        let all = listed(&t);
+        if !all.is_empty() {
+            for ix in shuffle {
+                let e = ix.get(&all).clone();
+                if !picked.contains(&e) {
+                    picked.push(e);
+                }
+            }
+        }
+        let n = Table::with_owned_rules(ALL, picked).unwrap();
+        prop_assert_eq!(scope::changed_owners(&t, &n), changed_by_sets(&t, &n));
+        prop_assert_eq!(scope::changed_owners(&n, &t), changed_by_sets(&n, &t));
+    }
 
     /// Every add, delete and release gives what the pairwise check gave,
     /// errors (and the rule and owner they name) included.

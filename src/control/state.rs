@@ -853,7 +853,7 @@ fn merge_scopes(
     let mut tables = Vec::with_capacity(current.len());
     for (id, (name, mut table)) in current {
         for sc in scopes.iter().filter(|s| s.pif == id) {
-            table = scope::replace(&table, &sc.owner, &sc.rules).map_err(|(i, e)| {
+            table = scope::replace_in(table, &sc.owner, &sc.rules).map_err(|(i, e)| {
                 let code = if e.is_limit() {
                     Code::Limit
                 } else {
