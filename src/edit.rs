@@ -148,7 +148,10 @@ pub fn apply_owned(
     let mut out = Vec::new();
     for (old, new) in before.pifs.iter().zip(&view.pifs) {
         let (a, b) = (old.table.rules(), new.table.rules());
-        let same = a.len() == b.len() && a.iter().all(|r| b.contains(r));
+        let same = a.len() == b.len() && {
+            let b: std::collections::HashSet<&crate::rule::Rule> = b.iter().collect();
+            a.iter().all(|r| b.contains(r))
+        };
         if same {
             continue;
         }

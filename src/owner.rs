@@ -12,8 +12,11 @@ pub const MAX_OWNER: usize = 64;
 /// The alphabet keeps labels safe to print in a listing, a log line or a
 /// state file without quoting, and leaves room for the forms orchestrators
 /// use (`podman:3f2a…`, `user@1000.service`, `ns/name`).
+///
+/// Shared, not copied: a table of thousands of rules holds an owner beside
+/// each, and is copied for every transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Owner(String);
+pub struct Owner(std::sync::Arc<str>);
 
 /// Why a label is not an owner.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,13 +63,13 @@ impl Owner {
             });
         }
         // Every allowed byte is ASCII.
-        Ok(Owner(String::from_utf8_lossy(raw).into_owned()))
+        Ok(Owner(String::from_utf8_lossy(raw).into()))
     }
 
     /// The least owner in the order of labels: where a range over owners
     /// starts.
     pub(crate) fn min() -> Owner {
-        Owner(String::new())
+        Owner("".into())
     }
 
     /// The label.

@@ -44,30 +44,19 @@ pub fn rules_of(table: &Table, owner: &Owner) -> Vec<Rule> {
 /// declaration changes nothing. On error, the index into `rules` of the
 /// rule at fault (a conflict names the other rule and its owner).
 pub fn replace(table: &Table, owner: &Owner, rules: &[Rule]) -> Result<Table, (usize, RuleError)> {
+    replace_in(table.clone(), owner, rules)
+}
+
+/// [`replace`] in a table the caller no longer needs: no copy of it.
+pub fn replace_in(
+    mut new: Table,
+    owner: &Owner,
+    rules: &[Rule],
+) -> Result<Table, (usize, RuleError)> {
     // Each rule's first place in `rules`.
     let mut index: HashMap<&Rule, usize> = HashMap::with_capacity(rules.len());
     for (i, r) in rules.iter().enumerate() {
         index.entry(r).or_insert(i);
-    }
-    let mut kept: HashSet<usize> = HashSet::new();
-    // Each entry with the index in `rules` it came from, if it did.
-    let mut entries: Vec<(Rule, Option<Owner>, Option<usize>)> =
-        Vec::with_capacity(table.rules().len() + rules.len());
-    for (r, o) in table.owned_rules() {
-        if o != Some(owner) {
-            entries.push((r.clone(), o.cloned(), None));
-            continue;
-        }
-        if let Some(&i) = index.get(r) {
-            if kept.insert(i) {
-                entries.push((r.clone(), Some(owner.clone()), Some(i)));
-            }
-        }
-    }
-    for (i, r) in rules.iter().enumerate() {
-        if !kept.contains(&i) && index.get(r) == Some(&i) {
-            entries.push((r.clone(), Some(owner.clone()), Some(i)));
-        }
     }
     // A rule given twice: the second is a conflict with the first.
     if let Some(dup) =
@@ -85,28 +74,66 @@ pub fn replace(table: &Table, owner: &Owner, rules: &[Rule]) -> Result<Table, (u
             ));
         }
     }
-    let origins: Vec<Option<usize>> = entries.iter().map(|e| e.2).collect();
-    Table::with_owned_rules(table.caps(), entries.into_iter().map(|(r, o, _)| (r, o)))
-        .map_err(|(at, e)| (origins.get(at).copied().flatten().unwrap_or(0), e))
+    // Changed in place rather than built again: the rules that stay were
+    // valid together and stay so, and only the owner's new ones are
+    // checked, each in O(log n). The result and its errors are those of
+    // validating the whole new table in order: the same rules come before
+    // each new one.
+    let mut kept: HashSet<usize> = HashSet::new();
+    new.retain(|r, o| o != Some(owner) || index.get(r).is_some_and(|&i| kept.insert(i)));
+    for (i, r) in rules.iter().enumerate() {
+        if !kept.contains(&i) {
+            new.add_owned(r.clone(), Some(owner.clone()))
+                .map_err(|e| (i, e))?;
+        }
+    }
+    Ok(new)
 }
 
 /// The owners whose rule sets differ between two tables of one pif: their
 /// scopes' generations move.
 pub fn changed_owners(old: &Table, new: &Table) -> BTreeSet<Owner> {
-    fn sets(t: &Table) -> HashMap<&Owner, HashSet<&Rule>> {
+    // A rule is in a table at most once (it conflicts with itself), so an
+    // owner's set changed exactly when one of its (rule, owner) pairs is in
+    // one table only. Walking both in order, a pair that is in one table
+    // only is never matched: the owners of the pairs passed over are a
+    // superset of the changed ones, found with comparisons, no hashing. A
+    // scoped change (rules gone, rules added at the end) passes over just
+    // those. Only these candidates are then compared as sets.
+    let (a, b) = (old.rules(), new.rules());
+    let (ao, bo) = (old.owners(), new.owners());
+    let mut candidates: BTreeSet<&Owner> = BTreeSet::new();
+    let (mut i, mut j) = (0, 0);
+    while let (Some(r), Some(s)) = (a.get(i), b.get(j)) {
+        let (o, p) = (
+            ao.get(i).and_then(Option::as_ref),
+            bo.get(j).and_then(Option::as_ref),
+        );
+        if r == s && o == p {
+            j += 1;
+        } else if let Some(o) = o {
+            candidates.insert(o);
+        }
+        i += 1;
+    }
+    candidates.extend(ao.get(i..).unwrap_or_default().iter().flatten());
+    candidates.extend(bo.get(j..).unwrap_or_default().iter().flatten());
+    if candidates.is_empty() {
+        return BTreeSet::new();
+    }
+    fn sets<'t>(t: &'t Table, only: &BTreeSet<&Owner>) -> HashMap<&'t Owner, HashSet<&'t Rule>> {
         let mut m: HashMap<&Owner, HashSet<&Rule>> = HashMap::new();
         for (r, o) in t.owned_rules() {
-            if let Some(o) = o {
+            if let Some(o) = o.filter(|o| only.contains(o)) {
                 m.entry(o).or_default().insert(r);
             }
         }
         m
     }
-    let (a, b) = (sets(old), sets(new));
-    let owners: BTreeSet<&Owner> = a.keys().chain(b.keys()).copied().collect();
-    owners
+    let (sa, sb) = (sets(old, &candidates), sets(new, &candidates));
+    candidates
         .into_iter()
-        .filter(|o| a.get(o) != b.get(o))
+        .filter(|o| sa.get(o) != sb.get(o))
         .cloned()
         .collect()
 }

@@ -4,13 +4,18 @@
 //! A [`Table`] only ever holds rules that passed [`Table::add`], so anything
 //! holding one can rely on it: ports in range, no conflicts, within limits.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::owner::Owner;
 use crate::rule::{Caps, Flags, PifId, Proto, Rule};
 
-/// Most rules one pif's table may hold (upstream `MAX_FWD_RULES`).
-pub const MAX_RULES: usize = 255;
+/// Most rules one pif's table may hold (version 3, announced in the hello):
+/// room for a host with thousands of published ports.
+pub const MAX_RULES: usize = 16384;
+/// Most rules per pif in version 2's structures (upstream `MAX_FWD_RULES`):
+/// what an upstream peer can take.
+pub const MAX_RULES_V2: usize = 255;
 /// Most listening sockets one pif's table may need (upstream `MAX_LISTEN_SOCKS`).
 pub const MAX_SOCKETS: u32 = 65536 * 5;
 
@@ -172,14 +177,28 @@ impl std::fmt::Display for OfOwner<'_> {
 
 /// The rule table of one pif: its capabilities and its valid, conflict-free
 /// rules, each with its owner, if it has one.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Table {
     caps: Caps,
     rules: Vec<Rule>,
     /// Beside `rules`, one for each.
     owners: Vec<Option<Owner>>,
     sockets: u32,
+    /// Derived from `rules`: finds a conflict without looking at each rule.
+    index: ConflictIndex,
 }
+
+/// Equal rules, owners and capabilities; the index follows from the rules.
+impl PartialEq for Table {
+    fn eq(&self, other: &Table) -> bool {
+        self.caps == other.caps
+            && self.sockets == other.sockets
+            && self.rules == other.rules
+            && self.owners == other.owners
+    }
+}
+
+impl Eq for Table {}
 
 impl Table {
     /// An empty table for a pif with these capabilities.
@@ -189,6 +208,7 @@ impl Table {
             rules: Vec::new(),
             owners: Vec::new(),
             sockets: 0,
+            index: ConflictIndex::default(),
         }
     }
 
@@ -223,6 +243,7 @@ impl Table {
     pub fn with_rules(caps: Caps, rules: Vec<Rule>) -> Result<Table, (usize, RuleError)> {
         let mut t = Table::new(caps);
         t.rules.reserve(rules.len().min(MAX_RULES));
+        t.owners.reserve(rules.len().min(MAX_RULES));
         for (i, r) in rules.into_iter().enumerate() {
             t.add(r).map_err(|e| (i, e))?;
         }
@@ -257,12 +278,18 @@ impl Table {
     /// Validates `rule` and appends it, owned by `owner`.
     pub fn add_owned(&mut self, rule: Rule, owner: Option<Owner>) -> Result<(), RuleError> {
         check_rule(&rule, self.caps)?;
-        if let Some((existing, owner)) = self.owned_rules().find(|(r, _)| r.conflicts(&rule)) {
-            return Err(RuleError::Conflict {
-                existing: Box::new(existing.clone()),
-                owner: owner.cloned(),
-                new: Box::new(rule),
-            });
+        if self.index.conflicts(&rule) {
+            // Rare, and the end of a validation: the first conflicting rule
+            // in table order, as upstream names it.
+            let found = self.owned_rules().find(|(r, _)| r.conflicts(&rule));
+            debug_assert!(found.is_some(), "index and rules disagree on {rule}");
+            if let Some((existing, owner)) = found {
+                return Err(RuleError::Conflict {
+                    existing: Box::new(existing.clone()),
+                    owner: owner.cloned(),
+                    new: Box::new(rule),
+                });
+            }
         }
         if self.rules.len() >= MAX_RULES {
             return Err(RuleError::TooManyRules);
@@ -272,9 +299,29 @@ impl Table {
             return Err(RuleError::TooManySockets(rule));
         }
         self.sockets = sockets;
+        self.index.insert(&rule);
         self.rules.push(rule);
         self.owners.push(owner);
         Ok(())
+    }
+
+    /// Keeps only the rules (with their owners) for which `keep` is true,
+    /// in their order. Removing rules never makes a conflict, so nothing is
+    /// validated again.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Rule, Option<&Owner>) -> bool) {
+        let rules = std::mem::take(&mut self.rules);
+        let owners = std::mem::take(&mut self.owners);
+        self.rules.reserve(rules.len());
+        self.owners.reserve(owners.len());
+        for (r, o) in rules.into_iter().zip(owners) {
+            if keep(&r, o.as_ref()) {
+                self.rules.push(r);
+                self.owners.push(o);
+            } else {
+                self.sockets -= r.port_count();
+                self.index.remove(&r);
+            }
+        }
     }
 
     /// Removes the rule equal to `rule`, keeping the order of the others.
@@ -285,6 +332,7 @@ impl Table {
         for (i, r) in self.rules.iter().enumerate() {
             if r == rule {
                 self.sockets -= r.port_count();
+                self.index.remove(r);
                 self.rules.remove(i);
                 self.owners.remove(i);
                 return Ok(());
@@ -304,6 +352,194 @@ impl Table {
         self.rules.clear();
         self.owners.clear();
         self.sockets = 0;
+        self.index = ConflictIndex::default();
+    }
+}
+
+/// Where a rule listens, as far as conflicts go (see [`Rule::conflicts`]).
+///
+/// Two rules of one protocol and overlapping ports conflict exactly when
+/// their addresses overlap: one is the dual-stack wildcard, or they are the
+/// same address, or they are of one family and one of them is that family's
+/// wildcard. So, by class:
+///
+/// - `Dual` overlaps every class;
+/// - `Any(family)` overlaps `Dual`, `Any` of its family and every `Host` of
+///   its family, not the other family;
+/// - `Host(a)` overlaps `Dual`, `Any` of its family and `Host(a)` only.
+///
+/// Every two rules of one class overlap in address, so the rules of one
+/// (protocol, class) in a table never share a port: their ranges, sorted by
+/// first port, are sorted by last port too, and the only one that can
+/// overlap `first..=last` is the last one starting at or before `last`. One
+/// ordered-map lookup per class to ask. Hosts are many classes; a wildcard
+/// asks about all of a family's hosts at once, whose ranges may overlap
+/// (127.0.0.1 and 127.0.0.2 on one port): [`Coverage`] counts them per port.
+/// Interface names do not count, as upstream's check ignores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Class {
+    /// The dual-stack wildcard: every address of both families.
+    Dual,
+    /// A family's wildcard (`true`: IPv4 `0.0.0.0`, `false`: IPv6 `::`).
+    Any(bool),
+    /// One address that is not a wildcard.
+    Host(IpAddr),
+}
+
+impl Class {
+    fn of(rule: &Rule) -> Class {
+        match rule.match_addr() {
+            None => Class::Dual,
+            Some(a) if a.is_unspecified() => Class::Any(a.is_ipv4()),
+            Some(a) => Class::Host(a),
+        }
+    }
+}
+
+/// The conflict index of a table: O(log n) to check, add or remove a rule,
+/// so validating a table of n rules is O(n log n), not pairwise O(n²).
+#[derive(Clone, Default)]
+struct ConflictIndex {
+    /// For each (protocol, class), the port ranges, first port to last.
+    ranges: BTreeMap<(Proto, Class, u16), u16>,
+    /// For each (protocol, family), the ports of every host rule, made on
+    /// the first such rule.
+    hosts: [Option<Box<Coverage>>; 4],
+}
+
+/// Not the two 64 Ki arrays.
+impl std::fmt::Debug for ConflictIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConflictIndex")
+            .field("ranges", &self.ranges.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn hosts_slot(proto: Proto, v4: bool) -> usize {
+    usize::from(proto == Proto::Udp) * 2 + usize::from(v4)
+}
+
+impl ConflictIndex {
+    /// Whether some rule of class `class` overlaps `rule`'s protocol and ports.
+    fn class_overlaps(&self, rule: &Rule, class: Class) -> bool {
+        let (p, first, last) = (rule.proto, rule.first, rule.last);
+        self.ranges
+            .range((p, class, 0)..=(p, class, last))
+            .next_back()
+            .is_some_and(|(_, &end)| end >= first)
+    }
+
+    /// Whether some host rule of a family overlaps `rule`'s protocol and ports.
+    fn hosts_overlap(&self, rule: &Rule, v4: bool) -> bool {
+        self.hosts[hosts_slot(rule.proto, v4)]
+            .as_ref()
+            .is_some_and(|c| c.any(rule.first, rule.last))
+    }
+
+    /// Whether `rule` conflicts with a rule of the table (see [`Class`]).
+    fn conflicts(&self, rule: &Rule) -> bool {
+        match Class::of(rule) {
+            Class::Dual => {
+                [Class::Dual, Class::Any(true), Class::Any(false)]
+                    .into_iter()
+                    .any(|c| self.class_overlaps(rule, c))
+                    || self.hosts_overlap(rule, true)
+                    || self.hosts_overlap(rule, false)
+            }
+            Class::Any(v4) => {
+                self.class_overlaps(rule, Class::Dual)
+                    || self.class_overlaps(rule, Class::Any(v4))
+                    || self.hosts_overlap(rule, v4)
+            }
+            c @ Class::Host(a) => {
+                self.class_overlaps(rule, Class::Dual)
+                    || self.class_overlaps(rule, Class::Any(a.is_ipv4()))
+                    || self.class_overlaps(rule, c)
+            }
+        }
+    }
+
+    /// Adds a rule that does not conflict.
+    fn insert(&mut self, rule: &Rule) {
+        let class = Class::of(rule);
+        self.ranges
+            .insert((rule.proto, class, rule.first), rule.last);
+        if let Class::Host(a) = class {
+            self.hosts[hosts_slot(rule.proto, a.is_ipv4())]
+                .get_or_insert_with(Coverage::new)
+                .add(rule.first, rule.last, true);
+        }
+    }
+
+    /// Removes a rule of the table.
+    fn remove(&mut self, rule: &Rule) {
+        let class = Class::of(rule);
+        self.ranges.remove(&(rule.proto, class, rule.first));
+        if let Class::Host(a) = class {
+            if let Some(c) = &mut self.hosts[hosts_slot(rule.proto, a.is_ipv4())] {
+                c.add(rule.first, rule.last, false);
+            }
+        }
+    }
+}
+
+/// Port ranges that may overlap, as two Fenwick trees over the ports: how
+/// many ranges start at or before a port, and how many end there. A range
+/// `first..=last` meets one of them if one covers `first` (started at or
+/// before it, not ended before it) or one starts inside it. O(log 65536).
+#[derive(Clone)]
+struct Coverage {
+    starts: Vec<u32>,
+    ends: Vec<u32>,
+}
+
+/// Fenwick tree size: ports 0 to 65535, one-based.
+const PORTS: usize = 1 << 16;
+
+impl Coverage {
+    fn new() -> Box<Coverage> {
+        Box::new(Coverage {
+            starts: vec![0; PORTS + 1],
+            ends: vec![0; PORTS + 1],
+        })
+    }
+
+    /// Counts (or uncounts) the range `first..=last`.
+    fn add(&mut self, first: u16, last: u16, count: bool) {
+        for (tree, port) in [(&mut self.starts, first), (&mut self.ends, last)] {
+            let mut i = usize::from(port) + 1;
+            while let Some(slot) = tree.get_mut(i) {
+                *slot = if count {
+                    slot.wrapping_add(1)
+                } else {
+                    slot.wrapping_sub(1)
+                };
+                i += i & i.wrapping_neg();
+            }
+        }
+    }
+
+    /// Ranges in `tree` at ports `0..=port`.
+    fn upto(tree: &[u32], port: u16) -> u32 {
+        let mut i = usize::from(port) + 1;
+        let mut n = 0u32;
+        while i > 0 {
+            n = n.wrapping_add(tree.get(i).copied().unwrap_or(0));
+            i &= i - 1;
+        }
+        n
+    }
+
+    /// Whether some counted range shares a port with `first..=last`.
+    fn any(&self, first: u16, last: u16) -> bool {
+        let started = Coverage::upto(&self.starts, first);
+        let ended_before = match first.checked_sub(1) {
+            Some(p) => Coverage::upto(&self.ends, p),
+            None => 0,
+        };
+        let starts_inside = Coverage::upto(&self.starts, last).wrapping_sub(started);
+        started != ended_before || starts_inside != 0
     }
 }
 
@@ -369,6 +605,24 @@ impl Config {
             })
             .collect::<Result<_, _>>()?;
         Ok(Config { pifs })
+    }
+
+    /// The listing for a version-2 peer: upstream takes at most
+    /// [`MAX_RULES_V2`] rules per pif, so a bigger table shows its first
+    /// [`MAX_RULES_V2`] rules, in table order, and a warning is logged.
+    pub fn to_listing_v2(&self) -> Vec<crate::codec::PifListing> {
+        let mut pifs = self.to_listing();
+        for p in &mut pifs {
+            if p.rules.len() > MAX_RULES_V2 {
+                tracing::warn!(
+                    pif = %p.name,
+                    rules = p.rules.len(),
+                    "a version-2 listing shows only the first {MAX_RULES_V2} rules"
+                );
+                p.rules.truncate(MAX_RULES_V2);
+            }
+        }
+        pifs
     }
 
     /// The listing of these tables, for the codec.
@@ -549,7 +803,7 @@ mod tests {
             t.add(tcp("127.0.0.1", p, p, p)).unwrap();
         }
         assert_eq!(
-            t.add(tcp("127.0.0.1", 1000, 1000, 1000)),
+            t.add(tcp("127.0.0.1", 60000, 60000, 60000)),
             Err(RuleError::TooManyRules)
         );
         let mut t = Table::new(ALL);

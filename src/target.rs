@@ -148,12 +148,20 @@ pub struct LoopError {
 /// other than `lo` never sees traffic this host sends to itself. Chains across
 /// several rules are not detected.
 pub fn check_loop(route: &Route) -> Result<(), LoopError> {
+    check_loop_with(route, &mut socket::is_local)
+}
+
+/// [`check_loop`], asking `is_local` whether a target is a local address.
+fn check_loop_with(
+    route: &Route,
+    is_local: &mut impl FnMut(IpAddr) -> bool,
+) -> Result<(), LoopError> {
     let rule = &route.rule;
     if rule.to != rule.first {
         return Ok(());
     }
     for target in route.target_addrs() {
-        if listener_covers(rule, target) {
+        if listener_covers(rule, target, is_local) {
             return Err(LoopError {
                 rule: Box::new(rule.clone()),
                 target: SocketAddr::new(target, rule.to),
@@ -172,6 +180,9 @@ pub fn routes(
     place: &Placement,
 ) -> Result<Vec<Arc<Route>>, (usize, LoopError)> {
     let same_place = place.listen.is_none() && place.connect.is_none();
+    // Asking the kernel is a bind: once per target address, not per rule.
+    let mut local: std::collections::HashMap<IpAddr, bool> = std::collections::HashMap::new();
+    let mut is_local = |a: IpAddr| *local.entry(a).or_insert_with(|| socket::is_local(a));
     table
         .rules()
         .iter()
@@ -179,14 +190,14 @@ pub fn routes(
         .map(|(i, rule)| {
             let route = Route::new(rule.clone(), targets).connect_from(place.connect.clone());
             if same_place {
-                check_loop(&route).map_err(|e| (i, e))?;
+                check_loop_with(&route, &mut is_local).map_err(|e| (i, e))?;
             }
             Ok(Arc::new(route))
         })
         .collect()
 }
 
-fn listener_covers(rule: &Rule, target: IpAddr) -> bool {
+fn listener_covers(rule: &Rule, target: IpAddr, is_local: &mut impl FnMut(IpAddr) -> bool) -> bool {
     let target = canonical_ip(target);
     let family_ok = rule.is_dual_stack() || rule.addr.is_ipv4() == target.is_ipv4();
     if !family_ok {
@@ -196,7 +207,7 @@ fn listener_covers(rule: &Rule, target: IpAddr) -> bool {
         return canonical_ip(rule.addr) == target;
     }
     let sees_local = rule.ifname.as_ref().is_none_or(|i| i.as_str() == "lo");
-    sees_local && socket::is_local(target)
+    sees_local && is_local(target)
 }
 
 #[cfg(test)]

@@ -317,7 +317,7 @@ fn raw_client_from_the_docs_completes_a_transaction() {
     let mut c = d.raw();
     let ext = c.hello();
     assert_eq!(ext[0] & 3, 3, "features: transactions, generations");
-    assert_eq!(ext[1], 255, "rules per pif");
+    assert_eq!(ext[1], pesto::table::MAX_RULES as u32, "rules per pif");
     assert_eq!(ext[4], 10_000, "step timeout ms");
     assert_eq!(ext[5], 30_000, "commit timeout ms");
     c.client_hello(3, 0);
@@ -408,10 +408,11 @@ fn invalid_rule_is_refused_at_step_six_and_nothing_changes() {
     // before reading the rules, PROTOCOL.
     let mut c = d.raw();
     c.read_state();
-    let many: Vec<Vec<u8>> = (0..256u16)
-        .map(|i| tcp_rule(1000 + i, 1000 + i, 1))
-        .collect();
-    c.update(1, &many);
+    // Only the count and one rule: the server stops reading at the count.
+    let mut many = vec![0x10, 1];
+    many.extend((pesto::table::MAX_RULES as u32 + 1).to_be_bytes());
+    many.extend(tcp_rule(1000, 1000, 1));
+    c.send(&many);
     let st = c.status();
     assert_eq!(st.code, 1, "PROTOCOL {st:?}");
     // More listening sockets than a table may have (6 x 65535 > 327680): LIMIT.

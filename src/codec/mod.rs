@@ -19,7 +19,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::rule::{Flags, IFNAMSIZ, IfName, PifId, Proto, Rule, canonical_ip};
-use crate::table::{MAX_RULES, PIF_NAME_SIZE};
+use crate::table::{MAX_RULES, MAX_RULES_V2, PIF_NAME_SIZE};
 
 /// Magic that opens the server's hello.
 pub const SERVER_MAGIC: [u8; 8] = *b"basil:s\0";
@@ -112,15 +112,27 @@ pub type DecodeResult<T> = Result<T, DecodeError>;
 pub struct Limits {
     /// Most pifs in one listing or update.
     pub max_pifs: usize,
-    /// Most rules in one pif's table.
+    /// Most rules in one pif's table. A version-2 listing never takes
+    /// more than [`MAX_RULES_V2`], whatever this says.
     pub max_rules: usize,
 }
 
 impl Default for Limits {
+    /// Version 3's: what pestod announces and takes.
     fn default() -> Limits {
         Limits {
             max_pifs: 8,
             max_rules: MAX_RULES,
+        }
+    }
+}
+
+impl Limits {
+    /// Upstream's limits, for version 2's peers.
+    pub fn v2() -> Limits {
+        Limits {
+            max_rules: MAX_RULES_V2,
+            ..Limits::default()
         }
     }
 }
@@ -430,6 +442,7 @@ fn get_rules(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<Rule>> {
 
 fn put_rules(out: &mut BytesMut, rules: &[Rule]) {
     // Tables hold at most MAX_RULES rules, far below u32::MAX.
+    const _: () = assert!(MAX_RULES < u32::MAX as usize);
     out.put_u32(rules.len() as u32);
     out.reserve(rules.len() * RULE_SIZE);
     for rule in rules {
@@ -552,6 +565,10 @@ fn put_pif_header(out: &mut BytesMut, id: PifId, name: &str, caps: crate::rule::
 }
 
 /// Version 2's listing: every pif with its rules, ended by a zero pif id.
+///
+/// Upstream takes at most [`MAX_RULES_V2`] rules per pif: decoding refuses
+/// more, and encoding writes a pif's first [`MAX_RULES_V2`] rules only (see
+/// [`crate::table::Config::to_listing_v2`], which says so in the log).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ListingV2 {
     /// The pifs, in the server's order.
@@ -570,7 +587,11 @@ impl Wire for ListingV2 {
                     CodecError::Malformed(format!("pif name '{name}' appears twice")).into(),
                 );
             }
-            let rules = get_rules(r, limits)?;
+            let v2 = Limits {
+                max_rules: limits.max_rules.min(MAX_RULES_V2),
+                ..*limits
+            };
+            let rules = get_rules(r, &v2)?;
             pifs.push(PifListing {
                 id,
                 name,
@@ -584,7 +605,7 @@ impl Wire for ListingV2 {
     fn encode(&self, out: &mut BytesMut) {
         for p in &self.pifs {
             put_pif_header(out, p.id, &p.name, p.caps);
-            put_rules(out, &p.rules);
+            put_rules(out, p.rules.get(..MAX_RULES_V2).unwrap_or(&p.rules));
         }
         out.put_u8(0);
     }
@@ -832,8 +853,9 @@ mod tests {
         // Before: one parse per byte, 114,265 of them.
         assert!(parses <= 3 * 8 + 2, "{parses} parses");
         // Cut in two, at a prime step (every byte is the other tests' job
-        // on smaller messages; a cut here costs a whole parse).
-        for cut in (0..=b.len()).step_by(997) {
+        // on smaller messages; a cut here costs a whole parse, of 16,384
+        // rules on each of 8 pifs).
+        for cut in (0..=b.len()).step_by(65_537) {
             assert_eq!(feed::<Update>(&b, &[cut]).0, got, "cut at {cut}");
         }
     }
@@ -854,7 +876,7 @@ mod tests {
         dup[1 + 4 + RULE_SIZE] = 1;
         // A count past the limit, in the second table.
         let mut count = good.clone();
-        count[1 + 4 + RULE_SIZE + 1..][..4].copy_from_slice(&1000u32.to_be_bytes());
+        count[1 + 4 + RULE_SIZE + 1..][..4].copy_from_slice(&(MAX_RULES as u32 + 1).to_be_bytes());
         for b in [proto, dup, count] {
             assert!(at_once::<Update>(&b).is_err());
             same_however_split::<Update>(&b, 3 * 8 + 2);

@@ -148,10 +148,9 @@ impl Tables {
         let slot = self.config.by_id_mut(pif)?;
         let old = std::mem::replace(&mut slot.table, table);
         let changed = scope::changed_owners(&old, &slot.table);
-        let empty: Vec<bool> = changed
-            .iter()
-            .map(|o| !slot.table.owners().iter().any(|x| x.as_ref() == Some(o)))
-            .collect();
+        let left: std::collections::HashSet<&Owner> =
+            slot.table.owners().iter().flatten().collect();
+        let empty: Vec<bool> = changed.iter().map(|o| !left.contains(o)).collect();
         let generation = self.generations.entry(pif).or_insert(0);
         *generation += 1;
         let generation = *generation;
@@ -1050,7 +1049,7 @@ fn merge_scopes(
     let mut tables = Vec::with_capacity(current.len());
     for (id, (name, mut table)) in current {
         for sc in scopes.iter().filter(|s| s.pif == id) {
-            table = scope::replace(&table, &sc.owner, &sc.rules).map_err(|(i, e)| {
+            table = scope::replace_in(table, &sc.owner, &sc.rules).map_err(|(i, e)| {
                 let code = if e.is_limit() {
                     Code::Limit
                 } else {
@@ -1084,10 +1083,13 @@ fn check_whole(
         return Ok(());
     }
     // Owners carried over keep their rules; an owner whose rules are not
-    // all there any more loses some.
+    // all there any more loses some. Counted once, not once per owner.
+    let mut kept: std::collections::HashMap<&Owner, usize> = std::collections::HashMap::new();
+    for o in new.iter().filter_map(|(_, o)| o.as_ref()) {
+        *kept.entry(o).or_insert(0) += 1;
+    }
     for (o, n) in scope::owners(current) {
-        let kept = new.iter().filter(|(_, x)| x.as_ref() == Some(&o)).count();
-        if kept != n {
+        if kept.get(&o).copied().unwrap_or(0) != n {
             t.check_owner(&o, uid).map_err(|mut s| {
                 s.pif = Some(pif);
                 s
