@@ -78,8 +78,12 @@ fn args() -> Result<Args, String> {
             other => return Err(format!("unknown option {other}")),
         }
     }
-    if a.rules > 250 {
-        return Err("--rules: at most 250 (a table holds 255, clients need room)".into());
+    let room = pesto::table::MAX_RULES - 2 * a.clients.iter().copied().max().unwrap_or(0);
+    if usize::from(a.rules) > room {
+        return Err(format!(
+            "--rules: at most {room} (a table holds {}, each client needs two)",
+            pesto::table::MAX_RULES
+        ));
     }
     Ok(a)
 }

@@ -373,8 +373,8 @@ impl Table {
 /// first port, are sorted by last port too, and the only one that can
 /// overlap `first..=last` is the last one starting at or before `last`. One
 /// ordered-map lookup per class to ask. Hosts are many classes; a wildcard
-/// asks about all of a family's hosts at once, whose ranges may overlap
-/// (127.0.0.1 and 127.0.0.2 on one port): [`Coverage`] counts them per port.
+/// asks each host of its family with rules in the table, one lookup each:
+/// O(h log n) for h such addresses, which is one or a few in practice.
 /// Interface names do not count, as upstream's check ignores them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Class {
@@ -402,22 +402,17 @@ impl Class {
 struct ConflictIndex {
     /// For each (protocol, class), the port ranges, first port to last.
     ranges: BTreeMap<(Proto, Class, u16), u16>,
-    /// For each (protocol, family), the ports of every host rule, made on
-    /// the first such rule.
-    hosts: [Option<Box<Coverage>>; 4],
+    /// The host addresses that have rules, per protocol, with how many.
+    hosts: BTreeMap<(Proto, IpAddr), usize>,
 }
 
-/// Not the two 64 Ki arrays.
 impl std::fmt::Debug for ConflictIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConflictIndex")
             .field("ranges", &self.ranges.len())
-            .finish_non_exhaustive()
+            .field("hosts", &self.hosts.len())
+            .finish()
     }
-}
-
-fn hosts_slot(proto: Proto, v4: bool) -> usize {
-    usize::from(proto == Proto::Udp) * 2 + usize::from(v4)
 }
 
 impl ConflictIndex {
@@ -432,9 +427,11 @@ impl ConflictIndex {
 
     /// Whether some host rule of a family overlaps `rule`'s protocol and ports.
     fn hosts_overlap(&self, rule: &Rule, v4: bool) -> bool {
-        self.hosts[hosts_slot(rule.proto, v4)]
-            .as_ref()
-            .is_some_and(|c| c.any(rule.first, rule.last))
+        self.hosts
+            .range((rule.proto, IpAddr::from([0u8; 4]))..)
+            .take_while(|((p, _), _)| *p == rule.proto)
+            .filter(|((_, a), _)| a.is_ipv4() == v4)
+            .any(|((_, a), _)| self.class_overlaps(rule, Class::Host(*a)))
     }
 
     /// Whether `rule` conflicts with a rule of the table (see [`Class`]).
@@ -466,9 +463,7 @@ impl ConflictIndex {
         self.ranges
             .insert((rule.proto, class, rule.first), rule.last);
         if let Class::Host(a) = class {
-            self.hosts[hosts_slot(rule.proto, a.is_ipv4())]
-                .get_or_insert_with(Coverage::new)
-                .add(rule.first, rule.last, true);
+            *self.hosts.entry((rule.proto, a)).or_insert(0) += 1;
         }
     }
 
@@ -477,69 +472,13 @@ impl ConflictIndex {
         let class = Class::of(rule);
         self.ranges.remove(&(rule.proto, class, rule.first));
         if let Class::Host(a) = class {
-            if let Some(c) = &mut self.hosts[hosts_slot(rule.proto, a.is_ipv4())] {
-                c.add(rule.first, rule.last, false);
+            if let Some(n) = self.hosts.get_mut(&(rule.proto, a)) {
+                *n -= 1;
+                if *n == 0 {
+                    self.hosts.remove(&(rule.proto, a));
+                }
             }
         }
-    }
-}
-
-/// Port ranges that may overlap, as two Fenwick trees over the ports: how
-/// many ranges start at or before a port, and how many end there. A range
-/// `first..=last` meets one of them if one covers `first` (started at or
-/// before it, not ended before it) or one starts inside it. O(log 65536).
-#[derive(Clone)]
-struct Coverage {
-    starts: Vec<u32>,
-    ends: Vec<u32>,
-}
-
-/// Fenwick tree size: ports 0 to 65535, one-based.
-const PORTS: usize = 1 << 16;
-
-impl Coverage {
-    fn new() -> Box<Coverage> {
-        Box::new(Coverage {
-            starts: vec![0; PORTS + 1],
-            ends: vec![0; PORTS + 1],
-        })
-    }
-
-    /// Counts (or uncounts) the range `first..=last`.
-    fn add(&mut self, first: u16, last: u16, count: bool) {
-        for (tree, port) in [(&mut self.starts, first), (&mut self.ends, last)] {
-            let mut i = usize::from(port) + 1;
-            while let Some(slot) = tree.get_mut(i) {
-                *slot = if count {
-                    slot.wrapping_add(1)
-                } else {
-                    slot.wrapping_sub(1)
-                };
-                i += i & i.wrapping_neg();
-            }
-        }
-    }
-
-    /// Ranges in `tree` at ports `0..=port`.
-    fn upto(tree: &[u32], port: u16) -> u32 {
-        let mut i = usize::from(port) + 1;
-        let mut n = 0u32;
-        while i > 0 {
-            n = n.wrapping_add(tree.get(i).copied().unwrap_or(0));
-            i &= i - 1;
-        }
-        n
-    }
-
-    /// Whether some counted range shares a port with `first..=last`.
-    fn any(&self, first: u16, last: u16) -> bool {
-        let started = Coverage::upto(&self.starts, first);
-        let ended_before = match first.checked_sub(1) {
-            Some(p) => Coverage::upto(&self.ends, p),
-            None => 0,
-        };
-        let starts_inside = Coverage::upto(&self.starts, last).wrapping_sub(started);
-        started != ended_before || starts_inside != 0
     }
 }
 
