@@ -160,12 +160,15 @@ impl Daemon {
     /// from within a tokio runtime.
     pub async fn start(mut opts: Options) -> Result<Daemon, StartError> {
         let mut leases = BTreeMap::new();
+        let mut uids = Vec::new();
         if let Some(path) = opts.state_file.clone() {
             if let Some(saved) = crate::statefile::read(&path)? {
                 let crate::statefile::Saved {
                     mut tables,
                     leases: saved,
+                    uids: saved_uids,
                 } = saved;
+                uids = saved_uids;
                 for (owner, lease, start) in saved {
                     // A pid lease whose process is gone (or whose pid now
                     // names another process) ended while pestod was down.
@@ -224,6 +227,7 @@ impl Daemon {
         // A TTL starts again in full: the daemon cannot know how long it
         // was down.
         shared.restore_leases(leases);
+        shared.restore_uids(uids);
         shared.watch_leases();
         // The file always holds what runs, from the start on.
         if let Err(e) = shared.save() {

@@ -7,8 +7,9 @@
 //! rules') and each rule's owner as a length byte (0: none) and the label;
 //! then a u32 count of leases, each an owner, a kind byte and a u32 value
 //! as in UPDATE_SCOPED, and for a pid lease the process's u64 start time
-//! (0 for a TTL), so that a reused pid is not mistaken for the process.
-//! Nothing after it. Version 1 files (the tables only) are read too.
+//! (0 for a TTL), so that a reused pid is not mistaken for the process;
+//! then a u32 count of owners with the uid each belongs to (an owner and a
+//! u32), so that tenants stay apart across a restart. Nothing after it. Version 1 files (the tables only) are read too.
 //! Anything else is corrupt: a clear start-up error, never a silently
 //! empty table.
 
@@ -63,6 +64,8 @@ pub struct Saved {
     pub tables: Tables,
     /// The leases.
     pub leases: Vec<SavedLease>,
+    /// The uid each owner belongs to.
+    pub uids: Vec<(Owner, u32)>,
 }
 
 /// Reads what is saved at `path`; `None` if there is no file.
@@ -104,6 +107,7 @@ pub fn read(path: &Path) -> Result<Option<Saved>, StateFileError> {
                         .map(|(id, rules)| (id, rules.into_iter().map(|r| (r, None)).collect()))
                         .collect(),
                     leases: Vec::new(),
+                    uids: Vec::new(),
                 }
             } else {
                 read_owners(update, tail).map_err(|e| match e {
@@ -159,17 +163,35 @@ fn read_owners(update: Update, tail: &[u8]) -> Result<Saved, DecodeError> {
             None => return Err(bad(format!("owner '{o}' with no lease"))),
         }
     }
-    if r.remaining() > 0 {
-        return Err(bad(format!("{} bytes after the leases", r.remaining())));
+    let n = r.u32()? as usize;
+    let mut uids = Vec::with_capacity(n.min(4096));
+    for _ in 0..n {
+        let o = owner(&mut r)?;
+        uids.push((o, r.u32()?));
     }
-    Ok(Saved { tables, leases })
+    if r.remaining() > 0 {
+        return Err(bad(format!(
+            "{} bytes after the owners' uids",
+            r.remaining()
+        )));
+    }
+    Ok(Saved {
+        tables,
+        leases,
+        uids,
+    })
 }
 
 /// Writes `config`'s tables with their owners, and `leases`, to `path`
 /// atomically: a temporary file in the same directory, fsync, rename over
 /// the old one, fsync of the directory. A crash at any point leaves the old
 /// file or the new one, whole.
-pub fn write(path: &Path, config: &Config, leases: &[SavedLease]) -> Result<(), StateFileError> {
+pub fn write(
+    path: &Path,
+    config: &Config,
+    leases: &[SavedLease],
+    uids: &[(Owner, u32)],
+) -> Result<(), StateFileError> {
     let io_err = |error| StateFileError::Io {
         path: path.to_owned(),
         error,
@@ -204,6 +226,11 @@ pub fn write(path: &Path, config: &Config, leases: &[SavedLease]) -> Result<(), 
         bytes.push(kind);
         bytes.extend(value.to_be_bytes());
         bytes.extend(start.to_be_bytes());
+    }
+    bytes.extend((uids.len() as u32).to_be_bytes());
+    for (o, uid) in uids {
+        label(&mut bytes, o);
+        bytes.extend(uid.to_be_bytes());
     }
     let dir = path
         .parent()
@@ -261,8 +288,9 @@ mod tests {
         };
         let web = Owner::new("web").unwrap();
         let leases = vec![(web.clone(), Lease::Pid(42), 7)];
-        write(&path, &config, &leases).unwrap();
+        write(&path, &config, &leases, &[(web.clone(), 1000)]).unwrap();
         let saved = read(&path).unwrap().unwrap();
+        assert_eq!(saved.uids, [(web.clone(), 1000)]);
         assert_eq!(
             saved.tables,
             vec![(PifId::HOST, vec![(rules[0].clone(), None)])]
@@ -281,7 +309,7 @@ mod tests {
                 table: owned,
             }],
         };
-        write(&path, &config2, &[]).unwrap();
+        write(&path, &config2, &[], &[]).unwrap();
         let saved = read(&path).unwrap().unwrap();
         assert_eq!(saved.tables[0].1[0].1, Some(web));
         // A version 1 file (the tables only) still reads.
@@ -292,7 +320,7 @@ mod tests {
         }));
         std::fs::write(&path, &v1).unwrap();
         assert_eq!(read(&path).unwrap().unwrap().tables[0].1.len(), 1);
-        write(&path, &config, &leases).unwrap();
+        write(&path, &config, &leases, &[]).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.truncate(bytes.len() - 3);
         std::fs::write(&path, &bytes).unwrap();

@@ -515,6 +515,11 @@ fn owners_and_leases_survive_a_restart() {
         ]
     );
     assert!(d.proc.log().contains("dead-ctr"), "{}", d.proc.log());
+    // The owners still belong to the uid that made them.
+    let out = d.pesto(&["--owners", "--json"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let uid = rustix::process::getuid().as_raw();
+    assert!(listed.contains(&format!(r#""uid":{uid}"#)), "{listed}");
     assert!(!udp_bound(base + 2));
     // The live one is watched again: its process exits, its rules go.
     alive.kill();

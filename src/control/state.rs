@@ -281,7 +281,7 @@ impl Shared {
         let Some(path) = &self.state_file else {
             return Ok(());
         };
-        crate::statefile::write(path, &self.config(), &self.saved_leases())
+        crate::statefile::write(path, &self.config(), &self.saved_leases(), &self.uids())
     }
 
     /// Says where `pif`'s sockets live and its targets are reached (the
@@ -591,8 +591,9 @@ impl Shared {
             Some(path) => {
                 let config = self.config();
                 let leases = self.saved_leases();
+                let uids = self.uids();
                 let saved = tokio::task::spawn_blocking(move || {
-                    crate::statefile::write(&path, &config, &leases)
+                    crate::statefile::write(&path, &config, &leases, &uids)
                 })
                 .await;
                 match saved {
@@ -674,6 +675,23 @@ impl Shared {
     /// Sets leases (restored from the state file, before any transaction).
     pub fn restore_leases(&self, leases: BTreeMap<Owner, Lease>) {
         self.tables().leases = leases;
+    }
+
+    /// Sets the owners' uids (restored from the state file, before any
+    /// transaction); owners without rules are forgotten.
+    pub fn restore_uids(&self, uids: impl IntoIterator<Item = (Owner, u32)>) {
+        let mut t = self.tables();
+        t.owner_uids = uids.into_iter().collect();
+        t.settle_owners(&[], 0);
+    }
+
+    /// The uid each owner belongs to, for the state file.
+    fn uids(&self) -> Vec<(Owner, u32)> {
+        self.tables()
+            .owner_uids
+            .iter()
+            .map(|(o, u)| (o.clone(), *u))
+            .collect()
     }
 
     /// After a commit: owners with no rules left lose their lease, a new
