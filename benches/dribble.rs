@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 
 const AT_ONCE_ROUNDS: u32 = 50;
 
-/// The daemon's user and system CPU time so far, in ms.
-fn cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+/// The user and system CPU time so far, in ms, of the process or thread
+/// whose stat file is `path` (/proc/PID/stat, /proc/thread-self/stat).
+fn cpu_ms_of(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).expect("stat");
     let rest = &stat[stat.rfind(')').expect("stat") + 2..];
     let ticks: u64 = rest
         .split_whitespace()
@@ -36,17 +37,14 @@ fn cpu_ms(pid: u32) -> f64 {
     ticks as f64 * 1000.0 / rustix::param::clock_ticks_per_second() as f64
 }
 
+/// The daemon's user and system CPU time so far, in ms.
+fn cpu_ms(pid: u32) -> f64 {
+    cpu_ms_of(&format!("/proc/{pid}/stat"))
+}
+
 /// This thread's user and system CPU time so far, in ms.
 fn thread_cpu_ms() -> f64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
-    let rest = &stat[stat.rfind(')').expect("stat") + 2..];
-    let ticks: u64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .map(|v| v.parse::<u64>().expect("ticks"))
-        .sum();
-    ticks as f64 * 1000.0 / rustix::param::clock_ticks_per_second() as f64
+    cpu_ms_of("/proc/thread-self/stat")
 }
 
 /// What the kernel alone charges a reader for `n` one-byte writes: a plain

@@ -7,7 +7,6 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -25,22 +24,6 @@ fn rss(pid: u32) -> u64 {
         .and_then(|v| v.parse().ok())
         .expect("VmRSS");
     kb * 1024
-}
-
-/// Open descriptors of a process.
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// Waits until `cond` holds, or panics with `what` after [`PATIENCE`].
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE * 3;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A datagram to each of 1,000 ports, as a port scan sends, costs little
@@ -70,7 +53,7 @@ fn udp_port_sweep_memory_is_bounded_and_returned() {
         client.send_to(b"x", v4(port)).unwrap();
     }
     // Every datagram made its flow.
-    wait_until("a flow per port", || {
+    wait_until(PATIENCE * 3, "a flow per port", || {
         fds(pid) >= fds_before + usize::from(PORTS)
     });
     let rss_swept = rss(pid);
@@ -81,7 +64,9 @@ fn udp_port_sweep_memory_is_bounded_and_returned() {
         rss_swept / MB
     );
     // Every flow socket closes after the idle timeout.
-    wait_until("the flows to expire", || fds(pid) <= fds_before);
+    wait_until(PATIENCE * 3, "the flows to expire", || {
+        fds(pid) <= fds_before
+    });
     let rss_after = rss(pid);
     assert!(
         rss_after <= rss_before + 4 * MB,

@@ -34,12 +34,6 @@ fn forwards(port: u16) -> bool {
     s.read_to_end(&mut buf).is_ok() && buf == b"ok"
 }
 
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 /// The daemon's TCP sockets that are not listening: connections.
 fn connected_tcp(pid: u32) -> usize {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))

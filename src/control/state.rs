@@ -964,14 +964,8 @@ fn validate_rules(pifs: Vec<Proposed>, targets: Targets, uid: u32) -> Result<Sha
             s.pif = Some(id);
             return Err(s);
         }
-        let table = Table::with_owned_rules(caps, rules).map_err(|(i, e)| {
-            let code = if e.is_limit() {
-                Code::Limit
-            } else {
-                Code::Invalid
-            };
-            rule_status(code, id, i, format!("{name}: {e}"))
-        })?;
+        let table = Table::with_owned_rules(caps, rules)
+            .map_err(|(i, e)| rule_refusal(id, i, &e, &name))?;
         let routes = routes(&table, targets, &place)
             .map_err(|(i, e)| rule_status(Code::Invalid, id, i, format!("{name}: {e}")))?;
         tables.push(PifChange { id, table, routes });
@@ -1068,12 +1062,7 @@ fn merge_scopes(
     for (id, (name, mut table)) in current {
         for sc in scopes.iter().filter(|s| s.pif == id) {
             table = scope::replace_in(table, &sc.owner, &sc.rules).map_err(|(i, e)| {
-                let code = if e.is_limit() {
-                    Code::Limit
-                } else {
-                    Code::Invalid
-                };
-                rule_status(code, id, i, format!("{name}, owner '{}': {e}", sc.owner))
+                rule_refusal(id, i, &e, &format!("{name}, owner '{}'", sc.owner))
             })?;
         }
         let place = places.get(&id).cloned().unwrap_or_default();
@@ -1115,6 +1104,17 @@ fn check_whole(
         }
     }
     Ok(())
+}
+
+/// LIMIT for a rule past a table limit, else INVALID; the message says
+/// `context: error`.
+fn rule_refusal(pif: PifId, index: usize, e: &crate::table::RuleError, context: &str) -> Status {
+    let code = if e.is_limit() {
+        Code::Limit
+    } else {
+        Code::Invalid
+    };
+    rule_status(code, pif, index, format!("{context}: {e}"))
 }
 
 fn rule_status(code: Code, pif: PifId, index: usize, message: String) -> Status {

@@ -34,6 +34,13 @@ pub fn skip(reason: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
 }
 
+/// Open descriptors of process `pid`.
+pub fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 /// Polls `cond` every few milliseconds until it holds; fails with `what`
 /// if it still does not after `deadline`. Tests wait for the event they
 /// need, never for a fixed time.
