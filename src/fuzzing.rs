@@ -9,13 +9,17 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::codec::v3::{ClientHello, ClientMsg, Code, ServerHello, ServerMsg, Status, VERSION_3};
+use crate::codec::v3::{
+    ClientHello, ClientMsg, Code, OWNERS, RESERVE, ServerHello, ServerMsg, Status, VERSION_3,
+};
 use crate::codec::{HelloV2, Limits, ListingV2, Update, Wire, decode_from};
 use crate::control::serve_one;
 use crate::control::state::{Shared, Timeouts};
 use crate::dataplane::{DataPlane, Settings};
+use crate::lease::Lease;
 use crate::registry::Registry;
 use crate::rule::{Caps, PifId, Proto, Rule};
+use crate::scope::ScopeUpdate;
 use crate::table::{Config, PifTable, Table};
 use crate::target::Targets;
 
@@ -67,15 +71,19 @@ impl Asked {
         }
     }
 
-    /// The update of a client that may write (version 3, no flags), sent
+    /// The proposal of a client that may write (version 3, not READ_ONLY,
+    /// no unknown flag; scopes only with OWNERS), sent
     /// first, then APPLY: what the server may apply.
-    fn applied(&self) -> Option<&Update> {
+    fn applied(&self) -> Option<Proposal<'_>> {
         let hello = self.hello.as_ref()?;
-        if hello.version != VERSION_3 || hello.flags != 0 {
+        if hello.version != VERSION_3 || hello.flags & !(OWNERS | RESERVE) != 0 {
             return None;
         }
         match self.msgs.as_slice() {
-            [ClientMsg::Update(u), ClientMsg::Apply, ..] => Some(u),
+            [ClientMsg::Update(u), ClientMsg::Apply, ..] => Some(Proposal::Whole(u)),
+            [ClientMsg::UpdateScoped(s), ClientMsg::Apply, ..] if hello.flags & OWNERS != 0 => {
+                Some(Proposal::Scoped(s))
+            }
             _ => None,
         }
     }
@@ -108,14 +116,38 @@ fn answered(data: &[u8]) -> (bool, Option<Status>) {
     (reported, last)
 }
 
-/// The tables the server should hold after `update`: its pifs' tables
-/// replaced, validated as the server validates them. `None` if it holds an
-/// unknown pif or a table the server must refuse.
-fn model(start: &Config, update: &Update) -> Option<Config> {
+/// What a writing client proposed.
+#[derive(Debug, Clone, Copy)]
+enum Proposal<'a> {
+    Whole(&'a Update),
+    Scoped(&'a [ScopeUpdate]),
+}
+
+/// The tables the server should hold after `proposal`: whole tables
+/// replaced, or each scope's rules put in place of its owner's, validated
+/// as the server validates them. `None` if it names an unknown pif, a
+/// scope whose generation is not the one the start state has (0: it has no
+/// owners), a process that does not exist for a pid lease, or a table the
+/// server must refuse.
+fn model(start: &Config, proposal: Proposal<'_>) -> Option<Config> {
     let mut out = start.clone();
-    for (id, rules) in &update.tables {
-        let pif = out.pifs.iter_mut().find(|p| p.id == *id)?;
-        pif.table = Table::with_rules(pif.table.caps(), rules.clone()).ok()?;
+    match proposal {
+        Proposal::Whole(update) => {
+            for (id, rules) in &update.tables {
+                let pif = out.pifs.iter_mut().find(|p| p.id == *id)?;
+                pif.table = Table::with_rules(pif.table.caps(), rules.clone()).ok()?;
+            }
+        }
+        Proposal::Scoped(scopes) => {
+            for sc in scopes {
+                let pif = out.pifs.iter_mut().find(|p| p.id == sc.pif)?;
+                let live = |p| crate::lease::start_time(p).is_some();
+                if sc.generation != 0 || matches!(sc.lease, Some(Lease::Pid(p)) if !live(p)) {
+                    return None;
+                }
+                pif.table = crate::scope::replace(&pif.table, &sc.owner, &sc.rules).ok()?;
+            }
+        }
     }
     Some(out)
 }
@@ -208,9 +240,15 @@ pub fn transaction(data: &[u8]) -> u64 {
             _ => &config,
         };
         assert_eq!(&after, want, "tables after {asked:?}");
-        // HOST swaps once when applied, once more when rolled back.
-        let swaps =
-            u64::from(update.is_some_and(|u| u.tables.iter().any(|(id, _)| *id == PifId::HOST)));
+        // HOST swaps once when applied, once more when rolled back; a
+        // scope that changes nothing is not applied.
+        let swaps = match (update, &proposed) {
+            (Some(Proposal::Whole(u)), _) => {
+                u64::from(u.tables.iter().any(|(id, _)| *id == PifId::HOST))
+            }
+            (Some(Proposal::Scoped(_)), Some(tables)) => u64::from(*tables != config),
+            _ => 0,
+        };
         let expected = match (&proposed, committed) {
             (None, _) => 1,
             (Some(_), true) => 1 + swaps,

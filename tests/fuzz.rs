@@ -8,18 +8,22 @@ mod common;
 use common::Ns;
 
 use pesto::codec::Update;
-use pesto::codec::v3::ClientMsg;
+use pesto::codec::v3::{ClientMsg, OWNERS, RESERVE};
 use pesto::codec::{encode_to_vec, v3::ClientHello};
 use pesto::fuzzing;
+use pesto::owner::Owner;
 use pesto::rule::{PifId, Proto, Rule};
+use pesto::scope::ScopeUpdate;
 
 /// A whole client side of a transaction that adds a TCP rule and commits
 /// (or rolls back).
 fn transcript(commit: bool) -> Vec<u8> {
-    let mut b = encode_to_vec(&ClientHello {
-        version: 3,
-        flags: 0,
-    });
+    transcript_with(0, commit)
+}
+
+/// [`transcript`] with these hello flags.
+fn transcript_with(flags: u32, commit: bool) -> Vec<u8> {
+    let mut b = encode_to_vec(&ClientHello { version: 3, flags });
     let rules = vec![
         Rule::new(Proto::Udp, "127.0.0.1".parse().unwrap(), 9999, 9999, 9),
         Rule::dual_stack(Proto::Tcp, 18000, 18001, 80),
@@ -33,6 +37,24 @@ fn transcript(commit: bool) -> Vec<u8> {
     } else {
         &ClientMsg::Rollback
     }));
+    b
+}
+
+/// A client with the OWNERS flag: one owner's scope, applied and committed.
+fn scoped_transcript(generation: u64) -> Vec<u8> {
+    let mut b = encode_to_vec(&ClientHello {
+        version: 3,
+        flags: OWNERS,
+    });
+    b.extend(encode_to_vec(&ClientMsg::UpdateScoped(vec![ScopeUpdate {
+        pif: PifId::HOST,
+        owner: Owner::new("ctr").unwrap(),
+        generation,
+        rules: vec![Rule::dual_stack(Proto::Tcp, 18000, 18001, 80)],
+        lease: None,
+    }])));
+    b.extend(encode_to_vec(&ClientMsg::Apply));
+    b.extend(encode_to_vec(&ClientMsg::Commit));
     b
 }
 
@@ -128,6 +150,12 @@ fn transactions_survive_the_corpus() {
         assert_eq!(fuzzing::transaction(&commit[..commit.len() - 1]), 3);
         // Cut before APPLY: validated, never applied.
         assert_eq!(fuzzing::transaction(&commit[..commit.len() - 2]), 1);
+        // The OWNERS and RESERVE flags write as well; a scoped update goes
+        // through unless its generation is not the one listed (STALE).
+        assert_eq!(fuzzing::transaction(&transcript_with(OWNERS, true)), 2);
+        assert_eq!(fuzzing::transaction(&transcript_with(RESERVE, false)), 3);
+        assert_eq!(fuzzing::transaction(&scoped_transcript(0)), 2);
+        assert_eq!(fuzzing::transaction(&scoped_transcript(7)), 1);
         let seeds = seeds();
         let inputs: Vec<Vec<u8>> = seeds.iter().cloned().chain(mutants(&seeds, 300)).collect();
         for input in &inputs {
