@@ -75,7 +75,7 @@ fn main() {
             let next = if i % 2 == 0 { &with_extra } else { &table };
             let t0 = Instant::now();
             let r = reg.sync(PifId::HOST, next, true);
-            reg.close_parked(PifId::HOST).await;
+            reg.take_parked(PifId::HOST, &r.parked_keys).wait().await;
             keep.push(t0.elapsed());
             assert!(r.is_ok());
             assert_eq!(r.bound + r.parked, 1, "only the changed port is touched");

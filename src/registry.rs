@@ -112,8 +112,13 @@ pub struct SyncReport {
     pub kept: usize,
     /// Sockets bound now.
     pub bound: usize,
-    /// Sockets parked: no rule of the table wants them.
+    /// Sockets this sync parked: no rule of the table wants them. Sockets
+    /// parked before (by a transaction still in flight) stay parked and are
+    /// not counted.
     pub parked: usize,
+    /// The keys of the sockets this sync parked: whoever synced closes them
+    /// ([`Registry::take_parked`]) once they are no longer needed back.
+    pub parked_keys: Vec<SocketKey>,
 }
 
 impl SyncReport {
@@ -202,6 +207,7 @@ impl Registry {
         };
         let mut sockets = self.pifs.remove(&pif).unwrap_or_default();
         let mut pool = std::mem::take(&mut sockets.active);
+        let was_parked: HashSet<SocketKey> = sockets.parked.keys().cloned().collect();
         pool.extend(sockets.parked.drain());
         let wanted: usize = routes.iter().map(|r| r.rule.port_count() as usize).sum();
         let mut active = HashMap::with_capacity(wanted);
@@ -257,21 +263,37 @@ impl Registry {
             }
             report.rules.push(rr);
         }
-        for listener in pool.values() {
+        for (key, listener) in &pool {
             listener.set_route(None);
+            if !was_parked.contains(key) {
+                report.parked_keys.push(key.clone());
+            }
         }
-        report.parked = pool.len();
+        report.parked = report.parked_keys.len();
         sockets.active = active;
         sockets.parked = pool;
         self.pifs.insert(pif, sockets);
         report
     }
 
-    /// Closes `pif`'s parked sockets; returns once their ports are free.
-    pub async fn close_parked(&mut self, pif: PifId) {
+    /// Takes those of `keys` that `pif` still holds parked out of the
+    /// registry: their ports are free once the [`Closing`] is awaited.
+    pub fn take_parked(&mut self, pif: PifId, keys: &[SocketKey]) -> Closing {
+        let mut out = Vec::with_capacity(keys.len());
         if let Some(s) = self.pifs.get_mut(&pif) {
-            close(s.parked.drain().map(|(_, l)| l)).await;
+            out.extend(keys.iter().filter_map(|k| s.parked.remove(k)));
         }
+        Closing(out)
+    }
+
+    /// Takes every parked socket of `pif` out of the registry.
+    pub fn take_all_parked(&mut self, pif: PifId) -> Closing {
+        Closing(
+            self.pifs
+                .get_mut(&pif)
+                .map(|s| s.parked.drain().map(|(_, l)| l).collect())
+                .unwrap_or_default(),
+        )
     }
 
     /// Closes every socket of every pif; returns once their ports are free.
@@ -291,6 +313,18 @@ impl Registry {
     /// Sockets that `pif` holds parked.
     pub fn parked_count(&self, pif: PifId) -> usize {
         self.pifs.get(&pif).map_or(0, |s| s.parked.len())
+    }
+}
+
+/// Sockets taken out of the registry, to be closed without holding it.
+#[derive(Debug)]
+#[must_use = "the sockets close when this is awaited"]
+pub struct Closing(Vec<Listener>);
+
+impl Closing {
+    /// Closes the sockets; returns once their ports are free.
+    pub async fn wait(self) {
+        close(self.0.into_iter()).await;
     }
 }
 
@@ -355,7 +389,7 @@ mod tests {
         // Rollback binds nothing and gets both old sockets back.
         let r = reg.sync(PifId::HOST, &old, false);
         assert_eq!((r.kept, r.bound, r.parked), (2, 0, 2));
-        reg.close_parked(PifId::HOST).await;
+        reg.take_parked(PifId::HOST, &r.parked_keys).wait().await;
         assert_eq!(reg.parked_count(PifId::HOST), 0);
         // The new-only ports are free again.
         assert!(std::net::TcpListener::bind(("127.0.0.1", base + 3)).is_ok());

@@ -527,3 +527,113 @@ fn owners_and_leases_survive_a_restart() {
         leases(&d).len() == 1
     });
 }
+
+/// A tenant that applies and then stalls holds up nobody but those who
+/// want its own rules: another owner on the same pif commits meanwhile,
+/// and a whole-table update, which wants every rule, waits (BUSY here).
+#[test]
+fn a_stalled_tenant_holds_up_only_its_own_rules() {
+    let d = Daemon::start(&["--step-timeout", "0.5", "--commit-timeout", "30"]);
+    let base = free_ports(3);
+    rt().block_on(async {
+        let t = session(&d.sock).await;
+        let tx = scope(&t, "stalled", vec![rule(base)]);
+        let stalled = t.propose_scoped(&tx).await.unwrap().apply().await.unwrap();
+
+        // Another owner, after the step timeout has passed twice over.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let u = session(&d.sock).await;
+        let uy = scope(&u, "busy", vec![rule(base + 1)]);
+        commit(u, &uy).await.expect("another owner commits");
+
+        let w = session(&d.sock).await;
+        let (update, _) = w
+            .edit(&[pesto::edit::Op::Spec(
+                pesto::spec::SpecOpt::Udp,
+                format!("127.0.0.1/{}:9", base + 2),
+            )])
+            .unwrap();
+        let e = w.propose(&update).await.unwrap().apply().await.err();
+        assert_eq!(e.and_then(|e| e.code()), Some(Code::Busy));
+
+        stalled.commit().await.unwrap();
+        assert_eq!(
+            host(&d.sock).await,
+            [
+                (base, Some("stalled".into())),
+                (base + 1, Some("busy".into()))
+            ]
+        );
+    });
+}
+
+/// A rule that an applied transaction removed is reserved until it ends: a
+/// rollback must be able to put it back. Another owner that wants its port
+/// waits; after a rollback its APPLY is INVALID (the port is taken again),
+/// after a commit it goes through.
+#[test]
+fn removed_rules_stay_reserved_until_their_transaction_ends() {
+    let d = Daemon::start(&[]);
+    let base = free_ports(1);
+    rt().block_on(async {
+        let setup = session(&d.sock).await;
+        let s0 = scope(&setup, "x", vec![rule(base)]);
+        commit(setup, &s0).await.unwrap();
+
+        for end_with_commit in [false, true] {
+            let t = session(&d.sock).await;
+            let tx = scope(&t, "x", vec![]);
+            let removing = t.propose_scoped(&tx).await.unwrap().apply().await.unwrap();
+            // The rule is gone from the table, but its port is reserved.
+            let u = session(&d.sock).await;
+            let uy = scope(&u, "y", vec![rule(base)]);
+            let proposed = u.propose_scoped(&uy).await.unwrap();
+            let waiting = tokio::spawn(async move { proposed.apply().await });
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            assert!(!waiting.is_finished(), "the reserved port was taken");
+            if end_with_commit {
+                removing.commit().await.unwrap();
+                let applied = waiting.await.unwrap().expect("the port is free now");
+                assert!(applied.report().ok);
+                applied.commit().await.unwrap();
+                assert_eq!(host(&d.sock).await, [(base, Some("y".into()))]);
+            } else {
+                removing.rollback().await.unwrap();
+                let e = waiting.await.unwrap().err().expect("x has the port back");
+                assert_eq!(e.code(), Some(Code::Invalid));
+                assert!(e.to_string().contains("'x'"), "{e}");
+                assert_eq!(host(&d.sock).await, [(base, Some("x".into()))]);
+            }
+        }
+    });
+}
+
+/// The state file keeps what is committed, not what is applied: a commit
+/// that lands while another owner's transaction is applied saves its own
+/// change only. A crash then restores no uncommitted rule.
+#[test]
+fn commits_save_only_what_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let base = free_ports(2);
+    {
+        let mut d = Daemon::start(&["--state-file", state]);
+        rt().block_on(async {
+            let t = session(&d.sock).await;
+            let tx = scope(&t, "pending", vec![rule(base)]);
+            let applied = t.propose_scoped(&tx).await.unwrap().apply().await.unwrap();
+            let u = session(&d.sock).await;
+            let uy = scope(&u, "done", vec![rule(base + 1)]);
+            commit(u, &uy).await.unwrap();
+            // A crash while T is applied and uncommitted.
+            d.proc.signal(rustix::process::Signal::KILL);
+            d.proc.wait();
+            drop(applied);
+        });
+    }
+    let d = Daemon::start(&["--state-file", state]);
+    rt().block_on(async {
+        assert_eq!(host(&d.sock).await, [(base + 1, Some("done".into()))]);
+    });
+}

@@ -3,8 +3,10 @@
 //!
 //! - [`state`]: the tables, their generations and the socket registry,
 //!   shared by every connection;
+//! - [`claims`]: which transactions may be applied at the same time;
 //! - `txn`: one connection's transaction, step by step.
 
+pub mod claims;
 pub mod leases;
 pub mod state;
 mod txn;

@@ -1,6 +1,12 @@
 //! The state every control connection shares: the active tables with their
-//! generations, and the socket registry, which only the one transaction that
-//! is applied and not yet committed may hold.
+//! generations, the transactions applied and not yet committed, and the
+//! socket registry.
+//!
+//! Transactions whose claims do not overlap ([`super::claims`]) are applied
+//! at the same time. Each remembers what it replaced ([`Pending`]), so that
+//! its rollback restores exactly its own scopes, and the rules it removed
+//! stay reserved until it ends: nobody else may take them meanwhile, so
+//! every rollback stays possible and never undoes another commit.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,8 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{OwnedMutexGuard, mpsc};
+use tokio::sync::{OwnedMutexGuard, mpsc, watch};
 
+use super::claims::{Claim, Claims, Held};
 use super::leases::LeaseEvent;
 use crate::codec::Update;
 use crate::codec::v3::{
@@ -17,10 +24,11 @@ use crate::codec::v3::{
 };
 use crate::lease::Lease;
 use crate::owner::Owner;
-use crate::registry::{Registry, SyncReport};
-use crate::rule::PifId;
+use crate::registry::{Closing, Registry, SyncReport};
+use crate::rule::{PifId, Rule};
 use crate::scan::{self, Listening};
 use crate::scope::{self, ScopeUpdate};
+use crate::socket::SocketKey;
 use crate::table::{Config, Table};
 use crate::target::{Placement, Route, Targets, routes};
 
@@ -106,6 +114,23 @@ struct Tables {
     owner_uids: BTreeMap<Owner, u32>,
     /// Each owner's lease, if its rules have one.
     leases: BTreeMap<Owner, Lease>,
+    /// The changes of each transaction applied and not yet committed.
+    pending: BTreeMap<u64, Vec<Pending>>,
+}
+
+/// A change applied and not yet committed: what its rollback puts back, and
+/// what nobody else may take until it ends.
+#[derive(Debug)]
+enum Pending {
+    /// A whole table, with the one it replaced (the pif is claimed whole).
+    Whole { pif: PifId, old: Table },
+    /// One owner's rules on one pif: the rules it had, and has now.
+    Scope {
+        pif: PifId,
+        owner: Owner,
+        old: Vec<Rule>,
+        new: Vec<Rule>,
+    },
 }
 
 /// Whether `uid` may change any owner's rules: root and the daemon's uid.
@@ -135,6 +160,64 @@ impl Tables {
         }
         let live: std::collections::BTreeSet<&Owner> = self.scopes.keys().map(|(_, o)| o).collect();
         self.owner_uids.retain(|o, _| live.contains(o));
+    }
+
+    /// The tables as committed: the active ones without the changes still
+    /// pending. This is what the state file keeps.
+    fn committed(&self) -> Config {
+        let mut config = self.config.clone();
+        for change in self.pending.values().flatten() {
+            match change {
+                Pending::Whole { pif, old } => {
+                    if let Some(p) = config.by_id_mut(*pif) {
+                        p.table = old.clone();
+                    }
+                }
+                Pending::Scope {
+                    pif, owner, old, ..
+                } => {
+                    if let Some(p) = config.by_id_mut(*pif) {
+                        // Cannot fail: the old rules were reserved.
+                        if let Ok(t) = scope::replace(&p.table, owner, old) {
+                            p.table = t;
+                        }
+                    }
+                }
+            }
+        }
+        config
+    }
+
+    /// The rules that transactions in flight removed from `pif` and may put
+    /// back: reserved until they end, with their owners.
+    fn reserved(&self, pif: PifId) -> Vec<(Rule, Owner)> {
+        let mut out = Vec::new();
+        for change in self.pending.values().flatten() {
+            if let Pending::Scope {
+                pif: p,
+                owner,
+                old,
+                new,
+            } = change
+            {
+                if *p == pif {
+                    let kept: std::collections::HashSet<&Rule> = new.iter().collect();
+                    out.extend(
+                        old.iter()
+                            .filter(|r| !kept.contains(r))
+                            .map(|r| (r.clone(), owner.clone())),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a transaction in flight changed `pif`.
+    fn is_pending(&self, pif: PifId) -> bool {
+        self.pending.values().flatten().any(|c| match c {
+            Pending::Whole { pif: p, .. } | Pending::Scope { pif: p, .. } => *p == pif,
+        })
     }
 
     /// A scope's generation now (0: the owner has no rules there).
@@ -174,10 +257,21 @@ pub struct Shared {
     // A std mutex: held to copy or swap tables, never across an await, so
     // readers never wait on a writer's socket work.
     tables: Mutex<Tables>,
-    // Held by the transaction that is applied and not yet committed, for its
-    // whole life after APPLY: its rollback must restore exactly what it
-    // replaced.
+    // Held while sockets are bound, moved or closed, and while a scoped
+    // transaction's table is built again at APPLY: briefly, never across a
+    // client's round trip.
     registry: Arc<tokio::sync::Mutex<Registry>>,
+    /// What each transaction between APPLY and its end has claimed.
+    claims: Arc<Claims>,
+    /// Moves at every commit and rollback: an APPLY that waits for
+    /// reserved rules watches it.
+    settled: watch::Sender<u64>,
+    /// Numbers the transactions that apply.
+    next_txn: AtomicU64,
+    /// Taken by [`Shared::close_all`] for good: nothing applies after it.
+    shutdown: Mutex<Option<Held>>,
+    /// Saves take turns, each writing the tables committed when it starts.
+    save_turn: tokio::sync::Mutex<()>,
     targets: Targets,
     timeouts: Timeouts,
     counters: Counters,
@@ -216,20 +310,36 @@ impl Shadow {
     pub fn pifs(&self) -> impl Iterator<Item = PifId> + '_ {
         self.tables.iter().map(|t| t.id)
     }
+
+    /// What it must hold from APPLY to its end: its scopes, or its pifs.
+    fn claim(&self) -> Claim {
+        if self.scopes.is_empty() {
+            Claim::Pifs(self.pifs().collect())
+        } else {
+            Claim::Scopes(
+                self.scopes
+                    .iter()
+                    .map(|s| (s.pif, s.owner.clone()))
+                    .collect(),
+            )
+        }
+    }
 }
 
-/// The apply slot, taken at the listing by a client that asked for it
-/// (the RESERVE hello flag); dropping it gives the slot back.
+/// Every pif, taken at the listing by a client that asked for it (the
+/// RESERVE hello flag); dropping it gives it back.
 #[derive(Debug)]
-pub struct Reserved(OwnedMutexGuard<Registry>);
+pub struct Reserved(Held);
 
-/// An applied transaction: it holds the registry until it commits or rolls
-/// back, and dropping it without either is a bug (it would keep the parked
-/// sockets); the transaction code always ends it.
+/// An applied transaction: it holds its claim until it commits or rolls
+/// back, and dropping it without either is a bug (its parked sockets and
+/// reserved rules would stay); the transaction code always ends it.
 #[derive(Debug)]
 pub struct Applied {
-    registry: OwnedMutexGuard<Registry>,
-    old: Vec<PifChange>,
+    id: u64,
+    claim: Held,
+    /// The sockets its apply parked, by pif: closed at commit.
+    parked: Vec<(PifId, Vec<SocketKey>)>,
     /// The owners of a scoped transaction, with the lease each asked for.
     leases: Vec<(Owner, Option<Lease>)>,
     /// What the apply bound.
@@ -257,8 +367,14 @@ impl Shared {
                 scopes,
                 owner_uids: BTreeMap::new(),
                 leases: BTreeMap::new(),
+                pending: BTreeMap::new(),
             }),
             registry: Arc::new(tokio::sync::Mutex::new(registry)),
+            claims: Arc::default(),
+            settled: watch::Sender::new(0),
+            next_txn: AtomicU64::new(1),
+            shutdown: Mutex::default(),
+            save_turn: tokio::sync::Mutex::const_new(()),
             targets,
             timeouts,
             counters: Counters::default(),
@@ -276,12 +392,13 @@ impl Shared {
         self
     }
 
-    /// Writes the active tables to the state file, if there is one.
+    /// Writes the committed tables to the state file, if there is one.
     pub fn save(&self) -> Result<(), crate::statefile::StateFileError> {
         let Some(path) = &self.state_file else {
             return Ok(());
         };
-        crate::statefile::write(path, &self.config(), &self.saved_leases(), &self.uids())
+        let committed = self.tables().committed();
+        crate::statefile::write(path, &committed, &self.saved_leases(), &self.uids())
     }
 
     /// Says where `pif`'s sockets live and its targets are reached (the
@@ -418,52 +535,60 @@ impl Shared {
             .iter()
             .map(|(id, _)| (*id, self.placement(*id)))
             .collect();
-        tokio::task::spawn_blocking(move || merge_scopes(current, scopes, &places, targets, uid))
-            .await
-            .unwrap_or_else(|_| Err(Status::new(Code::Internal, "validation failed")))
+        // Rules reserved by transactions in flight are checked at APPLY,
+        // when they may be free again.
+        let none = BTreeMap::new();
+        tokio::task::spawn_blocking(move || {
+            let merged = merge_scopes(current, scopes.clone(), &none, &places, targets)?;
+            Ok(Shadow {
+                tables: merged.tables,
+                scopes,
+                uid,
+            })
+        })
+        .await
+        .unwrap_or_else(|_| Err(Status::new(Code::Internal, "validation failed")))
     }
 
     /// Step 7: makes the shadow active and syncs the sockets. Waits for the
-    /// transaction applied before it to end, no longer than the step timeout
-    /// (then BUSY), and checks the generations again (STALE).
+    /// transactions in flight that it overlaps ([`Claim`]), no longer than
+    /// the step timeout (then BUSY), and checks the generations again
+    /// (STALE).
     pub async fn apply(&self, shadow: Shadow, snapshot: &Snapshot) -> Result<Applied, Status> {
-        let registry = self.apply_slot().await?;
-        self.apply_in(registry, shadow, snapshot).await
+        let claim = self.claim(shadow.claim()).await?;
+        self.apply_in(claim, shadow, snapshot).await
     }
 
-    /// The apply slot: held from APPLY to COMMIT or ROLLBACK, or from the
-    /// listing on by a client that reserved it ([`Reserved`]). Waits for the
-    /// transaction that holds it, no longer than the step timeout (BUSY).
-    async fn apply_slot(&self) -> Result<OwnedMutexGuard<Registry>, Status> {
-        Ok(match Arc::clone(&self.registry).try_lock_owned() {
-            Ok(registry) => registry,
-            Err(_) => {
-                // Said, so that an operator (and a test) can see an APPLY
-                // queued behind another transaction or a scan.
-                tracing::debug!("APPLY waits: another transaction is applied, or a scan runs");
-                let lock = Arc::clone(&self.registry).lock_owned();
-                let Ok(registry) = tokio::time::timeout(self.timeouts.step, lock).await else {
-                    return Err(Status::new(
-                        Code::Busy,
-                        format!(
-                            "another transaction stayed applied and uncommitted for {} s",
-                            self.timeouts.step.as_secs_f64()
-                        ),
-                    ));
-                };
-                registry
-            }
-        })
+    /// Waits for `claim`, no longer than the step timeout (BUSY).
+    async fn claim(&self, claim: Claim) -> Result<Held, Status> {
+        if let Some(held) = self.claims.try_acquire(&claim) {
+            return Ok(held);
+        }
+        // Said, so that an operator (and a test) can see an APPLY queued
+        // behind another transaction.
+        tracing::debug!("APPLY waits: a transaction on the same rules is applied");
+        tokio::time::timeout(self.timeouts.step, self.claims.acquire(claim))
+            .await
+            .map_err(|_| {
+                Status::new(
+                    Code::Busy,
+                    format!(
+                        "another transaction on the same rules stayed applied and \
+                         uncommitted for {} s",
+                        self.timeouts.step.as_secs_f64()
+                    ),
+                )
+            })
     }
 
-    /// Takes the apply slot for a client that went STALE before: from its
+    /// Takes every pif for a client that went STALE before: from its
     /// listing on, no other transaction can apply, so its retry cannot go
     /// STALE again. Clients that keep losing the race get their turn.
     pub async fn reserve(&self) -> Result<Reserved, Status> {
-        Ok(Reserved(self.apply_slot().await?))
+        Ok(Reserved(self.claim(Claim::All).await?))
     }
 
-    /// Step 7 with the slot reserved at the listing.
+    /// Step 7 with every pif reserved at the listing.
     pub async fn apply_reserved(
         &self,
         reserved: Reserved,
@@ -475,54 +600,72 @@ impl Shared {
 
     async fn apply_in(
         &self,
-        registry: OwnedMutexGuard<Registry>,
+        claim: Held,
         shadow: Shadow,
         snapshot: &Snapshot,
     ) -> Result<Applied, Status> {
-        let scoped = !shadow.scopes.is_empty();
-        let current = {
-            let t = self.tables();
-            if scoped {
-                check_scopes(&t, &shadow.scopes, shadow.uid)?;
-                current_tables(&t, &shadow.scopes)
-            } else {
-                for id in shadow.pifs() {
-                    check_generation(&t, id, snapshot)?;
-                }
-                Vec::new()
-            }
-        };
-        let targets = self.targets;
-        let places: BTreeMap<PifId, Placement> = current
-            .iter()
-            .map(|(id, _)| (*id, self.placement(*id)))
-            .collect();
-        // Binding runs on a blocking thread: a table may ask for hundreds of
-        // thousands of sockets, and no runtime worker may stall meanwhile.
-        // A scoped transaction's tables are built again first, from the
-        // tables as they are now that the registry is ours: another
-        // owner's commit since step 6 is kept, or conflicts (INVALID).
+        let id = self.next_txn.fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.timeouts.step;
         let Shadow {
             tables,
             scopes,
             uid,
         } = shadow;
-        let bound = tokio::task::spawn_blocking(move || {
-            let changes = if scoped {
-                let merged = merge_scopes(current, scopes.clone(), &places, targets, uid)?;
-                // A scope that already has these rules changes nothing.
-                merged.tables
-            } else {
-                tables
-            };
-            Ok::<_, Status>((registry, changes, scopes))
-        })
-        .await;
-        let (registry, changes, scopes) = match bound {
-            Ok(Ok(done)) => done,
-            Ok(Err(status)) => return Err(status),
-            Err(_) => return Err(Status::new(Code::Internal, "validation failed")),
+        let (registry, changes, mut pending) = if scopes.is_empty() {
+            let registry = Arc::clone(&self.registry).lock_owned().await;
+            let t = self.tables();
+            for c in &tables {
+                check_generation(&t, c.id, snapshot)?;
+            }
+            drop(t);
+            (registry, tables, Vec::new())
+        } else {
+            // A scoped transaction's tables are built again, from the tables
+            // as they are now that the registry is ours: another owner's
+            // commit since step 6 is kept, or conflicts (INVALID). A rule
+            // that a transaction in flight removed is reserved: this one
+            // waits for it to end.
+            loop {
+                let mut settled = self.settled.subscribe();
+                let registry = Arc::clone(&self.registry).lock_owned().await;
+                let (current, reserved) = {
+                    let t = self.tables();
+                    check_scopes(&t, &scopes, uid)?;
+                    let current = current_tables(&t, &scopes);
+                    let reserved: BTreeMap<PifId, Vec<(Rule, Owner)>> = current
+                        .iter()
+                        .map(|(id, _)| (*id, t.reserved(*id)))
+                        .collect();
+                    (current, reserved)
+                };
+                let targets = self.targets;
+                let places: BTreeMap<PifId, Placement> = current
+                    .iter()
+                    .map(|(id, _)| (*id, self.placement(*id)))
+                    .collect();
+                let scopes = scopes.clone();
+                // Merging a large table takes a while: a blocking thread.
+                let merged = tokio::task::spawn_blocking(move || {
+                    merge_scopes(current, scopes, &reserved, &places, targets)
+                })
+                .await
+                .unwrap_or_else(|_| Err(Status::new(Code::Internal, "validation failed")));
+                match merged {
+                    Ok(m) => break (registry, m.tables, m.pending),
+                    Err(s) if s.code == Code::Busy => {
+                        drop(registry);
+                        if tokio::time::timeout_at(deadline, settled.changed())
+                            .await
+                            .is_err()
+                        {
+                            return Err(s);
+                        }
+                    }
+                    Err(s) => return Err(s),
+                }
+            }
         };
+        let scoped = !scopes.is_empty();
         let changes: Vec<PifChange> = {
             let t = self.tables();
             changes
@@ -530,6 +673,10 @@ impl Shared {
                 .filter(|c| !scoped || t.config.by_id(c.id).is_none_or(|p| p.table != c.table))
                 .collect()
         };
+        pending.retain(|p| match p {
+            Pending::Scope { pif, .. } => changes.iter().any(|c| c.id == *pif),
+            Pending::Whole { .. } => true,
+        });
         let Some((registry, changes, syncs)) = sync_blocking(registry, changes, true).await else {
             return Err(Status::new(
                 Code::Internal,
@@ -544,23 +691,31 @@ impl Shared {
                 .map(|(c, sync)| pif_report(c.id, sync))
                 .collect(),
         };
+        let parked = changes
+            .iter()
+            .zip(syncs)
+            .map(|(c, sync)| (c.id, sync.parked_keys))
+            .collect();
         // Every pif swaps under one lock: a reader sees all old or all new.
-        let mut old = Vec::with_capacity(changes.len());
         let mut t = self.tables();
         for change in changes {
             // Pifs never go away while the registry is held.
-            let Some(table) = t.swap(change.id, change.table) else {
+            let Some(old) = t.swap(change.id, change.table) else {
                 continue;
             };
-            let routes = self.plain_routes(change.id, &table);
-            old.push(PifChange {
-                id: change.id,
-                table,
-                routes,
-            });
+            if !scoped {
+                pending.push(Pending::Whole {
+                    pif: change.id,
+                    old,
+                });
+            }
+        }
+        if !pending.is_empty() {
+            t.pending.insert(id, pending);
         }
         t.settle_owners(&scopes, uid);
         drop(t);
+        drop(registry);
         let mut leases: Vec<(Owner, Option<Lease>)> = Vec::new();
         for sc in scopes {
             match leases.iter_mut().find(|(o, _)| *o == sc.owner) {
@@ -569,40 +724,48 @@ impl Shared {
             }
         }
         Ok(Applied {
-            registry,
-            old,
+            id,
+            claim,
+            parked,
             leases,
             report,
         })
     }
 
+    /// Ends a transaction: its reserved rules are free, and those who wait
+    /// for them or for its claim go on.
+    fn settle(&self, id: u64, claim: Held) {
+        self.tables().pending.remove(&id);
+        self.settled.send_modify(|n| *n += 1);
+        drop(claim);
+    }
+
     /// Step 9, COMMIT: closes the sockets that only the old tables wanted,
     /// and saves the tables. Returns a warning for the client if saving
     /// failed (the new tables are active all the same).
-    pub async fn commit(&self, mut applied: Applied) -> Option<String> {
-        for change in &applied.old {
-            applied.registry.close_parked(change.id).await;
-        }
-        self.commit_leases(&applied.leases);
-        // Still under the registry lock, so saves happen in commit order; on
-        // a blocking thread, as fsync may take long.
-        let warning = match self.state_file.clone() {
-            None => None,
-            Some(path) => {
-                let config = self.config();
-                let leases = self.saved_leases();
-                let uids = self.uids();
-                let saved = tokio::task::spawn_blocking(move || {
-                    crate::statefile::write(&path, &config, &leases, &uids)
-                })
-                .await;
-                match saved {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(e) => Some(format!("saving the state failed: {e}")),
-                }
-            }
+    pub async fn commit(&self, applied: Applied) -> Option<String> {
+        let Applied {
+            id,
+            claim,
+            parked,
+            leases,
+            ..
+        } = applied;
+        let closing: Vec<Closing> = {
+            let mut registry = self.registry.lock().await;
+            parked
+                .iter()
+                .map(|(pif, keys)| registry.take_parked(*pif, keys))
+                .collect()
         };
+        // Their rules stay reserved until the ports are free: nobody else
+        // can be refused a bind because of them.
+        for c in closing {
+            c.wait().await;
+        }
+        self.commit_leases(&leases);
+        self.settle(id, claim);
+        let warning = self.save_committed().await;
         if let Some(w) = &warning {
             tracing::error!("{w}: the committed tables are active but not saved");
         }
@@ -610,30 +773,95 @@ impl Shared {
         warning
     }
 
-    /// Step 9, ROLLBACK (also after a disconnect or a timeout): the old
-    /// tables take their sockets back, without binding anything, and the
-    /// sockets bound for the new tables are closed.
+    /// Saves the committed tables, if there is a state file. Saves take
+    /// turns, each writing what is committed when its turn comes, so the
+    /// last one written is the newest; on a blocking thread, as fsync may
+    /// take long.
+    async fn save_committed(&self) -> Option<String> {
+        let path = self.state_file.clone()?;
+        let _turn = self.save_turn.lock().await;
+        let config = self.tables().committed();
+        let leases = self.saved_leases();
+        let uids = self.uids();
+        let saved = tokio::task::spawn_blocking(move || {
+            crate::statefile::write(&path, &config, &leases, &uids)
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("saving the state failed: {e}")),
+        }
+    }
+
+    /// Step 9, ROLLBACK (also after a disconnect or a timeout): puts back
+    /// what the transaction replaced, the whole tables or only its own
+    /// scopes, as they are now. The old rules take their sockets back,
+    /// without binding anything, and the sockets bound for the new ones are
+    /// closed.
     pub async fn rollback(&self, applied: Applied) -> Vec<SyncReport> {
+        let Applied { id, claim, .. } = applied;
+        let registry = Arc::clone(&self.registry).lock_owned().await;
+        let changes: Vec<PifChange> = {
+            let t = self.tables();
+            let mut tables: BTreeMap<PifId, Table> = BTreeMap::new();
+            for change in t.pending.get(&id).into_iter().flatten() {
+                match change {
+                    Pending::Whole { pif, old } => {
+                        tables.insert(*pif, old.clone());
+                    }
+                    Pending::Scope {
+                        pif, owner, old, ..
+                    } => {
+                        let Some(now) = tables
+                            .remove(pif)
+                            .or_else(|| t.config.by_id(*pif).map(|p| p.table.clone()))
+                        else {
+                            continue;
+                        };
+                        // The old rules were reserved: they still fit.
+                        let back = scope::replace_in(now.clone(), owner, old).unwrap_or_else(|e| {
+                            tracing::error!(%pif, %owner, "rollback cannot restore the rules: {e:?}");
+                            now
+                        });
+                        tables.insert(*pif, back);
+                    }
+                }
+            }
+            tables
+                .into_iter()
+                .map(|(id, table)| PifChange {
+                    id,
+                    routes: self.plain_routes(id, &table),
+                    table,
+                })
+                .collect()
+        };
         // No bind happens here, but a table of many thousands of sockets
         // takes a while: a blocking thread, as for apply.
-        let Applied { registry, old, .. } = applied;
-        let Some((mut registry, old, reports)) = sync_blocking(registry, old, false).await else {
+        let Some((mut registry, changes, reports)) = sync_blocking(registry, changes, false).await
+        else {
             // Only a panic in sync gets here; the registry went with it.
             tracing::error!("rollback failed: syncing the sockets panicked");
+            self.settle(id, claim);
             return Vec::new();
         };
-        let mut ids = Vec::with_capacity(old.len());
+        let mut ids = Vec::with_capacity(changes.len());
         {
             let mut t = self.tables();
-            for change in old {
+            for change in changes {
                 t.swap(change.id, change.table);
                 ids.push(change.id);
             }
             t.settle_owners(&[], 0);
         }
-        for id in ids {
-            registry.close_parked(id).await;
+        // The new rules' ports are free before anyone may bind them again:
+        // closed under the registry.
+        for (id, report) in ids.into_iter().zip(&reports) {
+            registry.take_parked(id, &report.parked_keys).wait().await;
         }
+        drop(registry);
+        self.settle(id, claim);
         self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
         reports
     }
@@ -726,45 +954,12 @@ impl Shared {
     }
 
     /// Ends `owner`'s lease: removes its rules as a transaction of the
-    /// daemon's own (socket continuity for the rest, generations moved,
-    /// state saved), and says so in the log. Tried again while another
-    /// transaction holds the apply slot.
+    /// daemon's own ([`Shared::remove_owner`]), and says so in the log.
+    /// Tried again while a transaction of the owner is applied.
     pub async fn expire(&self, owner: &Owner, why: &str) {
         for attempt in 1..=5u32 {
-            let scopes: Vec<ScopeUpdate> = {
-                let t = self.tables();
-                t.scopes
-                    .keys()
-                    .filter(|(_, o)| o == owner)
-                    .map(|(pif, o)| ScopeUpdate {
-                        pif: *pif,
-                        owner: o.clone(),
-                        generation: t.scope_generation(*pif, o),
-                        rules: Vec::new(),
-                        lease: None,
-                    })
-                    .collect()
-            };
-            if scopes.is_empty() {
-                // No rules: only the lease goes.
-                self.commit_leases(&[(owner.clone(), None)]);
-                return;
-            }
-            let done = async {
-                let shadow = self.validate_scoped(scopes, 0).await?;
-                let applied = self.apply(shadow, &Snapshot::new()).await?;
-                let removed: u32 = applied
-                    .report
-                    .pifs
-                    .iter()
-                    .map(|p| p.rules.len() as u32)
-                    .sum();
-                self.commit(applied).await;
-                Ok::<u32, Status>(removed)
-            }
-            .await;
-            match done {
-                Ok(_) => {
+            match self.remove_owner(owner).await {
+                Ok(()) => {
                     tracing::info!(%owner, "lease ended ({why}): the owner's rules are removed");
                     return;
                 }
@@ -776,8 +971,40 @@ impl Shared {
         }
     }
 
-    /// Closes every socket, once any applied transaction has ended.
+    /// Removes every rule of `owner`, and its lease, as one transaction:
+    /// socket continuity for the rest, generations moved, state saved. One
+    /// attempt: BUSY while a transaction of the owner is applied.
+    pub async fn remove_owner(&self, owner: &Owner) -> Result<(), Status> {
+        let scopes: Vec<ScopeUpdate> = {
+            let t = self.tables();
+            t.scopes
+                .keys()
+                .filter(|(_, o)| o == owner)
+                .map(|(pif, o)| ScopeUpdate {
+                    pif: *pif,
+                    owner: o.clone(),
+                    generation: t.scope_generation(*pif, o),
+                    rules: Vec::new(),
+                    lease: None,
+                })
+                .collect()
+        };
+        if scopes.is_empty() {
+            // No rules: only the lease goes.
+            self.commit_leases(&[(owner.clone(), None)]);
+            return Ok(());
+        }
+        let shadow = self.validate_scoped(scopes, 0).await?;
+        let applied = self.apply(shadow, &Snapshot::new()).await?;
+        self.commit(applied).await;
+        Ok(())
+    }
+
+    /// Closes every socket, once every applied transaction has ended; no
+    /// transaction applies after it.
     pub async fn close_all(&self) {
+        let all = self.claims.acquire(Claim::All).await;
+        *self.shutdown.lock().unwrap_or_else(PoisonError::into_inner) = Some(all);
         let mut registry = self.registry.lock().await;
         self.closed.store(true, Ordering::Relaxed);
         registry.close_all().await;
@@ -806,8 +1033,8 @@ impl Shared {
 
     /// One round of `auto`: reads what the targets of every pif with an
     /// `auto` rule listen on and, where that changed, binds and closes that
-    /// pif's sockets to match. Skipped while a transaction is applied (the
-    /// next round catches up).
+    /// pif's sockets to match. A pif that a transaction in flight changed
+    /// is skipped (the next round catches up).
     pub async fn scan(&self) {
         let scanning: Vec<PifId> = {
             let t = self.tables();
@@ -850,6 +1077,9 @@ impl Shared {
             if self.closed.load(Ordering::Relaxed) {
                 return;
             }
+            if self.tables().is_pending(pif) {
+                continue;
+            }
             // Again while the last round left ports unbound (taken, EMFILE).
             let retry = self
                 .scan_retry
@@ -874,7 +1104,7 @@ impl Shared {
             let Ok((mut registry, report)) = synced else {
                 continue;
             };
-            registry.close_parked(pif).await;
+            registry.take_parked(pif, &report.parked_keys).wait().await;
             {
                 let mut retry = self
                     .scan_retry
@@ -910,7 +1140,7 @@ impl Shared {
         })
         .await;
         match synced {
-            Ok(mut registry) => registry.close_parked(pif).await,
+            Ok(mut registry) => registry.take_all_parked(pif).wait().await,
             Err(e) => tracing::error!(%pif, "closing the sockets failed: {e}"),
         }
     }
@@ -1049,32 +1279,63 @@ fn current_tables(t: &Tables, scopes: &[ScopeUpdate]) -> Vec<(PifId, (String, Ta
     out
 }
 
+/// A scoped transaction's new tables, and the scopes they change.
+struct Merged {
+    tables: Vec<PifChange>,
+    pending: Vec<Pending>,
+}
+
 /// Merges each scope into its pif's table (see [`scope::replace`]) and
-/// makes the routes: the shadow of a scoped transaction.
+/// makes the routes. A new rule that overlaps a rule `reserved` by a
+/// transaction in flight is BUSY: it is free again once that one ends.
 fn merge_scopes(
     current: Vec<(PifId, (String, Table))>,
     scopes: Vec<ScopeUpdate>,
+    reserved: &BTreeMap<PifId, Vec<(Rule, Owner)>>,
     places: &BTreeMap<PifId, Placement>,
     targets: Targets,
-    uid: u32,
-) -> Result<Shadow, Status> {
+) -> Result<Merged, Status> {
     let mut tables = Vec::with_capacity(current.len());
+    let mut pending = Vec::with_capacity(scopes.len());
     for (id, (name, mut table)) in current {
         for sc in scopes.iter().filter(|s| s.pif == id) {
+            let old = scope::rules_of(&table, &sc.owner);
+            let had: std::collections::HashSet<&Rule> = old.iter().collect();
+            let held = reserved.get(&id).map_or(&[][..], Vec::as_slice);
+            for (i, r) in sc.rules.iter().enumerate() {
+                if had.contains(r) {
+                    continue;
+                }
+                if let Some((other, owner)) = held.iter().find(|(o, _)| o.conflicts(r)) {
+                    return Err(rule_status(
+                        Code::Busy,
+                        id,
+                        i,
+                        format!(
+                            "{name}: {r} overlaps {other} of owner '{owner}', which a transaction \
+                             in flight removed and may put back"
+                        ),
+                    ));
+                }
+            }
             table = scope::replace_in(table, &sc.owner, &sc.rules).map_err(|(i, e)| {
                 rule_refusal(id, i, &e, &format!("{name}, owner '{}'", sc.owner))
             })?;
+            if old.len() != sc.rules.len() || sc.rules.iter().any(|r| !had.contains(r)) {
+                pending.push(Pending::Scope {
+                    pif: id,
+                    owner: sc.owner.clone(),
+                    old,
+                    new: sc.rules.clone(),
+                });
+            }
         }
         let place = places.get(&id).cloned().unwrap_or_default();
         let routes = routes(&table, targets, &place)
             .map_err(|(i, e)| rule_status(Code::Invalid, id, i, format!("{name}: {e}")))?;
         tables.push(PifChange { id, table, routes });
     }
-    Ok(Shadow {
-        tables,
-        scopes,
-        uid,
-    })
+    Ok(Merged { tables, pending })
 }
 
 /// DENIED if a whole-table update from `uid` would change the rules of an
