@@ -44,6 +44,11 @@ impl Listener {
 struct PifSockets {
     active: HashMap<SocketKey, Listener>,
     parked: HashMap<SocketKey, Listener>,
+    /// Each rule of the last sync, with its route and what that sync found.
+    /// A rule that comes again with the same route, and then had every port,
+    /// keeps its sockets without a look at each: a sync costs what changed,
+    /// not the size of the table.
+    rules: HashMap<Rule, (Arc<Route>, RuleReport)>,
 }
 
 /// Ports of one rule that have no socket, with the reason.
@@ -206,14 +211,41 @@ impl Registry {
             None => HashSet::new(),
         };
         let mut sockets = self.pifs.remove(&pif).unwrap_or_default();
-        let mut pool = std::mem::take(&mut sockets.active);
-        let was_parked: HashSet<SocketKey> = sockets.parked.keys().cloned().collect();
-        pool.extend(sockets.parked.drain());
-        let wanted: usize = routes.iter().map(|r| r.rule.port_count() as usize).sum();
-        let mut active = HashMap::with_capacity(wanted);
+        let mut last = std::mem::take(&mut sockets.rules);
+        // Rules that stay as they were, fully bound: nothing to do for
+        // them. An `auto` rule is looked at every time: what its targets
+        // listen on may have changed.
+        let mut same: HashMap<Rule, (Arc<Route>, RuleReport)> = HashMap::new();
+        for route in routes {
+            if let Some((rule, (was, rr))) = last.remove_entry(&route.rule) {
+                let whole = rr.failed.is_empty() && rr.bound == rr.requested;
+                if whole && !rule.is_scan() && *was == **route && !same.contains_key(&rule) {
+                    same.insert(rule, (was, rr));
+                } else {
+                    last.insert(rule, (was, rr));
+                }
+            }
+        }
+        // The sockets of the rules that went or changed are up for grabs.
+        let mut pool: HashMap<SocketKey, Listener> = HashMap::new();
+        for rule in last.keys() {
+            for port in rule.first..=rule.last {
+                let key = SocketKey::new(pif, rule, port);
+                if let Some(l) = sockets.active.remove(&key) {
+                    pool.insert(key, l);
+                }
+            }
+        }
         let mut report = SyncReport::default();
+        let mut rules = HashMap::with_capacity(routes.len());
         for route in routes {
             let rule = &route.rule;
+            if let Some((rule, (was, rr))) = same.remove_entry(rule) {
+                report.kept += rr.bound as usize;
+                report.rules.push(rr.clone());
+                rules.insert(rule, (was, rr));
+                continue;
+            }
             let mut rr = RuleReport {
                 rule: rule.clone(),
                 requested: 0,
@@ -233,14 +265,14 @@ impl Registry {
                 }
                 rr.requested += 1;
                 let key = SocketKey::new(pif, rule, port);
-                if active.contains_key(&key) {
+                if sockets.active.contains_key(&key) {
                     // Validated tables never ask twice; refuse rather than lose one.
                     rr.fail(port, rustix::io::Errno::ADDRINUSE.raw_os_error());
                     continue;
                 }
-                if let Some(listener) = pool.remove(&key) {
+                if let Some(listener) = pool.remove(&key).or_else(|| sockets.parked.remove(&key)) {
                     listener.set_route(Some(route));
-                    active.insert(key, listener);
+                    sockets.active.insert(key, listener);
                     report.kept += 1;
                     rr.bound += 1;
                     continue;
@@ -254,24 +286,24 @@ impl Registry {
                         let (tx, rx) = watch::channel(Some(Arc::clone(route)));
                         let (life, closed) = SocketLife::new();
                         self.dp.serve(bound, port, rx, life);
-                        active.insert(key, Listener { route: tx, closed });
+                        sockets.active.insert(key, Listener { route: tx, closed });
                         report.bound += 1;
                         rr.bound += 1;
                     }
                     Err(e) => rr.fail(port, e.raw_os_error().unwrap_or(0)),
                 }
             }
-            report.rules.push(rr);
+            report.rules.push(rr.clone());
+            rules.insert(rule.clone(), (Arc::clone(route), rr));
         }
-        for (key, listener) in &pool {
+        // What nobody took is parked now.
+        for (key, listener) in pool {
             listener.set_route(None);
-            if !was_parked.contains(key) {
-                report.parked_keys.push(key.clone());
-            }
+            report.parked_keys.push(key.clone());
+            sockets.parked.insert(key, listener);
         }
         report.parked = report.parked_keys.len();
-        sockets.active = active;
-        sockets.parked = pool;
+        sockets.rules = rules;
         self.pifs.insert(pif, sockets);
         report
     }
@@ -393,6 +425,39 @@ mod tests {
         assert_eq!(reg.parked_count(PifId::HOST), 0);
         // The new-only ports are free again.
         assert!(std::net::TcpListener::bind(("127.0.0.1", base + 3)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn unchanged_rules_are_kept_and_failed_ones_tried_again() {
+        let dp = DataPlane::new(Settings::default());
+        let mut reg = Registry::new(dp);
+        let base = free_range(4);
+        let held = std::net::UdpSocket::bind(("127.0.0.1", base + 3)).unwrap();
+        let a = route(Proto::Udp, base, base + 1, 9);
+        let b = route(Proto::Udp, base + 3, base + 3, 9);
+        let r = reg.sync(PifId::HOST, &[Arc::clone(&a), Arc::clone(&b)], true);
+        assert_eq!((r.kept, r.bound), (0, 2));
+        assert!(!r.rules[1].is_ok());
+        // The same rules again (new route objects, equal): `a` keeps its
+        // sockets untouched, `b` is tried again and binds once free.
+        drop(held);
+        let again = [
+            route(Proto::Udp, base, base + 1, 9),
+            route(Proto::Udp, base + 3, base + 3, 9),
+        ];
+        let r = reg.sync(PifId::HOST, &again, true);
+        assert_eq!((r.kept, r.bound, r.parked), (2, 1, 0));
+        assert!(r.is_ok());
+        assert_eq!(r.rules[0].bound, 2);
+        // A rule that changes target gives up its sockets to its successor
+        // of the same keys: kept, not bound again.
+        let moved = [route(Proto::Udp, base, base + 1, 10)];
+        let r = reg.sync(PifId::HOST, &moved, true);
+        assert_eq!((r.kept, r.bound, r.parked), (2, 0, 1));
+        assert_eq!(reg.active_count(PifId::HOST), 2);
+        reg.take_parked(PifId::HOST, &r.parked_keys).wait().await;
+        assert!(std::net::UdpSocket::bind(("127.0.0.1", base + 3)).is_ok());
+        reg.close_all().await;
     }
 
     #[tokio::test]

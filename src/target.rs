@@ -179,13 +179,22 @@ pub fn routes(
     targets: Targets,
     place: &Placement,
 ) -> Result<Vec<Arc<Route>>, (usize, LoopError)> {
+    routes_of(table.rules(), targets, place)
+}
+
+/// [`routes`] of some rules only: those a scoped update adds, checked for
+/// loops before APPLY builds the whole table's.
+pub fn routes_of<'a>(
+    rules: impl IntoIterator<Item = &'a Rule>,
+    targets: Targets,
+    place: &Placement,
+) -> Result<Vec<Arc<Route>>, (usize, LoopError)> {
     let same_place = place.listen.is_none() && place.connect.is_none();
     // Asking the kernel is a bind: once per target address, not per rule.
     let mut local: std::collections::HashMap<IpAddr, bool> = std::collections::HashMap::new();
     let mut is_local = |a: IpAddr| *local.entry(a).or_insert_with(|| socket::is_local(a));
-    table
-        .rules()
-        .iter()
+    rules
+        .into_iter()
         .enumerate()
         .map(|(i, rule)| {
             let route = Route::new(rule.clone(), targets).connect_from(place.connect.clone());

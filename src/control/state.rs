@@ -536,12 +536,13 @@ impl Shared {
             .map(|(id, _)| (*id, self.placement(*id)))
             .collect();
         // Rules reserved by transactions in flight are checked at APPLY,
-        // when they may be free again.
+        // when they may be free again; so are the whole tables' routes:
+        // APPLY builds the tables again anyway.
         let none = BTreeMap::new();
         tokio::task::spawn_blocking(move || {
-            let merged = merge_scopes(current, scopes.clone(), &none, &places, targets)?;
+            merge_scopes(current, scopes.clone(), &none, &places, targets, false)?;
             Ok(Shadow {
-                tables: merged.tables,
+                tables: Vec::new(),
                 scopes,
                 uid,
             })
@@ -646,7 +647,7 @@ impl Shared {
                 let scopes = scopes.clone();
                 // Merging a large table takes a while: a blocking thread.
                 let merged = tokio::task::spawn_blocking(move || {
-                    merge_scopes(current, scopes, &reserved, &places, targets)
+                    merge_scopes(current, scopes, &reserved, &places, targets, true)
                 })
                 .await
                 .unwrap_or_else(|_| Err(Status::new(Code::Internal, "validation failed")));
@@ -1286,18 +1287,22 @@ struct Merged {
 }
 
 /// Merges each scope into its pif's table (see [`scope::replace`]) and
-/// makes the routes. A new rule that overlaps a rule `reserved` by a
-/// transaction in flight is BUSY: it is free again once that one ends.
+/// makes the routes: of the whole tables if `whole`, else only of the
+/// scopes' new rules (to check them). A new rule that overlaps a rule
+/// `reserved` by a transaction in flight is BUSY: it is free again once
+/// that one ends.
 fn merge_scopes(
     current: Vec<(PifId, (String, Table))>,
     scopes: Vec<ScopeUpdate>,
     reserved: &BTreeMap<PifId, Vec<(Rule, Owner)>>,
     places: &BTreeMap<PifId, Placement>,
     targets: Targets,
+    whole: bool,
 ) -> Result<Merged, Status> {
     let mut tables = Vec::with_capacity(current.len());
     let mut pending = Vec::with_capacity(scopes.len());
     for (id, (name, mut table)) in current {
+        let mut added: Vec<&Rule> = Vec::new();
         for sc in scopes.iter().filter(|s| s.pif == id) {
             let old = scope::rules_of(&table, &sc.owner);
             let had: std::collections::HashSet<&Rule> = old.iter().collect();
@@ -1321,6 +1326,7 @@ fn merge_scopes(
             table = scope::replace_in(table, &sc.owner, &sc.rules).map_err(|(i, e)| {
                 rule_refusal(id, i, &e, &format!("{name}, owner '{}'", sc.owner))
             })?;
+            added.extend(sc.rules.iter().filter(|r| !had.contains(r)));
             if old.len() != sc.rules.len() || sc.rules.iter().any(|r| !had.contains(r)) {
                 pending.push(Pending::Scope {
                     pif: id,
@@ -1331,9 +1337,14 @@ fn merge_scopes(
             }
         }
         let place = places.get(&id).cloned().unwrap_or_default();
-        let routes = routes(&table, targets, &place)
-            .map_err(|(i, e)| rule_status(Code::Invalid, id, i, format!("{name}: {e}")))?;
-        tables.push(PifChange { id, table, routes });
+        if whole {
+            let routes = routes(&table, targets, &place)
+                .map_err(|(i, e)| rule_status(Code::Invalid, id, i, format!("{name}: {e}")))?;
+            tables.push(PifChange { id, table, routes });
+        } else {
+            crate::target::routes_of(added, targets, &place)
+                .map_err(|(i, e)| rule_status(Code::Invalid, id, i, format!("{name}: {e}")))?;
+        }
     }
     Ok(Merged { tables, pending })
 }
