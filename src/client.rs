@@ -54,7 +54,7 @@ pub struct Options {
     pub step_timeout: Duration,
     /// Only read the state (steps 1 to 4).
     pub read_only: bool,
-    /// Ask the server to reserve the apply slot from the listing on (the
+    /// Ask the server to claim every pif from the listing on (the
     /// RESERVE hello flag): [`transact`] sets it on a retry after STALE, so
     /// that a client that keeps losing gets its turn.
     pub reserve: bool,
@@ -494,7 +494,7 @@ pub struct TransactOptions {
     pub keep_partial: bool,
     /// Stop after the acknowledgement: validate only.
     pub dry_run: bool,
-    /// After STALE, retry with the apply slot reserved (see
+    /// After STALE, retry with every pif reserved (see
     /// [`Options::reserve`]).
     pub reserve_on_retry: bool,
 }

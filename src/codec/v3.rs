@@ -73,8 +73,8 @@ pub const READ_ONLY: u32 = 1;
 /// it sees and sends exactly what it did before owners existed.
 pub const OWNERS: u32 = 2;
 /// Client hello flag: the client went STALE before and retries. The
-/// server takes the apply slot before it lists the tables and keeps it to
-/// the end of the transaction, so the retry cannot go STALE again (it may
+/// server claims every pif before it lists the tables and keeps the claim
+/// to the end of the transaction, so the retry cannot go STALE again (it may
 /// still get BUSY after the step timeout). For fairness; it costs every
 /// other writer a wait while this client thinks.
 pub const RESERVE: u32 = 4;

@@ -35,7 +35,8 @@ use crate::target::{Placement, Route, Targets, routes};
 /// The server's timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// Longest wait for each client message (and for a busy apply slot).
+    /// Longest wait for each client message (and for the claims and
+    /// reservations an APPLY waits for).
     pub step: Duration,
     /// Longest wait for COMMIT or ROLLBACK after the report.
     pub commit: Duration,

@@ -431,7 +431,7 @@ async fn transaction(
     peer: Peer,
 ) -> Result<String, Fail> {
     let t = shared.timeouts();
-    // A client that went STALE before gets the apply slot now, before it
+    // A client that went STALE before claims every pif now, before it
     // reads the tables: nothing else applies until it is done.
     let reserved = if client.flags & RESERVE != 0 && client.flags & READ_ONLY == 0 {
         Some(shared.reserve().await?)
