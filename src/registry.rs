@@ -44,11 +44,11 @@ impl Listener {
 struct PifSockets {
     active: HashMap<SocketKey, Listener>,
     parked: HashMap<SocketKey, Listener>,
-    /// Each rule of the last sync, with its route and what that sync found.
-    /// A rule that comes again with the same route, and then had every port,
-    /// keeps its sockets without a look at each: a sync costs what changed,
-    /// not the size of the table.
-    rules: HashMap<Rule, (Arc<Route>, RuleReport)>,
+    /// Each rule of the last sync, in order, with its route and what that
+    /// sync found. A rule that comes again with the same route, and then
+    /// had every port, keeps its sockets without a look at each: a sync
+    /// costs what changed, not the size of the table.
+    rules: Vec<(Arc<Route>, RuleReport)>,
 }
 
 /// Ports of one rule that have no socket, with the reason.
@@ -211,24 +211,11 @@ impl Registry {
             None => HashSet::new(),
         };
         let mut sockets = self.pifs.remove(&pif).unwrap_or_default();
-        let mut last = std::mem::take(&mut sockets.rules);
-        // Rules that stay as they were, fully bound: nothing to do for
-        // them. An `auto` rule is looked at every time: what its targets
-        // listen on may have changed.
-        let mut same: HashMap<Rule, (Arc<Route>, RuleReport)> = HashMap::new();
-        for route in routes {
-            if let Some((rule, (was, rr))) = last.remove_entry(&route.rule) {
-                let whole = rr.failed.is_empty() && rr.bound == rr.requested;
-                if whole && !rule.is_scan() && *was == **route && !same.contains_key(&rule) {
-                    same.insert(rule, (was, rr));
-                } else {
-                    last.insert(rule, (was, rr));
-                }
-            }
-        }
+        let (same, gone) = pair(std::mem::take(&mut sockets.rules), routes);
         // The sockets of the rules that went or changed are up for grabs.
         let mut pool: HashMap<SocketKey, Listener> = HashMap::new();
-        for rule in last.keys() {
+        for (_, rr) in gone.iter().filter(|(_, rr)| rr.bound > 0) {
+            let rule = &rr.rule;
             for port in rule.first..=rule.last {
                 let key = SocketKey::new(pif, rule, port);
                 if let Some(l) = sockets.active.remove(&key) {
@@ -237,13 +224,13 @@ impl Registry {
             }
         }
         let mut report = SyncReport::default();
-        let mut rules = HashMap::with_capacity(routes.len());
-        for route in routes {
+        let mut rules = Vec::with_capacity(routes.len());
+        for (route, same) in routes.iter().zip(same) {
             let rule = &route.rule;
-            if let Some((rule, (was, rr))) = same.remove_entry(rule) {
+            if let Some((was, rr)) = same {
                 report.kept += rr.bound as usize;
                 report.rules.push(rr.clone());
-                rules.insert(rule, (was, rr));
+                rules.push((was, rr));
                 continue;
             }
             let mut rr = RuleReport {
@@ -294,7 +281,7 @@ impl Registry {
                 }
             }
             report.rules.push(rr.clone());
-            rules.insert(rule.clone(), (Arc::clone(route), rr));
+            rules.push((Arc::clone(route), rr));
         }
         // What nobody took is parked now.
         for (key, listener) in pool {
@@ -346,6 +333,53 @@ impl Registry {
     pub fn parked_count(&self, pif: PifId) -> usize {
         self.pifs.get(&pif).map_or(0, |s| s.parked.len())
     }
+}
+
+/// Pairs the rules of a sync with those of the last one, walking both in
+/// order: tables change a few rules at a time, and a scoped change appends
+/// its new rules at the end. Returns, for each route, the last sync's entry
+/// if its sockets can stay as they are (the same rule and route, every port
+/// bound, not `auto`: what its targets listen on may have changed), and the
+/// entries whose sockets are up for grabs. A rule that moved is in both
+/// lists' wrong halves: it takes its sockets back from the pool, which is
+/// slower, never wrong.
+#[allow(clippy::type_complexity)]
+fn pair(
+    last: Vec<(Arc<Route>, RuleReport)>,
+    routes: &[Arc<Route>],
+) -> (
+    Vec<Option<(Arc<Route>, RuleReport)>>,
+    Vec<(Arc<Route>, RuleReport)>,
+) {
+    let mut same: Vec<Option<(Arc<Route>, RuleReport)>> = routes.iter().map(|_| None).collect();
+    let mut gone = Vec::new();
+    let mut last = std::collections::VecDeque::from(last);
+    let mut j = 0;
+    while j < routes.len() {
+        let Some((_, rr)) = last.front() else {
+            break;
+        };
+        let route = &routes[j];
+        if rr.rule == route.rule {
+            if let Some((was, rr)) = last.pop_front() {
+                let whole = rr.failed.is_empty() && rr.bound == rr.requested;
+                if whole && !rr.rule.is_scan() && *was == **route {
+                    same[j] = Some((was, rr));
+                } else {
+                    gone.push((was, rr));
+                }
+            }
+            j += 1;
+        } else if routes.get(j + 1).is_some_and(|r| r.rule == rr.rule) {
+            // A rule inserted here.
+            j += 1;
+        } else {
+            // A rule that went here.
+            gone.extend(last.pop_front());
+        }
+    }
+    gone.extend(last);
+    (same, gone)
 }
 
 /// Sockets taken out of the registry, to be closed without holding it.
