@@ -613,14 +613,23 @@ impl Shared {
             scopes,
             uid,
         } = shadow;
-        let (registry, changes, mut pending) = if scopes.is_empty() {
+        let scoped = !scopes.is_empty();
+        let (registry, changes, syncs, mut pending) = if !scoped {
             let registry = Arc::clone(&self.registry).lock_owned().await;
-            let t = self.tables();
-            for c in &tables {
-                check_generation(&t, c.id, snapshot)?;
+            {
+                let t = self.tables();
+                for c in &tables {
+                    check_generation(&t, c.id, snapshot)?;
+                }
             }
-            drop(t);
-            (registry, tables, Vec::new())
+            let Some((registry, changes, syncs)) = sync_blocking(registry, tables, true).await
+            else {
+                return Err(Status::new(
+                    Code::Internal,
+                    "binding the new sockets failed",
+                ));
+            };
+            (registry, changes, syncs, Vec::new())
         } else {
             // A scoped transaction's tables are built again, from the tables
             // as they are now that the registry is ours: another owner's
@@ -646,16 +655,32 @@ impl Shared {
                     .map(|(id, _)| (*id, self.placement(*id)))
                     .collect();
                 let scopes = scopes.clone();
-                // Merging a large table takes a while: a blocking thread.
-                let merged = tokio::task::spawn_blocking(move || {
-                    merge_scopes(current, scopes, &reserved, &places, targets, true)
+                // Merging a large table and binding take a while: one trip
+                // to a blocking thread for both, the registry held.
+                let done = tokio::task::spawn_blocking(move || {
+                    let m = merge_scopes(current, scopes, &reserved, &places, targets, true)?;
+                    // A pif none of whose scopes changes is not touched.
+                    let changes: Vec<PifChange> = m
+                        .tables
+                        .into_iter()
+                        .filter(|c| {
+                            m.pending
+                                .iter()
+                                .any(|p| matches!(p, Pending::Scope { pif, .. } if *pif == c.id))
+                        })
+                        .collect();
+                    let mut registry = registry;
+                    let syncs: Vec<SyncReport> = changes
+                        .iter()
+                        .map(|c| registry.sync(c.id, &c.routes, true))
+                        .collect();
+                    Ok((registry, changes, syncs, m.pending))
                 })
                 .await
-                .unwrap_or_else(|_| Err(Status::new(Code::Internal, "validation failed")));
-                match merged {
-                    Ok(m) => break (registry, m.tables, m.pending),
+                .unwrap_or_else(|_| Err(Status::new(Code::Internal, "applying failed")));
+                match done {
+                    Ok(done) => break done,
                     Err(s) if s.code == Code::Busy => {
-                        drop(registry);
                         if tokio::time::timeout_at(deadline, settled.changed())
                             .await
                             .is_err()
@@ -666,24 +691,6 @@ impl Shared {
                     Err(s) => return Err(s),
                 }
             }
-        };
-        let scoped = !scopes.is_empty();
-        let changes: Vec<PifChange> = {
-            let t = self.tables();
-            changes
-                .into_iter()
-                .filter(|c| !scoped || t.config.by_id(c.id).is_none_or(|p| p.table != c.table))
-                .collect()
-        };
-        pending.retain(|p| match p {
-            Pending::Scope { pif, .. } => changes.iter().any(|c| c.id == *pif),
-            Pending::Whole { .. } => true,
-        });
-        let Some((registry, changes, syncs)) = sync_blocking(registry, changes, true).await else {
-            return Err(Status::new(
-                Code::Internal,
-                "binding the new sockets failed",
-            ));
         };
         let report = Report {
             ok: syncs.iter().all(SyncReport::is_ok),
