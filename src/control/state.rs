@@ -32,6 +32,13 @@ use crate::socket::SocketKey;
 use crate::table::{Config, Table};
 use crate::target::{Placement, Route, Targets, routes};
 
+/// A scoped change of tables up to this many rules, whose rules ask for up
+/// to [`INLINE_PORTS`] ports, is merged and synced on the runtime worker: a
+/// trip to a blocking thread would cost more than the work.
+const INLINE_RULES: usize = 1024;
+/// See [`INLINE_RULES`].
+const INLINE_PORTS: u64 = 256;
+
 /// The server's timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -656,8 +663,22 @@ impl Shared {
                     .collect();
                 let scopes = scopes.clone();
                 // Merging a large table and binding take a while: one trip
-                // to a blocking thread for both, the registry held.
-                let done = tokio::task::spawn_blocking(move || {
+                // to a blocking thread for both, the registry held. A small
+                // change in the daemon's own namespace takes less than the
+                // trip itself (tens of microseconds): it runs here.
+                let small = current
+                    .iter()
+                    .map(|(_, (_, t))| t.rules().len())
+                    .sum::<usize>()
+                    <= INLINE_RULES
+                    && scopes
+                        .iter()
+                        .flat_map(|s| &s.rules)
+                        .map(|r| u64::from(r.port_count()))
+                        .sum::<u64>()
+                        <= INLINE_PORTS
+                    && places.values().all(|p| p.listen.is_none());
+                let work = move || {
                     let m = merge_scopes(current, scopes, &reserved, &places, targets, true)?;
                     // A pif none of whose scopes changes is not touched.
                     let changes: Vec<PifChange> = m
@@ -675,9 +696,14 @@ impl Shared {
                         .map(|c| registry.sync(c.id, &c.routes, true))
                         .collect();
                     Ok((registry, changes, syncs, m.pending))
-                })
-                .await
-                .unwrap_or_else(|_| Err(Status::new(Code::Internal, "applying failed")));
+                };
+                let done = if small {
+                    work()
+                } else {
+                    tokio::task::spawn_blocking(work)
+                        .await
+                        .unwrap_or_else(|_| Err(Status::new(Code::Internal, "applying failed")))
+                };
                 match done {
                     Ok(done) => break done,
                     Err(s) if s.code == Code::Busy => {
