@@ -7,7 +7,11 @@
 //!    made; then the bookkeeping of the swap ([`scope::changed_owners`]);
 //! 2. the full validation of the same table ([`Table::with_rules`]), and
 //!    the pairwise check it replaced, for scale;
-//! 3. end to end, a real `pestod` child holding the 10,000 rules bound:
+//! 3. the server's side of a transaction, in process, with the 10,000
+//!    sockets bound: a one-rule scoped change validated (step 6), applied
+//!    (merge, the registry's sync, the swap) and committed, as the control
+//!    connection's code calls [`Shared`], without the socket between;
+//! 4. end to end, a real `pestod` child holding the 10,000 rules bound:
 //!    one-rule scoped transactions through the client library (connect and
 //!    list, update, apply with the registry's sync, commit).
 //!
@@ -153,6 +157,15 @@ fn end_to_end(n: u16) {
         .enable_all()
         .build()
         .expect("runtime");
+    let mut times = rt.block_on(server_rounds(&ports));
+    times.sort();
+    let med = times[times.len() / 2];
+    println!(
+        "{n} rules, server side: one-rule scoped change validated, applied and committed: \
+         median {med:.2?}, min {:.2?}, max {:.2?} over {ROUNDS}",
+        times[0],
+        times[times.len() - 1]
+    );
     let mut times = rt.block_on(daemon_rounds(&ports));
     times.sort();
     let med = times[times.len() / 2];
@@ -162,6 +175,65 @@ fn end_to_end(n: u16) {
         times[0],
         times[times.len() - 1]
     );
+}
+
+/// The server's part of a transaction, through [`Shared`] as a control
+/// connection calls it: `ports` are the table's, then one for the rule
+/// that comes and goes.
+async fn server_rounds(ports: &[u16]) -> Vec<Duration> {
+    use pesto::control::state::{Shared, Timeouts};
+    use pesto::dataplane::{DataPlane, Settings};
+    use pesto::registry::Registry;
+    use pesto::table::{Config, PifTable};
+
+    let (table_ports, extra) = ports.split_at(ports.len() - 1);
+    let table = Table::with_owned_rules(ALL, owned(table_ports)).expect("the bench table is valid");
+    let mut registry = Registry::new(DataPlane::new(Settings::default()));
+    let routes = routes(&table, Targets::default(), &Placement::default()).expect("no loop");
+    assert!(
+        registry.sync(PifId::HOST, &routes, true).is_ok(),
+        "binding the table failed"
+    );
+    let config = Config {
+        pifs: vec![PifTable {
+            id: PifId::HOST,
+            name: "HOST".into(),
+            table: table.clone(),
+        }],
+    };
+    let shared = Shared::new(config, registry, Targets::default(), Timeouts::default());
+    let mut times = Vec::with_capacity(ROUNDS);
+    for i in 0..ROUNDS {
+        let generation = {
+            let (_, listed) = shared.listing();
+            listed[0]
+                .scopes
+                .iter()
+                .find(|s| s.owner == owner(0))
+                .map_or(0, |s| s.generation)
+        };
+        let scope = ScopeUpdate {
+            pif: PifId::HOST,
+            owner: owner(0),
+            generation,
+            rules: changed_scope(&table, extra[0], i % 2 == 0),
+            lease: None,
+        };
+        let t0 = Instant::now();
+        let shadow = shared
+            .validate_scoped(vec![scope], 0)
+            .await
+            .expect("the change is valid");
+        let applied = shared
+            .apply(shadow, &Default::default())
+            .await
+            .expect("the change applies");
+        assert!(applied.report.ok, "the change bound its port");
+        shared.commit(applied).await;
+        times.push(t0.elapsed());
+    }
+    shared.close_all().await;
+    times
 }
 
 /// `ports`: the table's, then one for the rule that comes and goes.
