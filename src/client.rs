@@ -8,6 +8,12 @@
 //! transaction before apply changes nothing; dropping it after apply makes
 //! the server roll it back.
 //!
+//! A version-2 server (upstream passt or pasta) has no transaction: it lists
+//! its tables and takes one update, with no answer. [`Session::connect`]
+//! speaks to it too ([`Session::version`]); [`Session::send_v2`] sends the
+//! update as upstream pesto does, and [`transact`] then lists again to check
+//! that the new tables are active ([`ClientError::NotActive`] if not).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), pesto::client::ClientError> {
 //! use pesto::client::{Options, Session};
@@ -38,7 +44,7 @@ use crate::codec::v3::{
     ClientHello, ClientMsg, Code, HelloV3Ext, OWNERS, PifInfo, PifRules, READ_ONLY, RESERVE,
     Report, ServerHello, ServerMsg, Status, VERSION_3, features,
 };
-use crate::codec::{CodecError, Limits, PifListing, Update, WireCodec};
+use crate::codec::{CodecError, Limits, ListingV2, PifListing, Update, VERSION_2, WireCodec};
 use crate::edit::{self, EditError, Op, OwnerMode};
 use crate::lease::Lease;
 use crate::owner::Owner;
@@ -112,6 +118,13 @@ pub enum ClientError {
     /// The edit operations do not apply to the server's tables.
     #[error(transparent)]
     Edit(#[from] EditError),
+    /// A version-2 server cannot do what was asked.
+    #[error("the server speaks protocol version 2 (upstream passt or pasta), which cannot {0}")]
+    NotInV2(&'static str),
+    /// A version-2 server took the update (it never answers) but its tables
+    /// are not what was sent.
+    #[error("the server did not make the new tables active; {0}")]
+    NotActive(String),
 }
 
 impl ClientError {
@@ -180,6 +193,8 @@ fn unexpected(what: &str, got: &ServerMsg) -> ClientError {
 /// A connection that has read the server's state (steps 1 to 4).
 pub struct Session {
     link: Link,
+    /// 3, or 2 for an upstream server.
+    version: u32,
     hello: HelloV3Ext,
     pifs: Vec<PifInfo>,
     rules: Vec<PifRules>,
@@ -214,6 +229,9 @@ impl Session {
         };
         hello.base.check_geometry()?;
         let Some(ext) = hello.ext else {
+            if hello.base.version == VERSION_2 {
+                return Session::listed_v2(hello_conn, t).await;
+            }
             return Err(ClientError::Version(hello.base.version));
         };
         let mut flags = if opts.read_only { READ_ONLY } else { 0 };
@@ -254,12 +272,89 @@ impl Session {
         };
         Ok(Session {
             link,
+            version: VERSION_3,
             hello: ext,
             pifs,
             rules,
         })
     }
 
+    /// Version 2: the listing follows the hello at once, and the server
+    /// takes no client hello.
+    async fn listed_v2(
+        conn: Framed<UnixStream, WireCodec<ServerHello>>,
+        t: Duration,
+    ) -> Result<Session, ClientError> {
+        let mut conn = conn.map_codec(|_| WireCodec::<ListingV2>::new(Limits::v2()));
+        let listing = match tokio::time::timeout(t, conn.next()).await {
+            Err(_) => return Err(ClientError::Timeout("listing", t)),
+            Ok(None) => return Err(ClientError::Closed("listing")),
+            Ok(Some(r)) => r?,
+        };
+        let v2 = Limits::v2();
+        Ok(Session {
+            link: Link {
+                conn: conn.map_codec(|c| c.expect()),
+                timeout: t,
+                server_step: Duration::ZERO,
+            },
+            version: VERSION_2,
+            // What version 2 has: no features, upstream's limits, no
+            // timeouts of the server's to know.
+            hello: HelloV3Ext {
+                features: 0,
+                max_rules: v2.max_rules as u32,
+                max_sockets: u32::MAX,
+                max_pifs: v2.max_pifs as u32,
+                step_timeout_ms: 0,
+                commit_timeout_ms: 0,
+            },
+            pifs: listing
+                .pifs
+                .iter()
+                .map(|p| PifInfo {
+                    id: p.id,
+                    name: p.name.clone(),
+                    caps: p.caps,
+                })
+                .collect(),
+            rules: listing
+                .pifs
+                .into_iter()
+                .map(|p| PifRules {
+                    id: p.id,
+                    generation: 0,
+                    owners: Vec::new(),
+                    scopes: Vec::new(),
+                    rules: p.rules,
+                })
+                .collect(),
+        })
+    }
+
+    /// The protocol version the server speaks: 3, or 2 for upstream passt
+    /// and pasta.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Version 2: sends the update byte for byte as upstream pesto does
+    /// (every pif it lists, then a zero byte) and closes. The server never
+    /// answers: [`verify_v2`] tells whether the tables became active.
+    pub async fn send_v2(mut self, update: &Update) -> Result<(), ClientError> {
+        if self.version != VERSION_2 {
+            return Err(ClientError::Protocol(
+                "send_v2 is for version-2 servers; propose instead".into(),
+            ));
+        }
+        self.link.conn.send(update).await?;
+        // Upstream reads the update when the connection closes.
+        let mut stream = self.link.conn.into_inner();
+        tokio::io::AsyncWriteExt::shutdown(&mut stream)
+            .await
+            .map_err(CodecError::from)?;
+        Ok(())
+    }
     /// The server's features, limits and timeouts.
     pub fn hello(&self) -> &HelloV3Ext {
         &self.hello
@@ -372,6 +467,9 @@ impl Session {
         mode: OwnerMode,
         ops: &[Op],
     ) -> Result<Vec<ScopeUpdate>, ClientError> {
+        if self.version == VERSION_2 {
+            return Err(ClientError::NotInV2("keep rule owners"));
+        }
         if !self.has_owners() {
             return Err(ClientError::Protocol(
                 "this server does not know rule owners".into(),
@@ -420,6 +518,11 @@ impl Session {
     }
 
     async fn propose_message(mut self, msg: ClientMsg) -> Result<Proposed, ClientError> {
+        if self.version == VERSION_2 {
+            return Err(ClientError::NotInV2(
+                "validate, apply, report or roll back: send the update with send_v2",
+            ));
+        }
         self.link.send(&msg).await?;
         let t = self.link.timeout;
         let ack = self.link.status("acknowledgement", t).await?;
@@ -536,6 +639,9 @@ pub struct Transaction {
     pub committed: bool,
     /// The server's answer to COMMIT or ROLLBACK (none for a dry run).
     pub answer: Option<Status>,
+    /// The server's protocol version: with 2 there is no report and no
+    /// answer, and `committed` means the tables were listed back as sent.
+    pub version: u32,
 }
 
 /// Reads the state, lets `plan` compute the update from it, proposes,
@@ -603,6 +709,9 @@ where
     F: FnMut(&Session, u32) -> Result<Change, ClientError>,
 {
     let session = Session::connect(path, opts).await?;
+    if session.version() == VERSION_2 {
+        return attempt_v2(path, opts, t, session, plan, attempt).await;
+    }
     let proposed = match plan(&session, attempt)? {
         Change::Whole(update) => session.propose(&update).await?,
         Change::Scoped(scopes) => session.propose_scoped(&scopes).await?,
@@ -615,6 +724,7 @@ where
                 report: None,
                 committed: false,
                 answer: None,
+                version: VERSION_3,
             });
         }
     };
@@ -627,6 +737,7 @@ where
             report: None,
             committed: false,
             answer: None,
+            version: VERSION_3,
         });
     }
     let applied = proposed.apply().await?;
@@ -644,7 +755,145 @@ where
         report: Some(report),
         committed,
         answer: Some(answer),
+        version: VERSION_3,
     })
+}
+
+/// How long [`transact`] lists a version-2 server again, waiting for the
+/// update to show: upstream applies it once the connection that sent it
+/// closes, and serves one client at a time.
+pub const V2_PATIENCE: Duration = Duration::from_secs(2);
+
+/// One attempt against a version-2 server: the update computed, sent, and
+/// checked by listing again. There is nothing to retry: no generations.
+async fn attempt_v2<F>(
+    path: &Path,
+    opts: Options,
+    t: TransactOptions,
+    session: Session,
+    plan: &mut F,
+    attempt: u32,
+) -> Result<Transaction, ClientError>
+where
+    F: FnMut(&Session, u32) -> Result<Change, ClientError>,
+{
+    if t.keep_partial {
+        return Err(ClientError::NotInV2(
+            "keep a table whose ports did not all bind (--keep-partial): it never says what bound",
+        ));
+    }
+    let done = |ack: &str, committed| Transaction {
+        attempts: attempt,
+        unchanged: false,
+        ack: Status::ok(ack),
+        report: None,
+        committed,
+        answer: None,
+        version: VERSION_2,
+    };
+    let update = match plan(&session, attempt)? {
+        Change::Whole(update) => update,
+        Change::Scoped(_) => return Err(ClientError::NotInV2("keep rule owners")),
+        Change::Nothing => {
+            return Ok(Transaction {
+                unchanged: true,
+                ..done("nothing to change", false)
+            });
+        }
+    };
+    // Upstream sends every pif, changed or not, in the server's order.
+    let update = Update {
+        tables: session
+            .pifs
+            .iter()
+            .map(|p| {
+                let rules = match update.tables.iter().find(|(id, _)| *id == p.id) {
+                    Some((_, rules)) => rules.clone(),
+                    None => session
+                        .rules
+                        .iter()
+                        .find(|r| r.id == p.id)
+                        .map(|r| r.rules.clone())
+                        .unwrap_or_default(),
+                };
+                (p.id, rules)
+            })
+            .collect(),
+    };
+    if t.dry_run {
+        // Version 2 has no validation without applying.
+        return Ok(done(
+            "valid here; the version-2 server was not asked",
+            false,
+        ));
+    }
+    session.send_v2(&update).await?;
+    verify_v2(path, opts, &update, V2_PATIENCE).await?;
+    Ok(done("sent, and listed back as sent", true))
+}
+
+/// Lists `path` until the tables of the pifs in `update` are what it holds,
+/// for at most `patience`; else [`ClientError::NotActive`] with the rules
+/// that differ.
+pub async fn verify_v2(
+    path: &Path,
+    opts: Options,
+    update: &Update,
+    patience: Duration,
+) -> Result<(), ClientError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let opts = Options {
+        read_only: true,
+        reserve: false,
+        ..opts
+    };
+    loop {
+        let session = Session::connect(path, opts).await?;
+        let diff = differences(&session, update);
+        if diff.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ClientError::NotActive(diff.join("; ")));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How the listed tables differ from `update`'s, for people.
+fn differences(session: &Session, update: &Update) -> Vec<String> {
+    let mut out = Vec::new();
+    for (id, want) in &update.tables {
+        let name = session
+            .pifs
+            .iter()
+            .find(|p| p.id == *id)
+            .map_or_else(|| format!("pif {id}"), |p| p.name.clone());
+        let have: &[crate::rule::Rule] = session
+            .rules
+            .iter()
+            .find(|r| r.id == *id)
+            .map_or(&[], |r| &r.rules);
+        if have == want.as_slice() {
+            continue;
+        }
+        let missing: Vec<String> = want
+            .iter()
+            .filter(|r| !have.contains(r))
+            .map(|r| format!("missing {}", r.to_string().trim_end()))
+            .collect();
+        let extra: Vec<String> = have
+            .iter()
+            .filter(|r| !want.contains(r))
+            .map(|r| format!("not asked for {}", r.to_string().trim_end()))
+            .collect();
+        if missing.is_empty() && extra.is_empty() {
+            out.push(format!("{name}: the rules are in another order"));
+        } else {
+            out.push(format!("{name}: {}", [missing, extra].concat().join(", ")));
+        }
+    }
+    out
 }
 
 /// A pause before attempt `attempt + 1`: random in [0, 10 ms × 2^attempt],

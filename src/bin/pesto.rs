@@ -32,9 +32,16 @@ Exit status:
   0  done (or nothing to do)
   1  usage: bad option or port spec
   2  rejected: a rule is invalid or past a limit (nothing changed)
-  3  rolled back: some ports could not be bound (nothing changed)
+  3  rolled back: some ports could not be bound (nothing changed); or a
+     version-2 server (upstream passt or pasta) did not list back the
+     tables it was sent
   4  connection or protocol failure, timeout, or still conflicting with
-     other clients after --retries attempts";
+     other clients after --retries attempts
+
+Against a version-2 server (upstream passt or pasta) pesto speaks upstream's
+exchange: it sends the new tables as upstream pesto does, then lists again
+to check that they are active. Owners, --keep-partial and the rest that
+version 2 cannot do are refused; --dry-run checks the rules here only.";
 
 /// Show or change the forwarding rules of a running pestod.
 #[derive(Debug, Parser)]
@@ -277,6 +284,9 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
             Ok(s) => s,
             Err(e) => return out.error(&e, Exit::Failed),
         };
+        if session.version() == 2 {
+            return out.error(&ClientError::NotInV2("list rule owners"), Exit::Usage);
+        }
         return match session.config() {
             Ok(config) => {
                 out.owners(&session, &config);
@@ -294,7 +304,13 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         return match session.config() {
             Ok(config) => {
                 out.state(&session, &config);
-                out.text(&format!("pestod configuration ({path})\n{config}"));
+                // Upstream's header for its own servers.
+                let server = if session.version() == 2 {
+                    "passt/pasta"
+                } else {
+                    "pestod"
+                };
+                out.text(&format!("{server} configuration ({path})\n{config}"));
                 Exit::Done
             }
             Err(e) => out.error(&e, Exit::Failed),
@@ -362,7 +378,8 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         Ok(tx) => tx,
         Err(e) => {
             let exit = match &e {
-                ClientError::Edit(EditError::Spec(_)) => Exit::Usage,
+                ClientError::Edit(EditError::Spec(_)) | ClientError::NotInV2(_) => Exit::Usage,
+                ClientError::NotActive(_) => Exit::RolledBack,
                 ClientError::Protocol(_) if owner.is_some() => Exit::Usage,
                 ClientError::Edit(_) => Exit::Rejected,
                 e => exit_for(e),
@@ -382,6 +399,19 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
     }
     out.ack(&tx.ack);
     out.attempts(tx.attempts);
+    if tx.version == 2 {
+        // Upstream's exchange: no report; the listing after it is the truth.
+        out.outcome(if tx.committed {
+            "sent to the version-2 server, and listed back as sent"
+        } else {
+            "valid here; dry run: the version-2 server was not asked"
+        });
+        if args.show {
+            let what = if tx.committed { "Updated" } else { "Proposed" };
+            out.text(&format!("{what} configuration ({path})\n{after}"));
+        }
+        return Exit::Done;
+    }
     let Some(report) = &tx.report else {
         out.outcome("valid; dry run, nothing changed");
         if args.show {
