@@ -42,6 +42,9 @@ pub struct Options {
     pub shutdown_grace: Duration,
     /// The control socket's path, if there is one.
     pub control: Option<PathBuf>,
+    /// A second control socket that speaks version 2 (upstream passt's),
+    /// for tools built for upstream pesto.
+    pub control_v2: Option<PathBuf>,
     /// The control server's timeouts.
     pub timeouts: Timeouts,
     /// How the control socket is guarded.
@@ -95,6 +98,7 @@ pub struct Daemon {
     shared: Arc<Shared>,
     targets: Targets,
     control: Option<ControlServer>,
+    control_v2: Option<ControlServer>,
     dp: Arc<DataPlane>,
     grace: Duration,
 }
@@ -252,10 +256,30 @@ impl Daemon {
                 }
             }
         };
+        let control_v2 = match &opts.control_v2 {
+            None => None,
+            Some(path) => {
+                match ControlServer::start_v2(
+                    path,
+                    Arc::clone(&shared),
+                    opts.control_options.clone(),
+                ) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        if let Some(c) = control {
+                            c.stop().await;
+                        }
+                        shared.close_all().await;
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
         Ok(Daemon {
             shared,
             targets: opts.targets,
             control,
+            control_v2,
             dp,
             grace: opts.shutdown_grace,
         })
@@ -290,6 +314,9 @@ impl Daemon {
     /// socket file goes), closes every listening socket, lets connections go
     /// on for the shutdown grace, then closes them.
     pub async fn shutdown(self) {
+        if let Some(control) = self.control_v2 {
+            control.stop().await;
+        }
         if let Some(control) = self.control {
             control.stop().await;
         }

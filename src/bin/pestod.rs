@@ -30,6 +30,11 @@ struct Args {
     #[arg(short = 'c', long = "control", value_name = "PATH")]
     control: Option<PathBuf>,
 
+    /// A second control socket that speaks protocol version 2, upstream
+    /// passt's: for tools built for upstream pesto (same guards as -c).
+    #[arg(long = "control-v2", value_name = "PATH")]
+    control_v2: Option<PathBuf>,
+
     /// TCP ports to forward (see docs/port-spec.md); repeatable.
     #[arg(short = 't', long = "tcp-ports", value_name = "SPEC")]
     tcp: Vec<String>,
@@ -271,7 +276,7 @@ fn options(args: &Args) -> Result<Options, String> {
             }
         }
     }
-    if host.is_empty() && splice.is_empty() && args.control.is_none() {
+    if host.is_empty() && splice.is_empty() && args.control.is_none() && args.control_v2.is_none() {
         warn!("no rules and no control socket: nothing to forward (give -t or -u)");
     }
     let targets = targets(&args.target, caps)?;
@@ -306,6 +311,7 @@ fn options(args: &Args) -> Result<Options, String> {
         },
         shutdown_grace,
         control: args.control.clone(),
+        control_v2: args.control_v2.clone(),
         timeouts,
         state_file: args.state_file.clone(),
         control_options: ControlOptions {

@@ -4,12 +4,15 @@
 //! - [`state`]: the tables, their generations and the socket registry,
 //!   shared by every connection;
 //! - [`claims`]: which transactions may be applied at the same time;
-//! - `txn`: one connection's transaction, step by step.
+//! - `txn`: one connection's transaction, step by step;
+//! - `v2`: the version-2 socket's exchange (upstream passt's), for tools
+//!   built for upstream pesto.
 
 pub mod claims;
 pub mod leases;
 pub mod state;
 mod txn;
+mod v2;
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
@@ -172,6 +175,25 @@ impl ControlServer {
         shared: Arc<Shared>,
         opts: ControlOptions,
     ) -> Result<ControlServer, ControlError> {
+        ControlServer::start_version(path, shared, opts, Version::V3)
+    }
+
+    /// [`ControlServer::start`] for a socket that speaks version 2, upstream
+    /// passt's exchange (`--control-v2`), with the same guards.
+    pub fn start_v2(
+        path: &Path,
+        shared: Arc<Shared>,
+        opts: ControlOptions,
+    ) -> Result<ControlServer, ControlError> {
+        ControlServer::start_version(path, shared, opts, Version::V2)
+    }
+
+    fn start_version(
+        path: &Path,
+        shared: Arc<Shared>,
+        opts: ControlOptions,
+        version: Version,
+    ) -> Result<ControlServer, ControlError> {
         let io_err = |error| ControlError::Io {
             path: path.to_owned(),
             error,
@@ -211,9 +233,13 @@ impl ControlServer {
             opts,
             stop: stop.clone(),
             tasks: tasks.clone(),
+            version,
         };
         tasks.spawn(server.accept_loop(listener));
-        info!("control socket {}", path.display());
+        match version {
+            Version::V3 => info!("control socket {}", path.display()),
+            Version::V2 => info!("control socket {} (version 2, upstream's)", path.display()),
+        }
         Ok(ControlServer {
             path: path.to_owned(),
             stop,
@@ -235,6 +261,15 @@ impl ControlServer {
     }
 }
 
+/// The protocol a control socket speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    /// Transactions (docs/protocol.md, version 3).
+    V3,
+    /// Upstream passt's exchange: listing, one update, no answer.
+    V2,
+}
+
 /// What the accept loop shares with the connections it starts.
 struct Server {
     shared: Arc<Shared>,
@@ -243,6 +278,7 @@ struct Server {
     opts: ControlOptions,
     stop: CancellationToken,
     tasks: TaskTracker,
+    version: Version,
 }
 
 impl Server {
@@ -273,6 +309,10 @@ impl Server {
         let step = self.shared.timeouts().step;
         if !self.opts.allows(&peer) {
             warn!(%peer, "control connection refused: uid and gid not allowed");
+            if self.version == Version::V2 {
+                // Version 2 has no status to send: the connection closes.
+                return;
+            }
             let denied = txn::turn_away(
                 stream,
                 peer,
@@ -287,6 +327,10 @@ impl Server {
         let slot = Arc::clone(&self.slots).try_acquire_owned().ok();
         let pushed = slot.is_none() && self.waiting.evict_oldest();
         if slot.is_none() && !pushed {
+            if self.version == Version::V2 {
+                warn!(%peer, "version-2 control connection refused: too many clients at once");
+                return;
+            }
             // Told at once, rather than left waiting in the backlog.
             let busy = txn::turn_away(
                 stream,
@@ -301,6 +345,34 @@ impl Server {
         }
         // In accept order, after any push-out: never its own victim.
         let waiter = self.waiting.enter();
+        if self.version == Version::V2 {
+            let conn = v2::Conn {
+                stream,
+                peer,
+                shared: Arc::clone(&self.shared),
+                stop: self.stop.clone(),
+                waiting: Arc::clone(&self.waiting),
+                waiter,
+                hello_timeout: self.opts.hello_timeout,
+            };
+            let slots = Arc::clone(&self.slots);
+            self.tasks.spawn(async move {
+                let slot = match slot {
+                    Some(s) => Some(s),
+                    None => tokio::time::timeout(step, slots.acquire_owned())
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
+                };
+                if slot.is_some() {
+                    conn.run().await;
+                } else {
+                    warn!(%peer, "version-2 control connection refused: no slot came free");
+                }
+                drop(slot);
+            });
+            return;
+        }
         let conn = txn::Conn {
             stream,
             peer,
