@@ -45,7 +45,7 @@ version 2 cannot do are refused; --dry-run checks the rules here only.";
 
 /// Show or change the forwarding rules of a running pestod.
 #[derive(Debug, Parser)]
-#[command(name = "pesto", version, after_help = EXIT_CODES)]
+#[command(name = "pesto", version, after_help = EXIT_CODES, infer_long_args = true)]
 struct Args {
     // Flags that may repeat, each occurrence with its own position: clap
     // keeps only the last position of a counted flag.

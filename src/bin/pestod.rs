@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -24,7 +24,7 @@ use pesto::target::Targets;
 
 /// Forward TCP and UDP ports to targets, with rules that change at run time.
 #[derive(Debug, Parser)]
-#[command(name = "pestod", version, after_help = AFTER_HELP)]
+#[command(name = "pestod", version, after_help = AFTER_HELP, infer_long_args = true)]
 struct Args {
     /// Control socket path: `pesto PATH` changes the rules at run time.
     #[arg(short = 'c', long = "control", value_name = "PATH")]
@@ -147,9 +147,25 @@ A rule whose target would be its own listener (e.g. `-t 8080` with the
 default targets) is refused: map it to another port or give a target.";
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = match Args::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => {
+            // --help and --version are not errors; every start-up error
+            // exits 1, usage errors included.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(1);
+        }
+    };
     init_logging(&args);
-    let opts = match options(&args) {
+    let specs = ordered_specs(&matches);
+    let opts = match options(&args, &specs) {
         Ok(o) => o,
         Err(msg) => {
             error!("{msg}");
@@ -244,8 +260,27 @@ fn init_logging(args: &Args) {
         .init();
 }
 
+/// The port specs in command-line order, as upstream adds them: `-u 53
+/// -t 80` makes the UDP rule first.
+fn ordered_specs(m: &ArgMatches) -> Vec<(SpecOpt, String)> {
+    let mut specs: Vec<(usize, SpecOpt, String)> = Vec::new();
+    for (id, opt) in [
+        ("tcp", SpecOpt::Tcp),
+        ("udp", SpecOpt::Udp),
+        ("tcp_ns", SpecOpt::TcpNs),
+        ("udp_ns", SpecOpt::UdpNs),
+    ] {
+        let (Some(at), Some(texts)) = (m.indices_of(id), m.get_many::<String>(id)) else {
+            continue;
+        };
+        specs.extend(at.zip(texts).map(|(i, t)| (i, opt, t.clone())));
+    }
+    specs.sort_by_key(|(i, _, _)| *i);
+    specs.into_iter().map(|(_, o, t)| (o, t)).collect()
+}
+
 /// The daemon's options from the command line, or a message for the user.
-fn options(args: &Args) -> Result<Options, String> {
+fn options(args: &Args, specs: &[(SpecOpt, String)]) -> Result<Options, String> {
     let netns = match &args.netns {
         Some(path) => Some(Netns::open(path).map_err(|e| e.to_string())?),
         None => None,
@@ -257,23 +292,16 @@ fn options(args: &Args) -> Result<Options, String> {
     let eph = Ephemeral::probe();
     let mut host = Table::new(caps);
     let mut splice = Table::new(Daemon::splice_caps());
-    let specs = [
-        (SpecOpt::Tcp, &args.tcp),
-        (SpecOpt::Udp, &args.udp),
-        (SpecOpt::TcpNs, &args.tcp_ns),
-        (SpecOpt::UdpNs, &args.udp_ns),
-    ];
-    for (opt, texts) in specs {
+    for (opt, text) in specs {
+        let opt = *opt;
         let table = if opt.is_namespace() {
             &mut splice
         } else {
             &mut host
         };
-        for text in texts {
-            let rules = parse_rules(opt, text, table.caps(), eph).map_err(|e| e.to_string())?;
-            for rule in rules {
-                table.add(rule).map_err(|e| format!("{opt} {text}: {e}"))?;
-            }
+        let rules = parse_rules(opt, text, table.caps(), eph).map_err(|e| e.to_string())?;
+        for rule in rules {
+            table.add(rule).map_err(|e| format!("{opt} {text}: {e}"))?;
         }
     }
     if host.is_empty() && splice.is_empty() && args.control.is_none() && args.control_v2.is_none() {
