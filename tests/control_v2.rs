@@ -316,3 +316,30 @@ fn the_version_2_socket_has_the_same_guards() {
     assert_eq!(listed.pifs[0].name, "HOST");
     d.proc.wait_for("listed, no update").unwrap();
 }
+
+/// A table past version 2's 255 rules is listed cut to its first 255, and
+/// an update of it through the version-2 socket is refused: the client saw
+/// only part of it, and would drop the rest.
+#[test]
+fn a_table_past_255_rules_is_listed_cut_and_not_changed() {
+    let port = free_ports(1);
+    let mut d = start(&[]);
+    // 300 rules on one port, each on its own loopback address.
+    let rules: Vec<Rule> = (0..300u32)
+        .map(|i| {
+            let a = std::net::Ipv4Addr::from(0x7f00_0001 + i);
+            Rule::new(pesto::rule::Proto::Udp, a.into(), port, port, 9)
+        })
+        .collect();
+    set_host(&d.v3, rules.clone());
+    let listed = exchange(&d.v2, &[]);
+    assert_eq!(listed.pifs[0].rules, rules[..255]);
+    d.proc.wait_for("only the first 255 rules").unwrap();
+    let cut = Update {
+        tables: vec![(PifId::HOST, rules[..10].to_vec())],
+    };
+    exchange(&d.v2, &encode_to_vec(&cut));
+    let line = d.proc.wait_for("version-2 update not applied").unwrap();
+    assert!(line.contains("300 rules"), "{line}");
+    assert_eq!(host(&d.v3).0, rules);
+}
