@@ -2,9 +2,13 @@
 //! becomes a shutdown of the other side's write half (half-close).
 //!
 //! Each direction moves data socket -> pipe -> socket with splice(2), so the
-//! bytes never enter user space. Where that is not possible (no pipe to be
-//! had, or the kernel refuses to splice these sockets) the direction falls
-//! back to a copy through one buffer allocated for the connection's life.
+//! bytes never enter user space. A direction holds a pipe only while bytes
+//! are in flight: it takes one from the pool when its socket has data and
+//! gives it back once the pipe is drained, so an idle connection holds its
+//! two sockets and nothing else. Where splicing is not possible (no pipe to
+//! be had, or the kernel refuses to splice these sockets) the direction
+//! falls back to a copy through one buffer allocated for the rest of its
+//! life.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -25,9 +29,11 @@ const PIPE_SIZE_BULK: usize = 1 << 20;
 /// Buffer of the copy fallback.
 const COPY_BUF: usize = 1 << 16;
 
-/// Pipes kept for reuse: making one costs four system calls, a noticeable
-/// part of a short connection's life.
-const POOL_SIZE: usize = 128;
+/// Empty pipes kept for reuse: making one costs four system calls, a
+/// noticeable part of a short connection's life. The pool holds at most
+/// this many (two descriptors each); pipes in use are those of the
+/// directions with bytes in flight at that moment.
+pub const POOL_SIZE: usize = 128;
 
 /// Empty pipes of finished connections, for the next ones.
 #[derive(Debug, Default)]
@@ -62,17 +68,11 @@ pub(super) async fn relay(a: &TcpStream, b: &TcpStream, pool: &PipePool) -> io::
 
 /// Moves `src` to `dst` until EOF, then shuts down `dst`'s write side.
 async fn one_way(src: &TcpStream, dst: &TcpStream, pool: &PipePool) -> io::Result<u64> {
-    let moved = match pool.take() {
-        Ok(mut pipe) => match splice_loop(src, dst, &mut pipe).await? {
-            Spliced::Done(n) => {
-                // A direction ends only with its pipe drained.
-                pool.put(pipe);
-                n
-            }
-            Spliced::Unsupported => copy_loop(src, dst).await?,
-        },
-        // Out of descriptors for a pipe: this connection still works.
-        Err(_) => copy_loop(src, dst).await?,
+    let moved = match splice_loop(src, dst, pool).await? {
+        Spliced::Done(n) => n,
+        // No pipe to be had (out of descriptors), or no splicing these
+        // sockets: this connection still works, by copy.
+        Spliced::Copy(n) => n + copy_loop(src, dst).await?,
     };
     match rustix::net::shutdown(dst, Shutdown::Write) {
         // The peer may be gone already; nothing is left to tell it.
@@ -115,8 +115,10 @@ impl Pipe {
 }
 
 enum Spliced {
+    /// EOF, after this many bytes.
     Done(u64),
-    Unsupported,
+    /// Go on by copy, after this many bytes.
+    Copy(u64),
 }
 
 /// The splice(2) direction. A read that waits for readiness happens only
@@ -125,7 +127,10 @@ enum Spliced {
 /// socket's readiness then would wait for an event that never comes. While
 /// the target is slow to take the pipe's data, reads go on opportunistically
 /// into the room left, without touching readiness.
-async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::Result<Spliced> {
+///
+/// The pipe comes from `pool` once the socket is readable and goes back to
+/// it drained: between bursts the direction holds no pipe.
+async fn splice_loop(src: &TcpStream, dst: &TcpStream, pool: &PipePool) -> io::Result<Spliced> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved: u64 = 0;
     loop {
@@ -134,53 +139,82 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::R
         // other direction, and the tasks queued behind it) to itself.
         tokio::task::coop::consume_budget().await;
         src.readable().await?;
+        let Ok(mut pipe) = pool.take() else {
+            return Ok(Spliced::Copy(moved));
+        };
         let res = src.try_io(Interest::READABLE, || {
             rustix::pipe::splice(src, None, &pipe.write, None, pipe.size, flags).map_err(Into::into)
         });
-        let mut in_pipe = match res {
-            Ok(0) => return Ok(Spliced::Done(moved)),
+        let in_pipe = match res {
+            Ok(0) => {
+                pool.put(pipe);
+                return Ok(Spliced::Done(moved));
+            }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if moved == 0 && unsupported(&e) => return Ok(Spliced::Unsupported),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pool.put(pipe);
+                continue;
+            }
+            Err(e) if moved == 0 && unsupported(&e) => {
+                pool.put(pipe);
+                return Ok(Spliced::Copy(0));
+            }
             Err(e) => return Err(e),
         };
         if in_pipe >= pipe.size / 2 {
             pipe.grow();
         }
-        let mut eof = false;
-        while in_pipe > 0 {
-            dst.writable().await?;
-            let res = dst.try_io(Interest::WRITABLE, || {
-                rustix::pipe::splice(&pipe.read, None, dst, None, in_pipe, flags)
-                    .map_err(Into::into)
-            });
-            match res {
-                Ok(n) => {
-                    in_pipe -= n;
-                    moved += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            // The target takes its time: read on meanwhile, into the room
-            // the pipe has. Straight to splice(2), not through tokio: an
-            // EAGAIN here may mean a full pipe, and must not clear the
-            // socket's readiness (data there would wait for an event that
-            // does not come).
-            if in_pipe > 0 && !eof && in_pipe < pipe.size {
-                let room = pipe.size - in_pipe;
-                match rustix::pipe::splice(src, None, &pipe.write, None, room, flags) {
-                    Ok(0) => eof = true,
-                    Ok(n) => in_pipe += n,
-                    Err(Errno::AGAIN) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
+        let (n, eof) = drain(src, dst, &mut pipe, in_pipe).await?;
+        moved += n;
+        // Drained: the pipe goes back for whoever has data next.
+        pool.put(pipe);
         if eof {
             return Ok(Spliced::Done(moved));
         }
     }
+}
+
+/// Moves the `in_pipe` bytes in `pipe` to `dst`, reading on from `src` into
+/// the room left while `dst` is slow. Returns the bytes moved and whether
+/// `src` reached EOF meanwhile; the pipe is empty after it. On an error
+/// the pipe may hold bytes: the caller drops it.
+async fn drain(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &mut Pipe,
+    mut in_pipe: usize,
+) -> io::Result<(u64, bool)> {
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    let mut moved: u64 = 0;
+    let mut eof = false;
+    while in_pipe > 0 {
+        dst.writable().await?;
+        let res = dst.try_io(Interest::WRITABLE, || {
+            rustix::pipe::splice(&pipe.read, None, dst, None, in_pipe, flags).map_err(Into::into)
+        });
+        match res {
+            Ok(n) => {
+                in_pipe -= n;
+                moved += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        // The target takes its time: read on meanwhile, into the room the
+        // pipe has. Straight to splice(2), not through tokio: an EAGAIN here
+        // may mean a full pipe, and must not clear the socket's readiness
+        // (data there would wait for an event that does not come).
+        if in_pipe > 0 && !eof && in_pipe < pipe.size {
+            let room = pipe.size - in_pipe;
+            match rustix::pipe::splice(src, None, &pipe.write, None, room, flags) {
+                Ok(0) => eof = true,
+                Ok(n) => in_pipe += n,
+                Err(Errno::AGAIN) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok((moved, eof))
 }
 
 /// The kernel cannot splice these descriptors.
