@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::process::Command;
 
 use common::*;
 
@@ -131,4 +132,77 @@ fn two_thousand_connections_in_flight_all_complete() {
         good
     });
     assert_eq!(done, N, "connections that completed intact");
+}
+
+/// Out of descriptors: connections past the data plane's share are refused
+/// with a counted warning, the connections already there keep working, a
+/// rule update still commits (the control plane has its reserve), and
+/// service comes back once connections go.
+#[test]
+fn running_out_of_descriptors_refuses_cleanly_and_recovers() {
+    use std::io::{Read, Write};
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        skip("prlimit (util-linux) is not installed");
+        return;
+    }
+    let _ = raise_own_limit();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let echo = async_echo(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    let port = free_ports(2);
+    let mut p = Pestod::spawn_with(
+        "prlimit",
+        &[
+            "--nofile=256:256",
+            env!("CARGO_BIN_EXE_pestod"),
+            "-c",
+            sock.to_str().unwrap(),
+            "-t",
+            &format!("127.0.0.1/{port}:{}", echo.port()),
+        ],
+    );
+    p.wait_for("ready").expect("ready");
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    let echoes = |c: &mut std::net::TcpStream| -> bool {
+        c.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let mut b = [0u8; 4];
+        c.write_all(b"ping").is_ok() && c.read_exact(&mut b).is_ok() && &b == b"ping"
+    };
+    // Open until refused: the share is 192 of 256 descriptors.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..200 {
+        let Ok(mut c) = std::net::TcpStream::connect(to) else {
+            refused += 1;
+            continue;
+        };
+        if echoes(&mut c) {
+            held.push(c);
+        } else {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "{} connections and none refused", held.len());
+    assert!(held.len() > 50, "only {} connections worked", held.len());
+    let line = p.wait_for("new TCP connections refused").unwrap();
+    assert!(line.contains("refused="), "{line}");
+    // The connections already there keep working.
+    for c in held.iter_mut().take(10) {
+        assert!(echoes(c), "an existing connection stopped");
+    }
+    // A rule update commits meanwhile: its bind comes from the reserve.
+    let extra = format!("127.0.0.1/{}:{}", port + 1, echo.port());
+    let out = Command::new(env!("CARGO_BIN_EXE_pesto"))
+        .args(["-A", "-t", &extra])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // Connections go, service comes back.
+    held.truncate(held.len() / 2);
+    wait_until(PATIENCE, "service to come back", || {
+        std::net::TcpStream::connect(to).is_ok_and(|mut c| echoes(&mut c))
+    });
 }

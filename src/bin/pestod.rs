@@ -205,6 +205,7 @@ async fn run(opts: Options) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let max_flows = opts.dataplane.udp.max_flows;
     let daemon = match Daemon::start(opts).await {
         Ok(d) => d,
         Err(e) => {
@@ -212,6 +213,16 @@ async fn run(opts: Options) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let (limit, share) = daemon.data_plane().descriptor_limits();
+    info!(
+        limit,
+        reserved = limit - share,
+        "open files: {share} for connections and flows, about {} TCP connections \
+         at 2 each (a pipe more per direction while bytes are in flight), or UDP flows \
+         at 1 each up to --max-udp-flows {}",
+        share / 2,
+        max_flows
+    );
     info!(sockets = daemon.socket_count().await, "ready");
     let signal = signals.wait().await;
     info!("{signal}: shutting down");

@@ -7,6 +7,7 @@
 //! by dropping the sender. Connections and flows take what they need from the
 //! route when they start, so a later swap never disturbs them.
 
+mod capacity;
 mod flows;
 mod relay;
 mod tcp;
@@ -128,6 +129,9 @@ pub struct Stats {
     /// UDP datagrams dropped because no flow could be opened for them
     /// (every flow busy, or out of descriptors).
     pub udp_dropped: AtomicU64,
+    /// TCP connections refused because the data plane's share of the
+    /// open-files limit was used up.
+    pub tcp_refused: AtomicU64,
 }
 
 impl Stats {
@@ -146,6 +150,7 @@ pub struct DataPlane {
     flows: flows::FlowTable,
     bufs: udp::BufPool,
     pipes: relay::PipePool,
+    capacity: capacity::Capacity,
     stats: Stats,
     epoch: Instant,
 }
@@ -165,6 +170,7 @@ impl DataPlane {
             flows: flows::FlowTable::new(udp.max_flows),
             bufs: udp::BufPool::new(),
             pipes: relay::PipePool::default(),
+            capacity: capacity::Capacity::new(),
             stats: Stats::default(),
             epoch: Instant::now(),
         })
@@ -173,6 +179,13 @@ impl DataPlane {
     /// The counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The open-files limit and the share of it connections and flows may
+    /// use (the rest is kept for the control plane): both as they were
+    /// when the data plane started.
+    pub fn descriptor_limits(&self) -> (u64, u64) {
+        self.capacity.limits()
     }
 
     /// UDP flows open now.

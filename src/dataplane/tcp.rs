@@ -57,13 +57,23 @@ pub(super) async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     backoff = BACKOFF_MIN;
+                    if !dp.capacity.admits(&stream) {
+                        // Refused cleanly (RST), while there is a
+                        // descriptor to accept it with.
+                        reset(&stream);
+                        Stats::inc(&dp.stats.tcp_refused);
+                        dp.capacity.refuse("TCP connection");
+                        continue;
+                    }
                     Stats::inc(&dp.stats.tcp_accepted);
                     let target = route.target(peer.ip(), port);
                     let ns = route.connect_ns.clone();
                     dp.tracker.spawn(forward(stream, peer, target, ns, Arc::clone(&dp)));
                 }
                 Err(e) if is_resource_error(&e) => {
-                    warn!(port, error = %e, pause = ?backoff, "accept failed, backing off");
+                    Stats::inc(&dp.stats.tcp_refused);
+                    dp.capacity.refuse("TCP connection");
+                    debug!(port, error = %e, pause = ?backoff, "accept failed, backing off");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         changed = routes.changed() => if changed.is_err() { return },
@@ -108,7 +118,20 @@ async fn forward(
         r = connect(target, ns.as_deref()) => r,
     };
     let outbound = match outbound {
+        Ok(s) if !dp.capacity.admits(&s) => {
+            reset(&inbound);
+            reset(&s);
+            Stats::inc(&dp.stats.tcp_refused);
+            dp.capacity.refuse("TCP connection");
+            return;
+        }
         Ok(s) => s,
+        Err(e) if super::is_resource_error(&e) => {
+            reset(&inbound);
+            Stats::inc(&dp.stats.tcp_refused);
+            dp.capacity.refuse("TCP connection");
+            return;
+        }
         Err(e) => {
             debug!(%peer, %target, error = %e, "connect to target failed, resetting");
             Stats::inc(&dp.stats.tcp_connect_failed);

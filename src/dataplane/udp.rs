@@ -627,6 +627,16 @@ async fn flow_for<'a>(
         None => socket::udp_connected(target),
         Some(ns) => ns.run_async(move || socket::udp_connected(target)).await,
     };
+    let made = made.and_then(|s| {
+        if dp.capacity.admits(&s) {
+            Ok(s)
+        } else {
+            dp.capacity.refuse("UDP flow");
+            Err(std::io::Error::from_raw_os_error(
+                rustix::io::Errno::MFILE.raw_os_error(),
+            ))
+        }
+    });
     let socket = match made.and_then(UdpSocket::from_std) {
         Ok(socket) => Arc::new(FlowSocket {
             socket,
