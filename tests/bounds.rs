@@ -130,3 +130,66 @@ fn udp_flow_sockets_never_exceed_the_limit() {
     );
     assert!(fds(pid) > before, "the last flows are open");
 }
+
+/// The flow cap holds under floods that arrive at once on different
+/// listeners: two rules, each flooded from more source ports than the cap
+/// by its own thread, never hold more flow sockets together than the cap,
+/// counted while the floods run.
+#[test]
+fn the_flow_cap_holds_under_parallel_floods() {
+    const MAX: usize = 32;
+    const PEERS: usize = 400;
+    let (target, _) = udp_echo(v4(0), "");
+    let port = free_ports(2);
+    // Two listeners, two rules, one echo target.
+    let d = Pestod::start(&[
+        "-u",
+        &format!("127.0.0.1/{port}:{}", target.port()),
+        "-u",
+        &format!("127.0.0.1/{}:{}", port + 1, target.port()),
+        "--max-udp-flows",
+        &MAX.to_string(),
+        "--udp-timeout",
+        "60",
+    ]);
+    let pid = d.pid();
+    let before = fds(pid);
+    let done = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (done, peak) = (Arc::clone(&done), Arc::clone(&peak));
+        thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(fds(pid), Ordering::Relaxed);
+            }
+        })
+    };
+    let floods: Vec<_> = [port, port + 1]
+        .into_iter()
+        .map(|p| {
+            thread::spawn(move || {
+                let peers: Vec<UdpSocket> = (0..PEERS)
+                    .map(|_| UdpSocket::bind(v4(0)).unwrap())
+                    .collect();
+                for _ in 0..3 {
+                    for s in &peers {
+                        let _ = s.send_to(b"flood", v4(p));
+                    }
+                }
+            })
+        })
+        .collect();
+    for f in floods {
+        f.join().unwrap();
+    }
+    // Let the last flows be made, then stop sampling.
+    thread::sleep(std::time::Duration::from_millis(300));
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        peak <= before + MAX,
+        "{peak} descriptors at the peak, {before} before: more than {MAX} flow sockets"
+    );
+    assert!(fds(pid) > before, "flows were made");
+}
