@@ -8,7 +8,14 @@
 //! PESTO_BENCH_ONLY=UDP cargo bench --bench forward   # loads whose name has "UDP"
 //! PESTO_BENCH_ARGS="--tcp-loopback-buffer 0" cargo bench --bench forward  # pestod options
 //! PESTO_BENCH_IDLE=1000 cargo bench --bench forward  # also pestod under control load
+//! PESTO_BENCH_CONNS=9000 cargo bench --bench forward # also pestod holding idle connections
 //! ```
+//!
+//! With `PESTO_BENCH_CONNS=N`, a second pestod first takes N concurrent
+//! connections (each moves one byte each way, then stays idle), and the
+//! bench reports its descriptors and resident memory per connection and the
+//! connections that failed; then every load runs through it too, beside the
+//! pestod without them.
 //!
 //! With `PESTO_BENCH_IDLE=N`, a second pestod is measured beside the first
 //! while N control connections sit idle on its control socket (never sending
@@ -66,6 +73,22 @@ fn main() {
             std::process::exit(1);
         }
         paths.push(Path::pestod_under_control_load(&servers, n));
+    }
+    let conns = std::env::var("PESTO_BENCH_CONNS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n > 0);
+    if let Some(n) = conns {
+        let limit = pesto::daemon::raise_nofile_limit().unwrap_or(1024);
+        // The bench holds both other ends of every connection.
+        if usize::try_from(limit).is_ok_and(|l| l < 2 * n + 512) {
+            eprintln!(
+                "open files limit {limit} is too low for {n} connections (needs {})",
+                2 * n + 512
+            );
+            std::process::exit(1);
+        }
+        paths.push(Path::pestod_holding(&servers, n));
     }
     match Path::socat(&servers) {
         Some(p) => paths.push(p),
@@ -169,6 +192,8 @@ struct Path {
     _config: Option<tempfile::NamedTempFile>,
     /// Control clients kept busy while the forwarder is measured.
     _load: Option<ControlLoad>,
+    /// Connections held open through it while it is measured.
+    _held: Vec<TcpStream>,
 }
 
 impl Path {
@@ -182,6 +207,7 @@ impl Path {
             child: Vec::new(),
             _config: None,
             _load: None,
+            _held: Vec::new(),
         }
     }
 
@@ -208,6 +234,50 @@ impl Path {
             ],
         );
         path._load = Some(ControlLoad::start(dir, &sock, idle));
+        path
+    }
+
+    /// pestod holding `n` concurrent connections: each moves a byte each
+    /// way (so both directions have used a pipe), then stays idle. Prints
+    /// what they cost.
+    fn pestod_holding(servers: &Servers, n: usize) -> Path {
+        let hold = hold_server();
+        let h = free_port();
+        let rule = format!("127.0.0.1/{h}:{}", hold.port());
+        let mut path = Path::pestod_with(
+            servers,
+            format!("pestod, {n} conns"),
+            &["-t".as_ref(), rule.as_ref()],
+        );
+        wait_listening(h);
+        let pid = path.child[0].id();
+        let (fds0, rss0) = (fds(pid), rss_kib(pid));
+        let mut failed = 0usize;
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            let ok = TcpStream::connect(local(h)).and_then(|mut c| {
+                c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                c.write_all(b"c")?;
+                let mut b = [0u8; 1];
+                c.read_exact(&mut b)?;
+                Ok(c)
+            });
+            match ok {
+                Ok(c) => held.push(c),
+                Err(_) => failed += 1,
+            }
+        }
+        // Let the pipes of the last exchanges go back to the pool.
+        thread::sleep(Duration::from_millis(200));
+        let (fds1, rss1) = (fds(pid), rss_kib(pid));
+        let ok = held.len().max(1) as f64;
+        println!(
+            "{n} connections through pestod: {} held, {failed} failed; {:.2} descriptors and {:.1} KiB RSS each ({fds0} descriptors and {rss0} KiB before, {fds1} and {rss1} KiB after)",
+            held.len(),
+            fds1.saturating_sub(fds0) as f64 / ok,
+            rss1.saturating_sub(rss0) as f64 / ok,
+        );
+        path._held = held;
         path
     }
 
@@ -242,6 +312,7 @@ impl Path {
             child: vec![child],
             _config: None,
             _load: None,
+            _held: Vec::new(),
         }
     }
 
@@ -293,6 +364,7 @@ impl Path {
             child,
             _config: None,
             _load: None,
+            _held: Vec::new(),
         };
         // Dropping the path stops what did start.
         (listening(s) && listening(e)).then_some(path)
@@ -328,6 +400,7 @@ impl Path {
             child: vec![child],
             _config: Some(config),
             _load: None,
+            _held: Vec::new(),
         };
         (listening(s) && listening(e)).then_some(path)
     }
@@ -473,6 +546,40 @@ fn tcp_sink() -> SocketAddr {
             SINK_READ.fetch_add(n as u64, Ordering::Relaxed);
         }
     })
+}
+
+/// A server that sends each connection one byte and keeps it, reading
+/// nothing: the far end of idle connections. One thread, no thread per
+/// connection.
+fn hold_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    thread::spawn(move || {
+        let mut kept = Vec::new();
+        for mut s in l.incoming().map_while(Result::ok) {
+            let _ = s.write_all(b"s");
+            kept.push(s);
+        }
+    });
+    addr
+}
+
+/// Open descriptors of a process.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Bytes the TCP sink has read, over all its connections.

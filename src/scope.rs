@@ -90,6 +90,21 @@ pub fn replace_in(
     Ok(new)
 }
 
+/// `table` with the rule sets of several owners put back to `old`: every
+/// one of their current rules taken out first, then the old ones added.
+/// Done owner by owner instead, a rule that moved from one owner to another
+/// would conflict with itself on the way back. On error, the owner whose
+/// rules no longer fit, with the error.
+pub fn restore(mut table: Table, old: &[(&Owner, &[Rule])]) -> Result<Table, (Owner, RuleError)> {
+    for (owner, _) in old {
+        table.retain(|_, o| o != Some(*owner));
+    }
+    for (owner, rules) in old {
+        table = replace_in(table, owner, rules).map_err(|(_, e)| ((*owner).clone(), e))?;
+    }
+    Ok(table)
+}
+
 /// The owners whose rule sets differ between two tables of one pif: their
 /// scopes' generations move.
 pub fn changed_owners(old: &Table, new: &Table) -> BTreeSet<Owner> {
@@ -184,6 +199,20 @@ mod tests {
 
     fn table(rules: &[(u16, Option<&str>)]) -> Table {
         Table::with_owned_rules(caps(), rules.iter().map(|(p, o)| (tcp(*p), o.map(owner)))).unwrap()
+    }
+
+    #[test]
+    fn restoring_puts_a_moved_rule_back_with_its_owner() {
+        // One transaction moved port 1 from a to b; its undo must not trip
+        // over the rule on the way back.
+        let moved = table(&[(1, Some("b")), (2, None)]);
+        let (a, b) = (owner("a"), owner("b"));
+        let back = restore(moved, &[(&a, &[tcp(1)][..]), (&b, &[][..])]).unwrap();
+        let got: Vec<(u16, Option<&str>)> = back
+            .owned_rules()
+            .map(|(r, o)| (r.first, o.map(Owner::as_str)))
+            .collect();
+        assert_eq!(got, [(2, None), (1, Some("a"))]);
     }
 
     #[test]

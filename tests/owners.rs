@@ -637,3 +637,79 @@ fn commits_save_only_what_is_committed() {
         assert_eq!(host(&d.sock).await, [(base + 1, Some("done".into()))]);
     });
 }
+
+/// One transaction moves a rule from one owner to another; its rollback
+/// puts it back with its first owner (undone scope by scope, the rule would
+/// conflict with itself on the way back), and an owner whose every rule it
+/// removed keeps its uid.
+#[test]
+fn a_rollback_puts_a_moved_rule_back_with_its_owner() {
+    let d = Daemon::start(&[]);
+    let base = free_ports(1);
+    rt().block_on(async {
+        let setup = session(&d.sock).await;
+        let s0 = scope(&setup, "a", vec![rule(base)]);
+        commit(setup, &s0).await.unwrap();
+
+        let t = session(&d.sock).await;
+        let mut moving = scope(&t, "a", vec![]);
+        moving.extend(scope(&t, "b", vec![rule(base)]));
+        let applied = t
+            .propose_scoped(&moving)
+            .await
+            .unwrap()
+            .apply()
+            .await
+            .unwrap();
+        assert_eq!(host(&d.sock).await, [(base, Some("b".into()))]);
+        applied.rollback().await.unwrap();
+        assert_eq!(host(&d.sock).await, [(base, Some("a".into()))]);
+        let s = session(&d.sock).await;
+        let uid = rustix::process::getuid().as_raw();
+        assert_eq!(s.owner_uid(&owner("a")), Some(uid), "a kept its uid");
+        assert_eq!(s.owner_uid(&owner("b")), None, "b has no rules");
+    });
+    assert!(udp_bound(base), "the port is still forwarded");
+}
+
+/// The state file, written while a rule's move is in flight, has the rule
+/// with its first owner.
+#[test]
+fn a_move_in_flight_is_saved_as_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let base = free_ports(2);
+    {
+        let mut d = Daemon::start(&["--state-file", state]);
+        rt().block_on(async {
+            let setup = session(&d.sock).await;
+            let s0 = scope(&setup, "a", vec![rule(base)]);
+            commit(setup, &s0).await.unwrap();
+            let t = session(&d.sock).await;
+            let mut moving = scope(&t, "a", vec![]);
+            moving.extend(scope(&t, "b", vec![rule(base)]));
+            let applied = t
+                .propose_scoped(&moving)
+                .await
+                .unwrap()
+                .apply()
+                .await
+                .unwrap();
+            // Another owner commits: the file is written meanwhile.
+            let u = session(&d.sock).await;
+            let uc = scope(&u, "c", vec![rule(base + 1)]);
+            commit(u, &uc).await.unwrap();
+            d.proc.signal(rustix::process::Signal::KILL);
+            d.proc.wait();
+            drop(applied);
+        });
+    }
+    let d = Daemon::start(&["--state-file", state]);
+    rt().block_on(async {
+        assert_eq!(
+            host(&d.sock).await,
+            [(base, Some("a".into())), (base + 1, Some("c".into()))]
+        );
+    });
+}

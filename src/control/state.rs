@@ -166,7 +166,9 @@ impl Tables {
         for sc in scopes {
             self.owner_uids.entry(sc.owner.clone()).or_insert(uid);
         }
-        let live: std::collections::BTreeSet<&Owner> = self.scopes.keys().map(|(_, o)| o).collect();
+        // An owner whose rules a transaction in flight removed keeps its
+        // uid: a rollback brings them back, still its.
+        let live = self.live_owners();
         self.owner_uids.retain(|o, _| live.contains(o));
     }
 
@@ -174,26 +176,64 @@ impl Tables {
     /// pending. This is what the state file keeps.
     fn committed(&self) -> Config {
         let mut config = self.config.clone();
-        for change in self.pending.values().flatten() {
-            match change {
-                Pending::Whole { pif, old } => {
-                    if let Some(p) = config.by_id_mut(*pif) {
-                        p.table = old.clone();
-                    }
-                }
-                Pending::Scope {
-                    pif, owner, old, ..
-                } => {
-                    if let Some(p) = config.by_id_mut(*pif) {
-                        // Cannot fail: the old rules were reserved.
-                        if let Ok(t) = scope::replace(&p.table, owner, old) {
-                            p.table = t;
-                        }
-                    }
-                }
+        for (pif, table) in self.undone(self.pending.values().flatten()) {
+            if let Some(p) = config.by_id_mut(pif) {
+                p.table = table;
             }
         }
         config
+    }
+
+    /// The tables of the pifs that `changes` touch, with `changes` undone:
+    /// a whole table put back, or the old rule sets of the scopes, all of
+    /// a pif's at once (a rule one scope gave another goes back whole).
+    fn undone<'a>(&self, changes: impl Iterator<Item = &'a Pending>) -> BTreeMap<PifId, Table> {
+        let mut out = BTreeMap::new();
+        let mut scopes: BTreeMap<PifId, Vec<(&Owner, &[Rule])>> = BTreeMap::new();
+        for change in changes {
+            match change {
+                Pending::Whole { pif, old } => {
+                    out.insert(*pif, old.clone());
+                }
+                Pending::Scope {
+                    pif, owner, old, ..
+                } => scopes.entry(*pif).or_default().push((owner, old)),
+            }
+        }
+        for (pif, old) in scopes {
+            let Some(now) = self.config.by_id(pif) else {
+                continue;
+            };
+            // Cannot fail: the old rules were reserved.
+            match scope::restore(now.table.clone(), &old) {
+                Ok(table) => {
+                    out.insert(pif, table);
+                }
+                Err((owner, e)) => {
+                    tracing::error!(%pif, %owner, "cannot put the rules back: {e}");
+                }
+            }
+        }
+        out
+    }
+
+    /// Owners with rules, now or in a change still in flight (whose
+    /// rollback would bring them back).
+    fn live_owners(&self) -> std::collections::BTreeSet<Owner> {
+        let mut live: std::collections::BTreeSet<Owner> =
+            self.scopes.keys().map(|(_, o)| o.clone()).collect();
+        for change in self.pending.values().flatten() {
+            match change {
+                Pending::Scope { owner, old, .. } if !old.is_empty() => {
+                    live.insert(owner.clone());
+                }
+                Pending::Scope { .. } => {}
+                Pending::Whole { old, .. } => {
+                    live.extend(old.owners().iter().flatten().cloned());
+                }
+            }
+        }
+        live
     }
 
     /// The rules that transactions in flight removed from `pif` and may put
@@ -564,19 +604,21 @@ impl Shared {
     /// the step timeout (then BUSY), and checks the generations again
     /// (STALE).
     pub async fn apply(&self, shadow: Shadow, snapshot: &Snapshot) -> Result<Applied, Status> {
-        let claim = self.claim(shadow.claim()).await?;
-        self.apply_in(claim, shadow, snapshot).await
+        // One step timeout for all its waits: the claim, then reserved rules.
+        let deadline = tokio::time::Instant::now() + self.timeouts.step;
+        let claim = self.claim(shadow.claim(), deadline).await?;
+        self.apply_in(claim, shadow, snapshot, deadline).await
     }
 
-    /// Waits for `claim`, no longer than the step timeout (BUSY).
-    async fn claim(&self, claim: Claim) -> Result<Held, Status> {
+    /// Waits for `claim`, no longer than `deadline` (BUSY).
+    async fn claim(&self, claim: Claim, deadline: tokio::time::Instant) -> Result<Held, Status> {
         if let Some(held) = self.claims.try_acquire(&claim) {
             return Ok(held);
         }
         // Said, so that an operator (and a test) can see an APPLY queued
         // behind another transaction.
         tracing::debug!("APPLY waits: a transaction on the same rules is applied");
-        tokio::time::timeout(self.timeouts.step, self.claims.acquire(claim))
+        tokio::time::timeout_at(deadline, self.claims.acquire(claim))
             .await
             .map_err(|_| {
                 Status::new(
@@ -594,7 +636,8 @@ impl Shared {
     /// listing on, no other transaction can apply, so its retry cannot go
     /// STALE again. Clients that keep losing the race get their turn.
     pub async fn reserve(&self) -> Result<Reserved, Status> {
-        Ok(Reserved(self.claim(Claim::All).await?))
+        let deadline = tokio::time::Instant::now() + self.timeouts.step;
+        Ok(Reserved(self.claim(Claim::All, deadline).await?))
     }
 
     /// Step 7 with every pif reserved at the listing.
@@ -604,7 +647,8 @@ impl Shared {
         shadow: Shadow,
         snapshot: &Snapshot,
     ) -> Result<Applied, Status> {
-        self.apply_in(reserved.0, shadow, snapshot).await
+        let deadline = tokio::time::Instant::now() + self.timeouts.step;
+        self.apply_in(reserved.0, shadow, snapshot, deadline).await
     }
 
     async fn apply_in(
@@ -612,9 +656,9 @@ impl Shared {
         claim: Held,
         shadow: Shadow,
         snapshot: &Snapshot,
+        deadline: tokio::time::Instant,
     ) -> Result<Applied, Status> {
         let id = self.next_txn.fetch_add(1, Ordering::Relaxed);
-        let deadline = tokio::time::Instant::now() + self.timeouts.step;
         let Shadow {
             tables,
             scopes,
@@ -770,7 +814,11 @@ impl Shared {
     /// Ends a transaction: its reserved rules are free, and those who wait
     /// for them or for its claim go on.
     fn settle(&self, id: u64, claim: Held) {
-        self.tables().pending.remove(&id);
+        {
+            let mut t = self.tables();
+            t.pending.remove(&id);
+            t.settle_owners(&[], 0);
+        }
         self.settled.send_modify(|n| *n += 1);
         drop(claim);
     }
@@ -835,35 +883,13 @@ impl Shared {
     /// without binding anything, and the sockets bound for the new ones are
     /// closed.
     pub async fn rollback(&self, applied: Applied) -> Vec<SyncReport> {
-        let Applied { id, claim, .. } = applied;
+        let Applied {
+            id, claim, parked, ..
+        } = applied;
         let registry = Arc::clone(&self.registry).lock_owned().await;
         let changes: Vec<PifChange> = {
             let t = self.tables();
-            let mut tables: BTreeMap<PifId, Table> = BTreeMap::new();
-            for change in t.pending.get(&id).into_iter().flatten() {
-                match change {
-                    Pending::Whole { pif, old } => {
-                        tables.insert(*pif, old.clone());
-                    }
-                    Pending::Scope {
-                        pif, owner, old, ..
-                    } => {
-                        let Some(now) = tables
-                            .remove(pif)
-                            .or_else(|| t.config.by_id(*pif).map(|p| p.table.clone()))
-                        else {
-                            continue;
-                        };
-                        // The old rules were reserved: they still fit.
-                        let back = scope::replace_in(now.clone(), owner, old).unwrap_or_else(|e| {
-                            tracing::error!(%pif, %owner, "rollback cannot restore the rules: {e:?}");
-                            now
-                        });
-                        tables.insert(*pif, back);
-                    }
-                }
-            }
-            tables
+            t.undone(t.pending.get(&id).into_iter().flatten())
                 .into_iter()
                 .map(|(id, table)| PifChange {
                     id,
@@ -894,6 +920,11 @@ impl Shared {
         // closed under the registry.
         for (id, report) in ids.into_iter().zip(&reports) {
             registry.take_parked(id, &report.parked_keys).wait().await;
+        }
+        // And what the apply parked that the old tables did not take back
+        // (an `auto` port whose target another pif holds now).
+        for (pif, keys) in &parked {
+            registry.take_parked(*pif, keys).wait().await;
         }
         drop(registry);
         self.settle(id, claim);
@@ -963,8 +994,9 @@ impl Shared {
         let mut events = Vec::new();
         {
             let mut t = self.tables();
+            let live = t.live_owners();
             for (o, lease) in owners {
-                let has_rules = t.scopes.keys().any(|(_, x)| x == o);
+                let has_rules = live.contains(o);
                 if !has_rules {
                     if t.leases.remove(o).is_some() {
                         events.push(LeaseEvent::Drop(o.clone()));
@@ -1012,13 +1044,25 @@ impl Shared {
     pub async fn remove_owner(&self, owner: &Owner) -> Result<(), Status> {
         let scopes: Vec<ScopeUpdate> = {
             let t = self.tables();
-            t.scopes
+            // Its scopes now, and those a transaction in flight emptied
+            // (its rollback would bring the rules back): claimed too, so
+            // this waits for it.
+            let pending = t.pending.values().flatten().filter_map(|c| match c {
+                Pending::Scope { pif, owner: o, .. } if o == owner => Some(*pif),
+                _ => None,
+            });
+            let pifs: std::collections::BTreeSet<PifId> = t
+                .scopes
                 .keys()
                 .filter(|(_, o)| o == owner)
-                .map(|(pif, o)| ScopeUpdate {
-                    pif: *pif,
-                    owner: o.clone(),
-                    generation: t.scope_generation(*pif, o),
+                .map(|(pif, _)| *pif)
+                .chain(pending)
+                .collect();
+            pifs.into_iter()
+                .map(|pif| ScopeUpdate {
+                    pif,
+                    owner: owner.clone(),
+                    generation: t.scope_generation(pif, owner),
                     rules: Vec::new(),
                     lease: None,
                 })
@@ -1336,7 +1380,9 @@ fn merge_scopes(
     let mut tables = Vec::with_capacity(current.len());
     let mut pending = Vec::with_capacity(scopes.len());
     for (id, (name, mut table)) in current {
-        let mut added: Vec<&Rule> = Vec::new();
+        // The new rules, with their index in their scope's rule set: what
+        // a refusal names.
+        let mut added: Vec<(usize, &Rule)> = Vec::new();
         for sc in scopes.iter().filter(|s| s.pif == id) {
             let old = scope::rules_of(&table, &sc.owner);
             let had: std::collections::HashSet<&Rule> = old.iter().collect();
@@ -1360,7 +1406,12 @@ fn merge_scopes(
             table = scope::replace_in(table, &sc.owner, &sc.rules).map_err(|(i, e)| {
                 rule_refusal(id, i, &e, &format!("{name}, owner '{}'", sc.owner))
             })?;
-            added.extend(sc.rules.iter().filter(|r| !had.contains(r)));
+            added.extend(
+                sc.rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| !had.contains(r)),
+            );
             if old.len() != sc.rules.len() || sc.rules.iter().any(|r| !had.contains(r)) {
                 pending.push(Pending::Scope {
                     pif: id,
@@ -1371,13 +1422,28 @@ fn merge_scopes(
             }
         }
         let place = places.get(&id).cloned().unwrap_or_default();
+        // Only a new rule can loop: the others were checked when they came.
+        let refusal = |(i, e): (usize, crate::target::LoopError)| {
+            let index = added.get(i).map_or(i, |(at, _)| *at);
+            rule_status(Code::Invalid, id, index, format!("{name}: {e}"))
+        };
+        crate::target::routes_of(added.iter().map(|(_, r)| *r), targets, &place)
+            .map_err(refusal)?;
         if whole {
-            let routes = routes(&table, targets, &place)
-                .map_err(|(i, e)| rule_status(Code::Invalid, id, i, format!("{name}: {e}")))?;
+            let routes = routes(&table, targets, &place).map_err(|(i, e)| {
+                let index = table
+                    .rules()
+                    .get(i)
+                    .and_then(|r| {
+                        scopes
+                            .iter()
+                            .filter(|s| s.pif == id)
+                            .find_map(|s| s.rules.iter().position(|x| x == r))
+                    })
+                    .unwrap_or(i);
+                rule_status(Code::Invalid, id, index, format!("{name}: {e}"))
+            })?;
             tables.push(PifChange { id, table, routes });
-        } else {
-            crate::target::routes_of(added, targets, &place)
-                .map_err(|(i, e)| rule_status(Code::Invalid, id, i, format!("{name}: {e}")))?;
         }
     }
     Ok(Merged { tables, pending })
