@@ -345,34 +345,6 @@ impl Server {
         }
         // In accept order, after any push-out: never its own victim.
         let waiter = self.waiting.enter();
-        if self.version == Version::V2 {
-            let conn = v2::Conn {
-                stream,
-                peer,
-                shared: Arc::clone(&self.shared),
-                stop: self.stop.clone(),
-                waiting: Arc::clone(&self.waiting),
-                waiter,
-                hello_timeout: self.opts.hello_timeout,
-            };
-            let slots = Arc::clone(&self.slots);
-            self.tasks.spawn(async move {
-                let slot = match slot {
-                    Some(s) => Some(s),
-                    None => tokio::time::timeout(step, slots.acquire_owned())
-                        .await
-                        .ok()
-                        .and_then(Result::ok),
-                };
-                if slot.is_some() {
-                    conn.run().await;
-                } else {
-                    warn!(%peer, "version-2 control connection refused: no slot came free");
-                }
-                drop(slot);
-            });
-            return;
-        }
         let conn = txn::Conn {
             stream,
             peer,
@@ -383,6 +355,7 @@ impl Server {
             hello_timeout: self.opts.hello_timeout,
         };
         let slots = Arc::clone(&self.slots);
+        let v2 = self.version == Version::V2;
         // The wait for the pushed-out connection's slot happens here, not in
         // the accept loop.
         self.tasks.spawn(async move {
@@ -394,6 +367,13 @@ impl Server {
                     .and_then(Result::ok),
             };
             match slot {
+                Some(slot) if v2 => {
+                    v2::run(conn).await;
+                    drop(slot);
+                }
+                None if v2 => {
+                    warn!(%peer, "version-2 control connection refused: no slot came free");
+                }
                 Some(slot) => {
                     conn.run().await;
                     drop(slot);

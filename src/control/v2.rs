@@ -17,9 +17,9 @@ use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::state::{Shared, Snapshot};
-use super::txn::Peer;
-use super::{Waiter, Waiting};
+use super::Waiter;
+use super::state::Snapshot;
+use super::txn::Conn;
 use crate::codec::v3::Status;
 use crate::codec::{
     DecodeError, HelloV2, Limits, ListingV2, PIF_HEADER_SIZE, PifListing, RULE_SIZE, Update,
@@ -27,168 +27,156 @@ use crate::codec::{
 };
 use crate::table::MAX_RULES_V2;
 
-/// A connection to the version-2 socket.
-pub(super) struct Conn {
-    pub stream: UnixStream,
-    pub peer: Peer,
-    pub shared: Arc<Shared>,
-    /// Cancelled when the daemon shuts down.
-    pub stop: CancellationToken,
-    /// Until the first byte of its update (version 2's first client
-    /// message), a newcomer may push this connection out.
-    pub waiting: Arc<Waiting>,
-    pub waiter: Arc<Waiter>,
-    /// How long the client may take to start its update, or to close.
-    pub hello_timeout: Duration,
-}
-
-impl Conn {
-    /// Serves the exchange to its end and logs the outcome.
-    pub(super) async fn run(self) {
-        let peer = self.peer;
-        let shared = Arc::clone(&self.shared);
-        match self.exchange().await {
-            Ok(outcome) => info!(%peer, "version-2 transaction: {outcome}"),
-            Err(status) => {
-                shared.counters().refused(status.code);
-                warn!(%peer, "version-2 update not applied: {status}");
-            }
+/// Serves a connection of the version-2 socket to its end and logs the
+/// outcome. Until the first byte of its update (version 2's first client
+/// message), a newcomer may push it out, as one without its hello on
+/// version 3.
+pub(super) async fn run(conn: Conn) {
+    let peer = conn.peer;
+    let shared = Arc::clone(&conn.shared);
+    match exchange(conn).await {
+        Ok(outcome) => info!(%peer, "version-2 transaction: {outcome}"),
+        Err(status) => {
+            shared.counters().refused(status.code);
+            warn!(%peer, "version-2 update not applied: {status}");
         }
     }
+}
 
-    async fn exchange(self) -> Result<String, Status> {
-        let Conn {
-            mut stream,
-            peer,
-            shared,
-            stop,
-            waiting,
-            waiter,
-            hello_timeout,
-        } = self;
-        let t = shared.timeouts();
-        // The hello and the tables, read together with their generations.
-        let (pifs, rules) = shared.listing();
-        let snapshot: Snapshot = rules.iter().map(|p| (p.id, p.generation)).collect();
-        let mut cut = Vec::new();
-        let listing = ListingV2 {
-            pifs: pifs
-                .into_iter()
-                .map(|p| {
-                    let mut rules = rules
-                        .iter()
-                        .find(|r| r.id == p.id)
-                        .map(|r| r.rules.clone())
-                        .unwrap_or_default();
-                    if rules.len() > MAX_RULES_V2 {
-                        cut.push((p.id, p.name.clone(), rules.len()));
-                        rules.truncate(MAX_RULES_V2);
-                    }
-                    PifListing {
-                        id: p.id,
-                        name: p.name,
-                        caps: p.caps,
-                        rules,
-                    }
-                })
-                .collect(),
-        };
-        for (_, name, n) in &cut {
-            warn!(%peer, pif = %name, rules = n, "a version-2 listing shows only the first {MAX_RULES_V2} rules; an update of this pif through the version-2 socket is refused");
+/// The exchange and the transaction behind it: an outcome for the log, or
+/// why the update was refused.
+async fn exchange(conn: Conn) -> Result<String, Status> {
+    let Conn {
+        mut stream,
+        peer,
+        shared,
+        stop,
+        waiting,
+        waiter,
+        hello_timeout,
+    } = conn;
+    let t = shared.timeouts();
+    // The hello and the tables, read together with their generations.
+    let (pifs, rules) = shared.listing();
+    let snapshot: Snapshot = rules.iter().map(|p| (p.id, p.generation)).collect();
+    let mut cut = Vec::new();
+    let listing = ListingV2 {
+        pifs: pifs
+            .into_iter()
+            .map(|p| {
+                let mut rules = rules
+                    .iter()
+                    .find(|r| r.id == p.id)
+                    .map(|r| r.rules.clone())
+                    .unwrap_or_default();
+                if rules.len() > MAX_RULES_V2 {
+                    cut.push((p.id, p.name.clone(), rules.len()));
+                    rules.truncate(MAX_RULES_V2);
+                }
+                PifListing {
+                    id: p.id,
+                    name: p.name,
+                    caps: p.caps,
+                    rules,
+                }
+            })
+            .collect(),
+    };
+    for (_, name, n) in &cut {
+        warn!(%peer, pif = %name, rules = n, "a version-2 listing shows only the first {MAX_RULES_V2} rules; an update of this pif through the version-2 socket is refused");
+    }
+    let mut out = encode_to_vec(&HelloV2::new(VERSION_2));
+    out.extend(encode_to_vec(&listing));
+    match tokio::time::timeout(t.step, stream.write_all(&out)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            waiting.leave(&waiter);
+            return Ok(format!("the listing was not sent: {e}"));
         }
-        let mut out = encode_to_vec(&HelloV2::new(VERSION_2));
-        out.extend(encode_to_vec(&listing));
-        match tokio::time::timeout(t.step, stream.write_all(&out)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                waiting.leave(&waiter);
-                return Ok(format!("the listing was not sent: {e}"));
-            }
-            Err(_) => {
-                waiting.leave(&waiter);
-                return Ok("the client did not read the listing".to_owned());
-            }
+        Err(_) => {
+            waiting.leave(&waiter);
+            return Ok("the client did not read the listing".to_owned());
         }
-        // The update, which the client ends by closing: its first byte
-        // within the hello timeout, the rest within the step timeout.
-        let most = listing.pifs.len() * (PIF_HEADER_SIZE + MAX_RULES_V2 * RULE_SIZE) + 1;
-        let got = read_update(&mut stream, most, hello_timeout, t.step, &stop, &waiter).await;
-        waiting.leave(&waiter);
-        let bytes = match got {
-            Ok(b) if b.is_empty() => return Ok("listed, no update".to_owned()),
-            Ok(b) => b,
-            Err(ReadEnd::Gone(why)) => return Ok(why),
-            Err(ReadEnd::Bad(status)) => return Err(status),
-        };
-        let update = match decode_from::<Update>(&bytes, &Limits::v2()) {
-            Ok((u, len)) if len == bytes.len() => u,
-            Ok((_, len)) => {
-                return Err(Status::new(
-                    crate::codec::v3::Code::Protocol,
-                    format!(
-                        "{} bytes after the update's end ({len} bytes)",
-                        bytes.len() - len
-                    ),
-                ));
-            }
-            Err(DecodeError::Incomplete) => {
-                return Err(Status::new(
-                    crate::codec::v3::Code::Protocol,
-                    format!(
-                        "the update ends after {} bytes, inside a field",
-                        bytes.len()
-                    ),
-                ));
-            }
-            Err(DecodeError::Bad(e)) => {
-                return Err(Status::new(
-                    crate::codec::v3::Code::Protocol,
-                    format!("malformed update: {e}"),
-                ));
-            }
-        };
-        if let Some((_, name, n)) = cut
-            .iter()
-            .find(|(id, _, _)| update.tables.iter().any(|(u, _)| u == id))
-        {
+    }
+    // The update, which the client ends by closing: its first byte
+    // within the hello timeout, the rest within the step timeout.
+    let most = listing.pifs.len() * (PIF_HEADER_SIZE + MAX_RULES_V2 * RULE_SIZE) + 1;
+    let got = read_update(&mut stream, most, hello_timeout, t.step, &stop, &waiter).await;
+    waiting.leave(&waiter);
+    let bytes = match got {
+        Ok(b) if b.is_empty() => return Ok("listed, no update".to_owned()),
+        Ok(b) => b,
+        Err(ReadEnd::Gone(why)) => return Ok(why),
+        Err(ReadEnd::Bad(status)) => return Err(status),
+    };
+    let update = match decode_from::<Update>(&bytes, &Limits::v2()) {
+        Ok((u, len)) if len == bytes.len() => u,
+        Ok((_, len)) => {
             return Err(Status::new(
-                crate::codec::v3::Code::Limit,
+                crate::codec::v3::Code::Protocol,
                 format!(
-                    "{name} has {n} rules, more than version 2 can list ({MAX_RULES_V2}); \
-                     change it through the version-3 socket"
+                    "{} bytes after the update's end ({len} bytes)",
+                    bytes.len() - len
                 ),
             ));
         }
-        let shadow = shared.validate(update, &snapshot, peer.uid).await?;
-        let applied = shared.apply(shadow, &snapshot).await?;
-        if applied.report.ok {
-            let saved = shared.commit(applied).await;
-            Ok(match saved {
-                None => "applied and committed".to_owned(),
-                Some(w) => format!("applied and committed, but not saved: {w}"),
-            })
-        } else {
-            let failed: Vec<String> = applied
-                .report
-                .pifs
-                .iter()
-                .flat_map(|p| &p.rules)
-                .flat_map(|r| &r.failed)
-                .map(|f| {
-                    let errno = std::io::Error::from_raw_os_error(f.errno as i32);
-                    if f.first == f.last {
-                        format!("port {}: {errno}", f.first)
-                    } else {
-                        format!("ports {}-{}: {errno}", f.first, f.last)
-                    }
-                })
-                .collect();
-            shared.rollback(applied).await;
-            Ok(format!(
-                "rolled back, some ports could not be bound ({})",
-                failed.join(", ")
-            ))
+        Err(DecodeError::Incomplete) => {
+            return Err(Status::new(
+                crate::codec::v3::Code::Protocol,
+                format!(
+                    "the update ends after {} bytes, inside a field",
+                    bytes.len()
+                ),
+            ));
         }
+        Err(DecodeError::Bad(e)) => {
+            return Err(Status::new(
+                crate::codec::v3::Code::Protocol,
+                format!("malformed update: {e}"),
+            ));
+        }
+    };
+    if let Some((_, name, n)) = cut
+        .iter()
+        .find(|(id, _, _)| update.tables.iter().any(|(u, _)| u == id))
+    {
+        return Err(Status::new(
+            crate::codec::v3::Code::Limit,
+            format!(
+                "{name} has {n} rules, more than version 2 can list ({MAX_RULES_V2}); \
+                     change it through the version-3 socket"
+            ),
+        ));
+    }
+    let shadow = shared.validate(update, &snapshot, peer.uid).await?;
+    let applied = shared.apply(shadow, &snapshot).await?;
+    if applied.report.ok {
+        let saved = shared.commit(applied).await;
+        Ok(match saved {
+            None => "applied and committed".to_owned(),
+            Some(w) => format!("applied and committed, but not saved: {w}"),
+        })
+    } else {
+        let failed: Vec<String> = applied
+            .report
+            .pifs
+            .iter()
+            .flat_map(|p| &p.rules)
+            .flat_map(|r| &r.failed)
+            .map(|f| {
+                let errno = std::io::Error::from_raw_os_error(f.errno as i32);
+                if f.first == f.last {
+                    format!("port {}: {errno}", f.first)
+                } else {
+                    format!("ports {}-{}: {errno}", f.first, f.last)
+                }
+            })
+            .collect();
+        shared.rollback(applied).await;
+        Ok(format!(
+            "rolled back, some ports could not be bound ({})",
+            failed.join(", ")
+        ))
     }
 }
 
