@@ -638,6 +638,23 @@ fn commits_save_only_what_is_committed() {
     });
 }
 
+/// Gives owner a a rule on `port`, then applies (uncommitted) one
+/// transaction that moves it to owner b.
+async fn apply_a_move(sock: &Path, port: u16) -> pesto::client::Applied {
+    let setup = session(sock).await;
+    let s0 = scope(&setup, "a", vec![rule(port)]);
+    commit(setup, &s0).await.unwrap();
+    let t = session(sock).await;
+    let mut moving = scope(&t, "a", vec![]);
+    moving.extend(scope(&t, "b", vec![rule(port)]));
+    t.propose_scoped(&moving)
+        .await
+        .unwrap()
+        .apply()
+        .await
+        .unwrap()
+}
+
 /// One transaction moves a rule from one owner to another; its rollback
 /// puts it back with its first owner (undone scope by scope, the rule would
 /// conflict with itself on the way back), and an owner whose every rule it
@@ -647,20 +664,7 @@ fn a_rollback_puts_a_moved_rule_back_with_its_owner() {
     let d = Daemon::start(&[]);
     let base = free_ports(1);
     rt().block_on(async {
-        let setup = session(&d.sock).await;
-        let s0 = scope(&setup, "a", vec![rule(base)]);
-        commit(setup, &s0).await.unwrap();
-
-        let t = session(&d.sock).await;
-        let mut moving = scope(&t, "a", vec![]);
-        moving.extend(scope(&t, "b", vec![rule(base)]));
-        let applied = t
-            .propose_scoped(&moving)
-            .await
-            .unwrap()
-            .apply()
-            .await
-            .unwrap();
+        let applied = apply_a_move(&d.sock, base).await;
         assert_eq!(host(&d.sock).await, [(base, Some("b".into()))]);
         applied.rollback().await.unwrap();
         assert_eq!(host(&d.sock).await, [(base, Some("a".into()))]);
@@ -683,19 +687,7 @@ fn a_move_in_flight_is_saved_as_before_it() {
     {
         let mut d = Daemon::start(&["--state-file", state]);
         rt().block_on(async {
-            let setup = session(&d.sock).await;
-            let s0 = scope(&setup, "a", vec![rule(base)]);
-            commit(setup, &s0).await.unwrap();
-            let t = session(&d.sock).await;
-            let mut moving = scope(&t, "a", vec![]);
-            moving.extend(scope(&t, "b", vec![rule(base)]));
-            let applied = t
-                .propose_scoped(&moving)
-                .await
-                .unwrap()
-                .apply()
-                .await
-                .unwrap();
+            let applied = apply_a_move(&d.sock, base).await;
             // Another owner commits: the file is written meanwhile.
             let u = session(&d.sock).await;
             let uc = scope(&u, "c", vec![rule(base + 1)]);
