@@ -37,6 +37,19 @@ pub(super) async fn serve(
             return;
         }
     };
+    // Options an accepted socket inherits from its listener, set once here
+    // rather than on every connection: NODELAY, and on a loopback address
+    // (where every peer is local) the loopback buffers.
+    let inherited = Inherited {
+        nodelay: socket2::SockRef::from(&listener)
+            .set_tcp_nodelay(true)
+            .is_ok(),
+        buffers: dp.tcp.loopback_buffer > 0
+            && listener
+                .local_addr()
+                .is_ok_and(|a| a.ip().to_canonical().is_loopback())
+            && set_buffers(&listener, dp.tcp.loopback_buffer),
+    };
     let mut backoff = BACKOFF_MIN;
     loop {
         let route = routes.borrow_and_update().clone();
@@ -68,7 +81,7 @@ pub(super) async fn serve(
                     Stats::inc(&dp.stats.tcp_accepted);
                     let target = route.target(peer.ip(), port);
                     let ns = route.connect_ns.clone();
-                    dp.tracker.spawn(forward(stream, peer, target, ns, Arc::clone(&dp)));
+                    dp.tracker.spawn(forward(stream, peer, target, ns, inherited, Arc::clone(&dp)));
                 }
                 Err(e) if is_resource_error(&e) => {
                     Stats::inc(&dp.stats.tcp_refused);
@@ -85,6 +98,13 @@ pub(super) async fn serve(
             },
         }
     }
+}
+
+/// What an accepted socket got from its listener already.
+#[derive(Debug, Clone, Copy)]
+struct Inherited {
+    nodelay: bool,
+    buffers: bool,
 }
 
 /// Counts a connection as active for as long as it lives.
@@ -110,6 +130,7 @@ async fn forward(
     peer: SocketAddr,
     target: SocketAddr,
     ns: Option<Arc<Netns>>,
+    inherited: Inherited,
     dp: Arc<DataPlane>,
 ) {
     let _active = Active::new(&dp.stats);
@@ -140,14 +161,17 @@ async fn forward(
         }
     };
     // Small writes (requests, handshakes) must not wait for Nagle.
-    let _ = inbound.set_nodelay(true);
+    if !inherited.nodelay {
+        let _ = inbound.set_nodelay(true);
+    }
     let _ = outbound.set_nodelay(true);
     let size = dp.tcp.loopback_buffer;
     if size > 0 {
-        for (stream, addr) in [(&inbound, peer), (&outbound, target)] {
-            if addr.ip().to_canonical().is_loopback() {
-                set_buffers(stream, size);
-            }
+        if !inherited.buffers && peer.ip().to_canonical().is_loopback() {
+            set_buffers(&inbound, size);
+        }
+        if target.ip().to_canonical().is_loopback() {
+            set_buffers(&outbound, size);
         }
     }
     let res = tokio::select! {
@@ -174,8 +198,8 @@ async fn connect(target: SocketAddr, ns: Option<&Netns>) -> io::Result<TcpStream
 /// past net.core.rmem_max and wmem_max where the daemon may
 /// (CAP_NET_ADMIN), because the stock limits of about 200 KiB are too small
 /// for the gain; else up to them. A refusal leaves the kernel's
-/// autotuning, which still works.
-fn set_buffers(stream: &TcpStream, size: usize) {
+/// autotuning, which still works: false then.
+fn set_buffers(stream: &impl std::os::fd::AsFd, size: usize) -> bool {
     use nix::sys::socket::{setsockopt, sockopt};
     use std::sync::atomic::{AtomicBool, Ordering};
     // Cleared at the first refusal: a daemon without the capability does
@@ -185,12 +209,12 @@ fn set_buffers(stream: &TcpStream, size: usize) {
         let forced = setsockopt(stream, sockopt::RcvBufForce, &size)
             .and_then(|()| setsockopt(stream, sockopt::SndBufForce, &size));
         if forced.is_ok() {
-            return;
+            return true;
         }
         FORCE.store(false, Ordering::Relaxed);
     }
-    let _ = setsockopt(stream, sockopt::RcvBuf, &size);
-    let _ = setsockopt(stream, sockopt::SndBuf, &size);
+    setsockopt(stream, sockopt::RcvBuf, &size).is_ok()
+        && setsockopt(stream, sockopt::SndBuf, &size).is_ok()
 }
 
 /// Makes the coming close send RST instead of FIN.
