@@ -164,6 +164,7 @@ pub struct ControlServer {
     stop: CancellationToken,
     tasks: TaskTracker,
     shared: Arc<Shared>,
+    version: Version,
 }
 
 impl ControlServer {
@@ -245,6 +246,7 @@ impl ControlServer {
             stop,
             tasks,
             shared,
+            version,
         })
     }
 
@@ -257,7 +259,10 @@ impl ControlServer {
         if let Err(e) = std::fs::remove_file(&self.path) {
             warn!("cannot remove {}: {e}", self.path.display());
         }
-        info!("control: {}", self.shared.counters());
+        // The counters are the daemon's, over both sockets: said once.
+        if self.version == Version::V3 {
+            info!("control: {}", self.shared.counters());
+        }
     }
 }
 
