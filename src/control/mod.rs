@@ -165,6 +165,8 @@ pub struct ControlServer {
     tasks: TaskTracker,
     shared: Arc<Shared>,
     version: Version,
+    /// The daemon's only control socket.
+    alone: bool,
 }
 
 impl ControlServer {
@@ -247,7 +249,15 @@ impl ControlServer {
             tasks,
             shared,
             version,
+            alone: true,
         })
+    }
+
+    /// Says that the daemon has another control socket (of the other
+    /// version), which logs the counters at shutdown.
+    pub fn beside_another(mut self) -> ControlServer {
+        self.alone = false;
+        self
     }
 
     /// Stops accepting, ends every transaction (an applied one rolls back),
@@ -259,8 +269,9 @@ impl ControlServer {
         if let Err(e) = std::fs::remove_file(&self.path) {
             warn!("cannot remove {}: {e}", self.path.display());
         }
-        // The counters are the daemon's, over both sockets: said once.
-        if self.version == Version::V3 {
+        // The counters are the daemon's, over both sockets: said once, by
+        // the version-3 socket if there is one.
+        if self.version == Version::V3 || self.alone {
             info!("control: {}", self.shared.counters());
         }
     }
