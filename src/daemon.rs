@@ -264,6 +264,7 @@ impl Daemon {
                     Arc::clone(&shared),
                     opts.control_options.clone(),
                 ) {
+                    Ok(c) if control.is_some() => Some(c.beside_another()),
                     Ok(c) => Some(c),
                     Err(e) => {
                         if let Some(c) = control {
