@@ -759,11 +759,6 @@ where
     })
 }
 
-/// How long [`transact`] lists a version-2 server again, waiting for the
-/// update to show: upstream applies it once the connection that sent it
-/// closes, and serves one client at a time.
-pub const V2_PATIENCE: Duration = Duration::from_secs(2);
-
 /// One attempt against a version-2 server: the update computed, sent, and
 /// checked by listing again. There is nothing to retry: no generations.
 async fn attempt_v2<F>(
@@ -828,7 +823,10 @@ where
         ));
     }
     session.send_v2(&update).await?;
-    verify_v2(path, opts, &update, V2_PATIENCE).await?;
+    // Upstream applies the update once the connection that sent it closes,
+    // and serves one client at a time; pestod's version-2 socket may wait
+    // its step timeout for a transaction in flight. As long as one step.
+    verify_v2(path, opts, &update, opts.step_timeout).await?;
     Ok(done("sent, and listed back as sent", true))
 }
 
@@ -854,7 +852,10 @@ pub async fn verify_v2(
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(ClientError::NotActive(diff.join("; ")));
+            return Err(ClientError::NotActive(format!(
+                "{} (listed for {patience:?}; the server may still apply it later)",
+                diff.join("; ")
+            )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -342,4 +342,14 @@ fn a_table_past_255_rules_is_listed_cut_and_not_changed() {
     let line = d.proc.wait_for("version-2 update not applied").unwrap();
     assert!(line.contains("300 rules"), "{line}");
     assert_eq!(host(&d.v3).0, rules);
+    // Sent back exactly as listed (a client that changed another pif, as
+    // upstream sends every pif): the table stays whole.
+    let generation = host(&d.v3).1;
+    let same = Update {
+        tables: vec![(PifId::HOST, listed.pifs[0].rules.clone())],
+    };
+    exchange(&d.v2, &encode_to_vec(&same));
+    d.proc.wait_for("version-2 transaction:").unwrap();
+    assert_eq!(host(&d.v3).0, rules);
+    assert!(host(&d.v3).1 >= generation);
 }

@@ -158,13 +158,17 @@ fn updates_are_upstreams_bytes_and_are_checked() {
 #[test]
 fn a_server_that_ignores_the_update_is_caught() {
     let server = V2Server::start(data("server-listing-2.bin"), true);
-    let out = pesto(&server.path, &["-A", "-t", "9000"]);
+    // Listed again for --timeout (2 s here) before it gives up.
+    let out = pesto(&server.path, &["--timeout", "2", "-A", "-t", "9000"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing TCP [*]:9000  =>  9000"), "{err}");
     assert_eq!(server.updates().len(), 1);
 
-    let json = pesto(&server.path, &["--json", "-A", "-t", "9001"]);
+    let json = pesto(
+        &server.path,
+        &["--json", "--timeout", "1", "-A", "-t", "9001"],
+    );
     assert_eq!(json.status.code(), Some(3));
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert!(

@@ -388,6 +388,7 @@ impl Server {
                     drop(slot);
                 }
                 None if v2 => {
+                    conn.waiting.leave(&conn.waiter);
                     warn!(%peer, "version-2 control connection refused: no slot came free");
                 }
                 Some(slot) => {

@@ -136,6 +136,13 @@ async fn exchange(conn: Conn) -> Result<String, Status> {
             ));
         }
     };
+    // A pif listed cut comes back as listed from a client that changed
+    // other pifs (upstream sends every pif): it keeps its whole table.
+    let mut update = update;
+    update.tables.retain(|(id, rules)| {
+        let listed = listing.pifs.iter().find(|p| p.id == *id);
+        !(cut.iter().any(|(c, _, _)| c == id) && listed.is_some_and(|p| p.rules == *rules))
+    });
     if let Some((_, name, n)) = cut
         .iter()
         .find(|(id, _, _)| update.tables.iter().any(|(u, _)| u == id))

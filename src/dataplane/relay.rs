@@ -20,6 +20,8 @@ use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::capacity::Capacity;
+
 /// Pipe size for a bulk transfer: more bytes per splice(2) call than the
 /// default 64 KiB. A pipe grows to it only once it has been filled, because
 /// the kernel charges a pipe's whole size to the user (fs.pipe-user-pages-soft)
@@ -43,13 +45,23 @@ pub(super) struct PipePool {
 }
 
 impl PipePool {
-    fn take(&self) -> io::Result<Pipe> {
+    /// A pipe from the pool, or a new one if its descriptors stay within
+    /// the data plane's share (`cap`): pipes must not eat into the control
+    /// plane's reserve either.
+    fn take(&self, cap: &Capacity) -> io::Result<Pipe> {
         let pooled = self
             .pipes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
-        pooled.map_or_else(Pipe::new, Ok)
+        if let Some(pipe) = pooled {
+            return Ok(pipe);
+        }
+        let pipe = Pipe::new()?;
+        if !cap.admits(&pipe.write) {
+            return Err(io::Error::from_raw_os_error(Errno::MFILE.raw_os_error()));
+        }
+        Ok(pipe)
     }
 
     /// Keeps `pipe`, which the caller knows to be empty.
@@ -61,17 +73,23 @@ impl PipePool {
     }
 }
 
+/// Where a direction's pipes come from.
+pub(super) struct Pipes<'a> {
+    pub pool: &'a PipePool,
+    pub cap: &'a Capacity,
+}
+
 /// Relays `a` <-> `b` until both directions have seen EOF, or one fails.
-pub(super) async fn relay(a: &TcpStream, b: &TcpStream, pool: &PipePool) -> io::Result<()> {
-    tokio::try_join!(one_way(a, b, pool), one_way(b, a, pool)).map(|_| ())
+pub(super) async fn relay(a: &TcpStream, b: &TcpStream, pipes: &Pipes<'_>) -> io::Result<()> {
+    tokio::try_join!(one_way(a, b, pipes), one_way(b, a, pipes)).map(|_| ())
 }
 
 /// Moves `src` to `dst` until EOF, then shuts down `dst`'s write side.
-async fn one_way(src: &TcpStream, dst: &TcpStream, pool: &PipePool) -> io::Result<u64> {
-    let moved = match splice_loop(src, dst, pool).await? {
+async fn one_way(src: &TcpStream, dst: &TcpStream, pipes: &Pipes<'_>) -> io::Result<u64> {
+    let moved = match splice_loop(src, dst, pipes).await? {
         Spliced::Done(n) => n,
-        // No pipe to be had (out of descriptors), or no splicing these
-        // sockets: this connection still works, by copy.
+        // The kernel cannot splice these sockets: this connection still
+        // works, by copy.
         Spliced::Copy(n) => n + copy_loop(src, dst).await?,
     };
     match rustix::net::shutdown(dst, Shutdown::Write) {
@@ -130,7 +148,8 @@ enum Spliced {
 ///
 /// The pipe comes from `pool` once the socket is readable and goes back to
 /// it drained: between bursts the direction holds no pipe.
-async fn splice_loop(src: &TcpStream, dst: &TcpStream, pool: &PipePool) -> io::Result<Spliced> {
+async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipes: &Pipes<'_>) -> io::Result<Spliced> {
+    let pool = pipes.pool;
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved: u64 = 0;
     loop {
@@ -139,8 +158,15 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, pool: &PipePool) -> io::R
         // other direction, and the tasks queued behind it) to itself.
         tokio::task::coop::consume_budget().await;
         src.readable().await?;
-        let Ok(mut pipe) = pool.take() else {
-            return Ok(Spliced::Copy(moved));
+        let Ok(mut pipe) = pool.take(pipes.cap) else {
+            // No pipe to be had now (out of descriptors): this burst goes
+            // by copy, the next one tries again.
+            let mut buf = vec![0u8; COPY_BUF];
+            match copy_once(src, dst, &mut buf).await? {
+                None => return Ok(Spliced::Done(moved)),
+                Some(n) => moved += n,
+            }
+            continue;
         };
         let res = src.try_io(Interest::READABLE, || {
             rustix::pipe::splice(src, None, &pipe.write, None, pipe.size, flags).map_err(Into::into)
@@ -230,21 +256,30 @@ async fn copy_loop(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         // As in the splice direction: yield now and then.
         tokio::task::coop::consume_budget().await;
         src.readable().await?;
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => return Ok(moved),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        let mut done = 0;
-        while let Some(rest) = buf.get(done..n).filter(|r| !r.is_empty()) {
-            dst.writable().await?;
-            match dst.try_write(rest) {
-                Ok(k) => done += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
+        match copy_once(src, dst, &mut buf).await? {
+            None => return Ok(moved),
+            Some(n) => moved += n,
         }
-        moved += n as u64;
     }
+}
+
+/// One read of what `src` has (it was readable) through `buf`, written
+/// whole to `dst`: the bytes moved, or `None` at EOF.
+async fn copy_once(src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> io::Result<Option<u64>> {
+    let n = match src.try_read(buf) {
+        Ok(0) => return Ok(None),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
+        Err(e) => return Err(e),
+    };
+    let mut done = 0;
+    while let Some(rest) = buf.get(done..n).filter(|r| !r.is_empty()) {
+        dst.writable().await?;
+        match dst.try_write(rest) {
+            Ok(k) => done += k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(n as u64))
 }

@@ -136,16 +136,9 @@ async fn forward(
     let _active = Active::new(&dp.stats);
     let outbound = tokio::select! {
         _ = dp.stop.cancelled() => return,
-        r = connect(target, ns.as_deref()) => r,
+        r = connect(target, ns.as_deref(), &dp.capacity) => r,
     };
     let outbound = match outbound {
-        Ok(s) if !dp.capacity.admits(&s) => {
-            reset(&inbound);
-            reset(&s);
-            Stats::inc(&dp.stats.tcp_refused);
-            dp.capacity.refuse("TCP connection");
-            return;
-        }
         Ok(s) => s,
         Err(e) if super::is_resource_error(&e) => {
             reset(&inbound);
@@ -174,9 +167,13 @@ async fn forward(
             set_buffers(&outbound, size);
         }
     }
+    let pipes = relay::Pipes {
+        pool: &dp.pipes,
+        cap: &dp.capacity,
+    };
     let res = tokio::select! {
         _ = dp.stop.cancelled() => Ok(()),
-        r = relay::relay(&inbound, &outbound, &dp.pipes) => r,
+        r = relay::relay(&inbound, &outbound, &pipes) => r,
     };
     if let Err(e) = res {
         debug!(%peer, %target, error = %e, "connection failed, resetting both sides");
@@ -185,12 +182,22 @@ async fn forward(
     }
 }
 
-/// A connection to `target`, its socket made in `ns`.
-async fn connect(target: SocketAddr, ns: Option<&Netns>) -> io::Result<TcpStream> {
-    let Some(ns) = ns else {
-        return TcpStream::connect(target).await;
+/// A connection to `target`, its socket made in `ns`; EMFILE, before any
+/// handshake, if that socket's descriptor is past the data plane's share.
+async fn connect(
+    target: SocketAddr,
+    ns: Option<&Netns>,
+    cap: &super::capacity::Capacity,
+) -> io::Result<TcpStream> {
+    let socket = match ns {
+        None => socket::tcp_for(target)?,
+        Some(ns) => ns.run_async(move || socket::tcp_for(target)).await?,
     };
-    let socket = ns.run_async(move || socket::tcp_for(target)).await?;
+    if !cap.admits(&socket) {
+        return Err(io::Error::from_raw_os_error(
+            rustix::io::Errno::MFILE.raw_os_error(),
+        ));
+    }
     TcpSocket::from_std_stream(socket).connect(target).await
 }
 
