@@ -76,6 +76,45 @@ fn udp_port_sweep_memory_is_bounded_and_returned() {
     );
 }
 
+/// Samples a process's open descriptors on a thread of its own, as fast as
+/// it can, until [`PeakFds::stop`]: the peak while something runs.
+struct PeakFds {
+    done: Arc<AtomicBool>,
+    peak: Arc<AtomicUsize>,
+    sampler: thread::JoinHandle<u64>,
+}
+
+impl PeakFds {
+    fn start(pid: u32) -> PeakFds {
+        let done = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let sampler = {
+            let (done, peak) = (Arc::clone(&done), Arc::clone(&peak));
+            thread::spawn(move || {
+                let mut samples = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    peak.fetch_max(fds(pid), Ordering::Relaxed);
+                    samples += 1;
+                }
+                samples
+            })
+        };
+        PeakFds {
+            done,
+            peak,
+            sampler,
+        }
+    }
+
+    /// The peak, after at least one sample.
+    fn stop(self) -> usize {
+        self.done.store(true, Ordering::Relaxed);
+        let samples = self.sampler.join().unwrap();
+        assert!(samples > 0);
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
 /// `--max-udp-flows` bounds the flow sockets open at every moment: 500 peers
 /// in a burst never hold more than 10, counted while the burst runs.
 #[test]
@@ -94,19 +133,7 @@ fn udp_flow_sockets_never_exceed_the_limit() {
     ]);
     let pid = d.pid();
     let before = fds(pid);
-    let done = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicUsize::new(0));
-    let sampler = {
-        let (done, peak) = (Arc::clone(&done), Arc::clone(&peak));
-        thread::spawn(move || {
-            let mut samples = 0u64;
-            while !done.load(Ordering::Relaxed) {
-                peak.fetch_max(fds(pid), Ordering::Relaxed);
-                samples += 1;
-            }
-            samples
-        })
-    };
+    let sampling = PeakFds::start(pid);
     let peers: Vec<UdpSocket> = (0..PEERS)
         .map(|_| UdpSocket::bind(v4(0)).unwrap())
         .collect();
@@ -120,10 +147,7 @@ fn udp_flow_sockets_never_exceed_the_limit() {
         let n = p.recv(&mut buf).expect("the newest flows are answered");
         assert_eq!(&buf[..n], b"hello");
     }
-    done.store(true, Ordering::Relaxed);
-    let samples = sampler.join().unwrap();
-    assert!(samples > 0);
-    let peak = peak.load(Ordering::Relaxed);
+    let peak = sampling.stop();
     assert!(
         peak <= before + MAX,
         "{peak} descriptors at the peak, {before} before: more than {MAX} flow sockets"
@@ -154,16 +178,7 @@ fn the_flow_cap_holds_under_parallel_floods() {
     ]);
     let pid = d.pid();
     let before = fds(pid);
-    let done = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicUsize::new(0));
-    let sampler = {
-        let (done, peak) = (Arc::clone(&done), Arc::clone(&peak));
-        thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                peak.fetch_max(fds(pid), Ordering::Relaxed);
-            }
-        })
-    };
+    let sampling = PeakFds::start(pid);
     let floods: Vec<_> = [port, port + 1]
         .into_iter()
         .map(|p| {
@@ -184,9 +199,7 @@ fn the_flow_cap_holds_under_parallel_floods() {
     }
     // Let the last flows be made, then stop sampling.
     thread::sleep(std::time::Duration::from_millis(300));
-    done.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
-    let peak = peak.load(Ordering::Relaxed);
+    let peak = sampling.stop();
     assert!(
         peak <= before + MAX,
         "{peak} descriptors at the peak, {before} before: more than {MAX} flow sockets"
