@@ -15,13 +15,6 @@ use pesto::client::{Options, Session};
 use pesto::codec::{HelloV2, Limits, ListingV2, Update, decode_from, encode_to_vec};
 use pesto::rule::{PifId, Rule};
 
-fn data(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/upstream-v2")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
 /// The listen ports upstream's listing 2 and its updates use, each range
 /// moved as a whole next to the others: (first, last) and its offset in a
 /// block of free ports.
@@ -61,7 +54,7 @@ fn host_of(update: &Update) -> Vec<Rule> {
 
 /// Upstream's listing 2's HOST rules, moved.
 fn listing_rules(base: u16) -> Vec<Rule> {
-    let bytes = data("server-listing-2.bin");
+    let bytes = upstream_data("server-listing-2.bin");
     let lim = Limits::v2();
     let (_, hlen) = decode_from::<HelloV2>(&bytes, &lim).unwrap();
     let (list, _) = decode_from::<ListingV2>(&bytes[hlen..], &lim).unwrap();
@@ -70,7 +63,7 @@ fn listing_rules(base: u16) -> Vec<Rule> {
 
 /// Upstream's update `name`, moved: its HOST rules and its bytes.
 fn update(name: &str, base: u16) -> (Vec<Rule>, Vec<u8>) {
-    let bytes = data(&format!("client-update-{name}.bin"));
+    let bytes = upstream_data(&format!("client-update-{name}.bin"));
     let (u, _) = decode_from::<Update>(&bytes, &Limits::v2()).unwrap();
     let rules: Vec<Rule> = host_of(&u).iter().map(|r| moved(r, base)).collect();
     let moved = Update {

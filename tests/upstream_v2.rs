@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::{UPSTREAM_UPDATES, upstream_data as data, upstream_text as text};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -14,17 +15,6 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
 use pesto::codec::{HelloV2, Limits, ListingV2, Update, decode_from, encode_to_vec};
-
-fn data(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/upstream-v2")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn text(name: &str) -> String {
-    String::from_utf8(data(name)).unwrap()
-}
 
 /// A version-2 server: sends its listing on every connection, reads what
 /// the client sends until it closes, and (unless `ignore`) makes a
@@ -123,21 +113,7 @@ fn the_listing_prints_as_upstream_pesto_prints_it() {
 
 #[test]
 fn updates_are_upstreams_bytes_and_are_checked() {
-    let cases: &[(&str, u32, &[&str])] = &[
-        ("add", 2, &["-A", "-t", "9000"]),
-        (
-            "addr",
-            2,
-            &["-A", "-t", "192.0.2.1%eth0/8080:198.51.100.7/80"],
-        ),
-        ("v6", 2, &["-A", "-t", "[2001:db8::1]/443"]),
-        ("udprange", 2, &["-A", "-u", "5000-5010,~5005"]),
-        ("del2", 2, &["-D", "-t", "18080"]),
-        ("on1-del", 1, &["-D", "-t", "18080"]),
-        ("on1-replace", 1, &["-t", "22,25:2025", "-u", "53"]),
-        ("on1-clear", 1, &["-C", "HOST"]),
-    ];
-    for (name, base, args) in cases {
+    for (name, base, args) in UPSTREAM_UPDATES {
         let server = V2Server::start(data(&format!("server-listing-{base}.bin")), false);
         let mut all = vec!["-s"];
         all.extend_from_slice(args);

@@ -2,7 +2,9 @@
 //! our codec must decode every listing to the same display, re-encode it
 //! byte-identically, and produce the same update bytes for the same options.
 
-use std::path::PathBuf;
+mod common;
+
+use common::{UPSTREAM_UPDATES, upstream_data as data, upstream_text as text};
 
 use pesto::codec::v3::ClientMsg;
 use pesto::codec::{HelloV2, Limits, ListingV2, Update, Wire, decode_from, encode_to_vec};
@@ -10,17 +12,6 @@ use pesto::edit::{self, Op};
 use pesto::rule::PifId;
 use pesto::spec::{Ephemeral, SpecOpt};
 use pesto::table::Config;
-
-fn data(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/upstream-v2")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn text(name: &str) -> String {
-    String::from_utf8(data(name)).unwrap()
-}
 
 /// Decodes a whole server listing: hello, then pifs.
 fn listing(n: u32) -> (HelloV2, ListingV2, Vec<u8>) {
@@ -76,21 +67,7 @@ fn ops(args: &[&str]) -> Vec<Op> {
 
 #[test]
 fn client_updates_match_upstream_bytes_and_display() {
-    let cases: &[(&str, u32, &[&str])] = &[
-        ("add", 2, &["-A", "-t", "9000"]),
-        (
-            "addr",
-            2,
-            &["-A", "-t", "192.0.2.1%eth0/8080:198.51.100.7/80"],
-        ),
-        ("v6", 2, &["-A", "-t", "[2001:db8::1]/443"]),
-        ("udprange", 2, &["-A", "-u", "5000-5010,~5005"]),
-        ("del2", 2, &["-D", "-t", "18080"]),
-        ("on1-del", 1, &["-D", "-t", "18080"]),
-        ("on1-replace", 1, &["-t", "22,25:2025", "-u", "53"]),
-        ("on1-clear", 1, &["-C", "HOST"]),
-    ];
-    for (name, base, args) in cases {
+    for (name, base, args) in UPSTREAM_UPDATES {
         let (_, list, _) = listing(*base);
         let mut config = Config::from_listing(&list.pifs).unwrap();
         let before = config.clone();

@@ -408,3 +408,33 @@ impl Drop for Ns {
         self.delete();
     }
 }
+
+/// A file of upstream passt's captured exchanges (tests/data/upstream-v2).
+pub fn upstream_data(name: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/upstream-v2")
+        .join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A text file of upstream's captured exchanges.
+pub fn upstream_text(name: &str) -> String {
+    String::from_utf8(upstream_data(name)).expect("UTF-8")
+}
+
+/// Upstream pesto's captured updates: the name of `client-update-NAME`, the
+/// listing it was made against, and pesto's options (the folder's README).
+pub const UPSTREAM_UPDATES: &[(&str, u32, &[&str])] = &[
+    ("add", 2, &["-A", "-t", "9000"]),
+    (
+        "addr",
+        2,
+        &["-A", "-t", "192.0.2.1%eth0/8080:198.51.100.7/80"],
+    ),
+    ("v6", 2, &["-A", "-t", "[2001:db8::1]/443"]),
+    ("udprange", 2, &["-A", "-u", "5000-5010,~5005"]),
+    ("del2", 2, &["-D", "-t", "18080"]),
+    ("on1-del", 1, &["-D", "-t", "18080"]),
+    ("on1-replace", 1, &["-t", "22,25:2025", "-u", "53"]),
+    ("on1-clear", 1, &["-C", "HOST"]),
+];
