@@ -41,8 +41,9 @@ use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
 use crate::codec::v3::{
-    ClientHello, ClientMsg, Code, HelloV3Ext, OWNERS, PifInfo, PifRules, READ_ONLY, RESERVE,
-    Report, ServerHello, ServerMsg, Status, VERSION_3, features,
+    ClientHello, ClientMsg, Code, HEALTH, HelloV3Ext, MOVES, MovedPorts, OWNERS, PifHealth,
+    PifInfo, PifRules, READ_ONLY, RESERVE, Report, ServerHello, ServerMsg, Status, VERSION_3,
+    features,
 };
 use crate::codec::{CodecError, Limits, ListingV2, PifListing, Update, VERSION_2, WireCodec};
 use crate::edit::{self, EditError, Op, OwnerMode};
@@ -145,6 +146,8 @@ struct Link {
     /// The server's step timeout: how long it may wait for another
     /// transaction before it answers APPLY.
     server_step: Duration,
+    /// The hello set MOVES: a MOVED message follows the report.
+    moves: bool,
 }
 
 impl Link {
@@ -186,6 +189,8 @@ fn unexpected(what: &str, got: &ServerMsg) -> ClientError {
         ServerMsg::Rules(_) | ServerMsg::RulesOwned(_) => "a rule listing",
         ServerMsg::Status(_) => "a status",
         ServerMsg::Report(_) => "a report",
+        ServerMsg::Health(_) => "a health listing",
+        ServerMsg::Moved(_) => "a list of moved ports",
     };
     ClientError::Protocol(format!("expected {what}, got {kind}"))
 }
@@ -198,6 +203,8 @@ pub struct Session {
     hello: HelloV3Ext,
     pifs: Vec<PifInfo>,
     rules: Vec<PifRules>,
+    /// Each rule's health, from a server with the HEALTH feature.
+    health: Option<Vec<PifHealth>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -243,6 +250,14 @@ impl Session {
         if opts.reserve && !opts.read_only && ext.features & features::RESERVE != 0 {
             flags |= RESERVE;
         }
+        // Health and moves whenever the server has them: extra messages a
+        // caller is free to ignore.
+        if ext.features & features::HEALTH != 0 {
+            flags |= HEALTH;
+        }
+        if !opts.read_only && ext.features & features::MOVES != 0 {
+            flags |= MOVES;
+        }
         let sent = hello_conn
             .send(&ClientHello {
                 version: VERSION_3,
@@ -253,6 +268,7 @@ impl Session {
             conn: hello_conn.map_codec(|c| c.expect()),
             timeout: t,
             server_step: Duration::from_millis(u64::from(ext.step_timeout_ms)),
+            moves: flags & MOVES != 0,
         };
         if let Err(e) = sent {
             // A server that turns us away (BUSY, DENIED) closes without
@@ -270,12 +286,21 @@ impl Session {
             ServerMsg::Rules(r) | ServerMsg::RulesOwned(r) => r,
             other => return Err(unexpected("rules", &other)),
         };
+        let health = if flags & HEALTH != 0 {
+            match link.recv("rule health", t).await? {
+                ServerMsg::Health(h) => Some(h),
+                other => return Err(unexpected("rule health", &other)),
+            }
+        } else {
+            None
+        };
         Ok(Session {
             link,
             version: VERSION_3,
             hello: ext,
             pifs,
             rules,
+            health,
         })
     }
 
@@ -297,6 +322,7 @@ impl Session {
                 conn: conn.map_codec(|c| c.expect()),
                 timeout: t,
                 server_step: Duration::ZERO,
+                moves: false,
             },
             version: VERSION_2,
             // What version 2 has: no features, upstream's limits, no
@@ -329,6 +355,7 @@ impl Session {
                     rules: p.rules,
                 })
                 .collect(),
+            health: None,
         })
     }
 
@@ -376,6 +403,12 @@ impl Session {
             .iter()
             .find(|r| r.id == pif)
             .map(|r| r.generation)
+    }
+
+    /// Each listed rule's health and each pif's applied-uncommitted marker,
+    /// if the server has the HEALTH feature (version 3).
+    pub fn health(&self) -> Option<&[PifHealth]> {
+        self.health.as_deref()
     }
 
     /// The listing in version 2's shape (pif with its rules).
@@ -554,9 +587,18 @@ impl Proposed {
             ServerMsg::Report(r) => r,
             other => return Err(unexpected("report", &other)),
         };
+        let moved = if self.link.moves {
+            match self.link.recv("moved ports", self.link.timeout).await? {
+                ServerMsg::Moved(m) => m,
+                other => return Err(unexpected("moved ports", &other)),
+            }
+        } else {
+            Vec::new()
+        };
         Ok(Applied {
             link: self.link,
             report,
+            moved,
         })
     }
 }
@@ -565,12 +607,20 @@ impl Proposed {
 pub struct Applied {
     link: Link,
     report: Report,
+    moved: Vec<MovedPorts>,
 }
 
 impl Applied {
     /// What the apply bound, rule by rule.
     pub fn report(&self) -> &Report {
         &self.report
+    }
+
+    /// The ports that went through close-and-rebind: they moved to
+    /// another address or family, and were closed for a moment (empty from
+    /// a server without the MOVES feature).
+    pub fn moved(&self) -> &[MovedPorts] {
+        &self.moved
     }
 
     /// Keeps the new tables.
@@ -635,6 +685,8 @@ pub struct Transaction {
     pub ack: Status,
     /// What the apply bound (none for a dry run).
     pub report: Option<Report>,
+    /// The ports that moved by close-and-rebind at the apply.
+    pub moved: Vec<MovedPorts>,
     /// Whether the new tables were committed.
     pub committed: bool,
     /// The server's answer to COMMIT or ROLLBACK (none for a dry run).
@@ -722,6 +774,7 @@ where
                 unchanged: true,
                 ack: Status::ok("nothing to change"),
                 report: None,
+                moved: Vec::new(),
                 committed: false,
                 answer: None,
                 version: VERSION_3,
@@ -735,6 +788,7 @@ where
             unchanged: false,
             ack,
             report: None,
+            moved: Vec::new(),
             committed: false,
             answer: None,
             version: VERSION_3,
@@ -742,6 +796,7 @@ where
     }
     let applied = proposed.apply().await?;
     let report = applied.report().clone();
+    let moved = applied.moved().to_vec();
     let committed = report.ok || t.keep_partial;
     let answer = if committed {
         applied.commit().await?
@@ -753,6 +808,7 @@ where
         unchanged: false,
         ack,
         report: Some(report),
+        moved,
         committed,
         answer: Some(answer),
         version: VERSION_3,
@@ -782,6 +838,7 @@ where
         unchanged: false,
         ack: Status::ok(ack),
         report: None,
+        moved: Vec::new(),
         committed,
         answer: None,
         version: VERSION_2,

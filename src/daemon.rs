@@ -238,6 +238,7 @@ impl Daemon {
             shared.close_all().await;
             return Err(e.into());
         }
+        tokio::spawn(retry_loop(Arc::downgrade(&shared)));
         if let Some(ns) = &opts.netns {
             tokio::spawn(watch_namespace(Arc::clone(ns), Arc::downgrade(&shared)));
             // Only pifs with a namespace on one side have `auto` rules.
@@ -432,6 +433,55 @@ fn remove_owner(tables: &mut crate::statefile::Tables, owner: &Owner) -> usize {
         removed += before - rules.len();
     }
     removed
+}
+
+/// First pause before committed rules that lack ports are tried again.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest pause between two tries.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Tries at [`RETRY_MIN`] before backing off.
+const RETRY_FAST: u32 = 5;
+
+/// Binds the ports that committed rules lack, once they are free: every
+/// second for the first tries, then backing off to every 30 s while
+/// nothing changes, and from one second again after each transaction.
+/// Sleeps while every rule has its ports.
+async fn retry_loop(shared: std::sync::Weak<Shared>) {
+    let Some(mut ended) = shared.upgrade().map(|s| s.ended()) else {
+        return;
+    };
+    let mut delay = RETRY_MIN;
+    let mut tries = 0u32;
+    let mut idle = false;
+    loop {
+        if idle {
+            // Nothing lacks ports until a transaction ends.
+            if ended.changed().await.is_err() {
+                return;
+            }
+            (delay, tries) = (RETRY_MIN, 0);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            changed = ended.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                (delay, tries) = (RETRY_MIN, 0);
+                idle = false;
+                continue;
+            }
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        idle = !shared.retry_unbound().await;
+        tries += 1;
+        if tries >= RETRY_FAST {
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
 }
 
 /// Runs a round of `auto` every [`scan::INTERVAL`] while the daemon lives.

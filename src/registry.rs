@@ -61,6 +61,9 @@ pub struct PortFailure {
     /// The errno of the failed bind, or 0 for a port that a sync without
     /// binding (a rollback) found no socket for.
     pub errno: i32,
+    /// Since when (seconds since the Unix epoch) these ports have failed
+    /// with this errno: kept across the retries that fail the same way.
+    pub since: u64,
 }
 
 impl PortFailure {
@@ -88,17 +91,56 @@ pub struct RuleReport {
 }
 
 impl RuleReport {
-    fn fail(&mut self, port: u16, errno: i32) {
+    fn fail(&mut self, port: u16, errno: i32, since: u64) {
         match self.failed.last_mut() {
-            Some(f) if f.errno == errno && u32::from(f.last) + 1 == u32::from(port) => {
+            Some(f)
+                if f.errno == errno
+                    && f.since == since
+                    && u32::from(f.last) + 1 == u32::from(port) =>
+            {
                 f.last = port
             }
             _ => self.failed.push(PortFailure {
                 first: port,
                 last: port,
                 errno,
+                since,
             }),
         }
+    }
+
+    /// Takes `port` out of the failed ranges (it has a socket now).
+    fn unfail(&mut self, port: u16) {
+        let Some(i) = self
+            .failed
+            .iter()
+            .position(|f| (f.first..=f.last).contains(&port))
+        else {
+            return;
+        };
+        let f = self.failed[i];
+        let mut rest = Vec::with_capacity(2);
+        if f.first < port {
+            rest.push(PortFailure {
+                last: port - 1,
+                ..f
+            });
+        }
+        if port < f.last {
+            rest.push(PortFailure {
+                first: port + 1,
+                ..f
+            });
+        }
+        self.failed.splice(i..=i, rest);
+    }
+
+    /// Since when `port` failed with `errno` before, if it did.
+    fn failed_since(&self, port: u16, errno: i32) -> Option<u64> {
+        self.failed
+            .iter()
+            .find(|f| f.errno == errno && (f.first..=f.last).contains(&port))
+            .map(|f| f.since)
     }
 
     /// Whether the rule got what it needs: every port, or for a weak rule at
@@ -124,6 +166,23 @@ pub struct SyncReport {
     /// The keys of the sockets this sync parked: whoever synced closes them
     /// ([`Registry::take_parked`]) once they are no longer needed back.
     pub parked_keys: Vec<SocketKey>,
+    /// Binds that failed with EADDRINUSE against a socket this same sync
+    /// parked: a port that moves to another address or family. Reported
+    /// failed until [`Registry::finish_moves`] closes the parked socket and
+    /// binds again.
+    pub moves: Vec<Move>,
+}
+
+/// A port whose new socket conflicts with the old one it replaces (see
+/// [`SyncReport::moves`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    /// Index of the rule in the synced table.
+    pub rule: usize,
+    /// The socket wanted now.
+    pub new: SocketKey,
+    /// The parked sockets in its way, of the same protocol and port.
+    pub old: Vec<SocketKey>,
 }
 
 impl SyncReport {
@@ -223,6 +282,22 @@ impl Registry {
                 }
             }
         }
+        // Sockets up for grabs by (protocol, port): a new socket that
+        // conflicts with one of them is a move.
+        let mut in_the_way: HashMap<(Proto, u16), Vec<SocketKey>> = HashMap::new();
+        for key in pool.keys() {
+            in_the_way
+                .entry((key.proto, key.port))
+                .or_default()
+                .push(key.clone());
+        }
+        // What failed before keeps its "since" while it fails the same way.
+        let before: HashMap<&Rule, &RuleReport> = gone
+            .iter()
+            .filter(|(_, rr)| !rr.failed.is_empty())
+            .map(|(_, rr)| (&rr.rule, rr))
+            .collect();
+        let now = unix_now();
         let mut report = SyncReport::default();
         let mut rules = Vec::with_capacity(routes.len());
         for (route, same) in routes.iter().zip(same) {
@@ -240,6 +315,12 @@ impl Registry {
                 failed: Vec::new(),
             };
             let seen = self.listening.get(&pif);
+            let before = before.get(rule).copied();
+            let since = |port: u16, errno: i32| {
+                before
+                    .and_then(|b| b.failed_since(port, errno))
+                    .unwrap_or(now)
+            };
             for port in rule.first..=rule.last {
                 // An `auto` port is wanted only while its target listens, and
                 // not when the listener is one of ours: that would forward
@@ -254,7 +335,8 @@ impl Registry {
                 let key = SocketKey::new(pif, rule, port);
                 if sockets.active.contains_key(&key) {
                     // Validated tables never ask twice; refuse rather than lose one.
-                    rr.fail(port, rustix::io::Errno::ADDRINUSE.raw_os_error());
+                    let errno = rustix::io::Errno::ADDRINUSE.raw_os_error();
+                    rr.fail(port, errno, since(port, errno));
                     continue;
                 }
                 if let Some(listener) = pool.remove(&key).or_else(|| sockets.parked.remove(&key)) {
@@ -265,7 +347,7 @@ impl Registry {
                     continue;
                 }
                 if !bind {
-                    rr.fail(port, 0);
+                    rr.fail(port, 0, since(port, 0));
                     continue;
                 }
                 match self.bind(&key) {
@@ -277,7 +359,19 @@ impl Registry {
                         report.bound += 1;
                         rr.bound += 1;
                     }
-                    Err(e) => rr.fail(port, e.raw_os_error().unwrap_or(0)),
+                    Err(e) => {
+                        let errno = e.raw_os_error().unwrap_or(0);
+                        if errno == rustix::io::Errno::ADDRINUSE.raw_os_error()
+                            && let Some(old) = in_the_way.get(&(key.proto, key.port))
+                        {
+                            report.moves.push(Move {
+                                rule: rules.len(),
+                                new: key,
+                                old: old.clone(),
+                            });
+                        }
+                        rr.fail(port, errno, since(port, errno));
+                    }
                 }
             }
             report.rules.push(rr.clone());
@@ -293,6 +387,144 @@ impl Registry {
         sockets.rules = rules;
         self.pifs.insert(pif, sockets);
         report
+    }
+
+    /// Binds the moves of `report` (from the last sync of `pif`) now that
+    /// the parked sockets in their way are closed (see [`Registry::take_moved`]),
+    /// and fixes the report. Returns the sockets that went through
+    /// close-and-rebind, each with the index of its rule.
+    pub fn finish_moves(&mut self, pif: PifId, report: &mut SyncReport) -> Vec<(usize, SocketKey)> {
+        let moves = std::mem::take(&mut report.moves);
+        let mut moved = Vec::with_capacity(moves.len());
+        for m in moves {
+            if self.bind_in(pif, m.rule, &m.new, report) {
+                moved.push((m.rule, m.new));
+            }
+        }
+        moved
+    }
+
+    /// Closes the parked sockets in the way of `report`'s moves: their ports
+    /// are free once the [`Closing`] is awaited.
+    pub fn take_moved(&mut self, pif: PifId, report: &SyncReport) -> Closing {
+        let old: Vec<SocketKey> = report.moves.iter().flat_map(|m| m.old.clone()).collect();
+        self.take_parked(pif, &old)
+    }
+
+    /// Binds again sockets that a move closed, for the rules of the last
+    /// sync that want them (a rollback). Fixes `report`, and returns the
+    /// keys that could not be bound, with their errno.
+    pub fn bind_again(
+        &mut self,
+        pif: PifId,
+        keys: &[SocketKey],
+        report: &mut SyncReport,
+    ) -> Vec<(SocketKey, i32)> {
+        let mut failed = Vec::new();
+        for key in keys {
+            let Some(index) = self.pifs.get(&pif).and_then(|s| {
+                s.rules.iter().position(|(_, rr)| {
+                    let r = &rr.rule;
+                    (r.first..=r.last).contains(&key.port)
+                        && SocketKey::new(pif, r, key.port) == *key
+                })
+            }) else {
+                // No rule wants it back.
+                continue;
+            };
+            if !self.bind_in(pif, index, key, report) {
+                let errno = report.rules[index]
+                    .failed
+                    .iter()
+                    .find(|f| (f.first..=f.last).contains(&key.port))
+                    .map_or(0, |f| f.errno);
+                failed.push((key.clone(), errno));
+            }
+        }
+        failed
+    }
+
+    /// Binds `key` for rule `index` of `pif`'s last sync, and records the
+    /// outcome there and in `report`. True if it is bound now.
+    fn bind_in(
+        &mut self,
+        pif: PifId,
+        index: usize,
+        key: &SocketKey,
+        report: &mut SyncReport,
+    ) -> bool {
+        let Some(route) = self
+            .pifs
+            .get(&pif)
+            .and_then(|s| s.rules.get(index))
+            .map(|(route, _)| Arc::clone(route))
+        else {
+            return false;
+        };
+        if self
+            .pifs
+            .get(&pif)
+            .is_some_and(|s| s.active.contains_key(key))
+        {
+            return true;
+        }
+        let outcome = self.bind(key);
+        let Some(sockets) = self.pifs.get_mut(&pif) else {
+            return false;
+        };
+        let bound = match outcome {
+            Ok(bound) => {
+                let (tx, rx) = watch::channel(Some(route));
+                let (life, closed) = SocketLife::new();
+                self.dp.serve(bound, key.port, rx, life);
+                sockets
+                    .active
+                    .insert(key.clone(), Listener { route: tx, closed });
+                report.bound += 1;
+                Ok(())
+            }
+            Err(e) => Err(e.raw_os_error().unwrap_or(0)),
+        };
+        let now = unix_now();
+        for rr in [
+            Some(&mut sockets.rules[index].1),
+            report.rules.get_mut(index),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            match bound {
+                Ok(()) => {
+                    if rr
+                        .failed
+                        .iter()
+                        .any(|f| (f.first..=f.last).contains(&key.port))
+                    {
+                        rr.unfail(key.port);
+                        rr.bound += 1;
+                    }
+                }
+                Err(errno) => {
+                    let since = rr.failed_since(key.port, errno).unwrap_or(now);
+                    rr.unfail(key.port);
+                    rr.fail(key.port, errno, since);
+                    rr.failed.sort_by_key(|f| f.first);
+                }
+            }
+        }
+        bound.is_ok()
+    }
+
+    /// What `pif`'s rules have now, from its last sync, in table order.
+    pub fn health(&self, pif: PifId) -> &[(Arc<Route>, RuleReport)] {
+        self.pifs.get(&pif).map_or(&[], |s| &s.rules)
+    }
+
+    /// Whether some rule of `pif` lacks ports it wants.
+    pub fn has_unbound(&self, pif: PifId) -> bool {
+        self.health(pif)
+            .iter()
+            .any(|(_, rr)| rr.bound < rr.requested)
     }
 
     /// Takes those of `keys` that `pif` still holds parked out of the
@@ -380,6 +612,13 @@ fn pair(
     }
     gone.extend(last);
     (same, gone)
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Sockets taken out of the registry, to be closed without holding it.
@@ -521,7 +760,8 @@ mod tests {
             [PortFailure {
                 first: base,
                 last: base + 2,
-                errno: 0
+                errno: 0,
+                since: r.rules[0].failed[0].since,
             }]
         );
     }

@@ -12,7 +12,7 @@ use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser};
 use serde_json::{Value, json};
 
 use pesto::client::{Change, ClientError, Options, Session, TransactOptions, transact_change};
-use pesto::codec::v3::{Code, Report, Status};
+use pesto::codec::v3::{Code, MovedPorts, PifHealth, Report, RuleHealth, Status};
 use pesto::edit::{EditError, Op, OwnerMode};
 use pesto::lease::Lease;
 use pesto::owner::Owner;
@@ -310,7 +310,11 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
                 } else {
                     "pestod"
                 };
-                out.text(&format!("{server} configuration ({path})\n{config}"));
+                let listing = match session.health() {
+                    Some(health) => listing_with_health(&config, health),
+                    None => config.to_string(),
+                };
+                out.text(&format!("{server} configuration ({path})\n{listing}"));
                 Exit::Done
             }
             Err(e) => out.error(&e, Exit::Failed),
@@ -419,7 +423,7 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         }
         return Exit::Done;
     };
-    out.report(report, &after);
+    out.report(report, &tx.moved, &after);
     if !tx.committed {
         out.outcome("rolled back: some ports could not be bound; nothing changed");
         return Exit::RolledBack;
@@ -473,19 +477,29 @@ impl Output {
                 .pifs
                 .iter()
                 .map(|p| {
-                    json!({
+                    let health = session
+                        .health()
+                        .and_then(|h| h.iter().find(|h| h.id == p.id));
+                    let mut pif = json!({
                         "id": p.id.0,
                         "name": p.name,
                         "caps": p.table.caps().bits(),
                         "generation": session.generation(p.id),
-                        "rules": p.table.owned_rules().map(|(r, o)| {
+                        "rules": p.table.owned_rules().enumerate().map(|(i, (r, o))| {
                             let mut v = rule_json(r);
                             if let Some(o) = o {
                                 v["owner"] = json!(o.as_str());
                             }
+                            if let Some(h) = health.and_then(|h| h.rules.get(i)) {
+                                v["health"] = health_json(h);
+                            }
                             v
                         }).collect::<Vec<_>>(),
-                    })
+                    });
+                    if let Some(h) = health {
+                        pif["applied_uncommitted"] = json!(h.applied);
+                    }
+                    pif
                 })
                 .collect();
             m.insert("pifs".into(), Value::Array(pifs));
@@ -569,7 +583,7 @@ impl Output {
         }
     }
 
-    fn report(&mut self, r: &Report, after: &Config) {
+    fn report(&mut self, r: &Report, moved: &[MovedPorts], after: &Config) {
         let rule_of = |pif: PifId, i: usize| after.by_id(pif).and_then(|p| p.table.rules().get(i));
         if let Some(m) = &mut self.json {
             let pifs: Vec<Value> = r
@@ -597,8 +611,34 @@ impl Output {
                     json!({ "id": p.id.0, "rules": rules })
                 })
                 .collect();
-            m.insert("report".into(), json!({ "ok": r.ok, "pifs": pifs }));
+            let moved: Vec<Value> = moved
+                .iter()
+                .map(|m| {
+                    json!({
+                        "pif": m.pif.0,
+                        "rule": rule_of(m.pif, m.rule as usize).map(|r| r.to_string().trim_end().to_owned()),
+                        "index": m.rule,
+                        "first": m.first,
+                        "last": m.last,
+                    })
+                })
+                .collect();
+            m.insert(
+                "report".into(),
+                json!({ "ok": r.ok, "pifs": pifs, "moved": moved }),
+            );
             return;
+        }
+        for m in moved {
+            let rule = rule_of(m.pif, m.rule as usize).map_or(format!("rule {}", m.rule), |r| {
+                r.to_string().trim_end().to_owned()
+            });
+            let ports = if m.first == m.last {
+                format!("port {}", m.first)
+            } else {
+                format!("ports {}-{}", m.first, m.last)
+            };
+            eprintln!("pesto: {rule}: {ports} moved (old socket closed, new one bound)");
         }
         for p in &r.pifs {
             for (i, o) in p.rules.iter().enumerate() {
@@ -697,6 +737,76 @@ fn status_json(s: &Status) -> Value {
         "current": s.current,
         "message": s.message,
     })
+}
+
+/// A rule's health for scripts: ports wanted and bound, and each range
+/// without a socket with its errno, its text and since when.
+fn health_json(h: &RuleHealth) -> Value {
+    json!({
+        "requested": h.requested,
+        "bound": h.bound,
+        "listening": h.is_whole(),
+        "down": h.down.iter().map(|d| json!({
+            "first": d.first,
+            "last": d.last,
+            "errno": d.errno,
+            "error": errno_text(d.errno),
+            "since": d.since,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The listing as [`Config`]'s text (upstream's lines), with a mark on a
+/// pif whose table is applied and not committed, and on each rule that
+/// lacks ports: "(12 of 100 ports bound: address in use)".
+fn listing_with_health(config: &Config, health: &[PifHealth]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for pif in &config.pifs {
+        let h = health.iter().find(|h| h.id == pif.id);
+        let _ = write!(out, "  {}", pif.name);
+        if h.is_some_and(|h| h.applied) {
+            out.push_str("  (applied, not committed)");
+        }
+        out.push('\n');
+        for (i, (rule, owner)) in pif.table.owned_rules().enumerate() {
+            let mut line = match owner {
+                Some(o) => format!("    {rule} owner {o}"),
+                None => format!("    {rule}"),
+            };
+            if let Some(r) = h.and_then(|h| h.rules.get(i)).filter(|r| !r.is_whole()) {
+                let reason = r
+                    .down
+                    .first()
+                    .map_or("not bound".to_owned(), |d| short_errno(d.errno));
+                line = format!(
+                    "{}  ({} of {} ports bound: {reason})",
+                    line.trim_end(),
+                    r.bound,
+                    r.requested
+                );
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// An errno in a few lower-case words, for a listing's mark.
+fn short_errno(errno: u32) -> String {
+    match i32::try_from(errno).map(rustix::io::Errno::from_raw_os_error) {
+        _ if errno == 0 => "not bound".to_owned(),
+        Ok(rustix::io::Errno::ADDRINUSE) => "address in use".to_owned(),
+        Ok(rustix::io::Errno::ADDRNOTAVAIL) => "address not available".to_owned(),
+        Ok(rustix::io::Errno::ACCESS) => "permission denied".to_owned(),
+        Ok(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) => "too many open files".to_owned(),
+        _ => {
+            let text = errno_text(errno);
+            let text = text.split(" (os error").next().unwrap_or(&text);
+            text.to_lowercase()
+        }
+    }
 }
 
 fn errno_text(errno: u32) -> String {

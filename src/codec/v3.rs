@@ -50,6 +50,13 @@ pub mod msg {
     pub const RULES_OWNED: u8 = 0x05;
     /// Client: new rule sets of (pif, owner) scopes (step 5).
     pub const UPDATE_SCOPED: u8 = 0x14;
+    /// Server: what each listed rule really has, and which pifs hold
+    /// applied, uncommitted changes (step 4, after the rules, to a client
+    /// with the [`super::HEALTH`] flag).
+    pub const HEALTH: u8 = 0x06;
+    /// Server: the ports that went through close-and-rebind (step 8, after
+    /// the report, to a client with the [`super::MOVES`] flag).
+    pub const MOVED: u8 = 0x07;
 }
 
 /// Feature bits of the server hello.
@@ -64,6 +71,12 @@ pub mod features {
     /// The RESERVE hello flag: a retrying client may reserve the apply
     /// slot from its listing on.
     pub const RESERVE: u32 = 8;
+    /// Rule health and the applied-uncommitted marker, for clients that set
+    /// the [`super::HEALTH`] hello flag.
+    pub const HEALTH: u32 = 16;
+    /// Ports moved in one transaction (close-and-rebind), reported to
+    /// clients that set the [`super::MOVES`] hello flag.
+    pub const MOVES: u32 = 32;
 }
 
 /// Client hello flag: the client only reads (steps 1 to 4).
@@ -78,6 +91,10 @@ pub const OWNERS: u32 = 2;
 /// still get BUSY after the step timeout). For fairness; it costs every
 /// other writer a wait while this client thinks.
 pub const RESERVE: u32 = 4;
+/// Client hello flag: the server sends HEALTH after the rules at step 4.
+pub const HEALTH: u32 = 8;
+/// Client hello flag: the server sends MOVED after the REPORT at step 8.
+pub const MOVES: u32 = 16;
 /// Most scopes in one UPDATE_SCOPED.
 pub const MAX_SCOPES: usize = 256;
 
@@ -386,6 +403,68 @@ pub struct Report {
     pub pifs: Vec<PifReport>,
 }
 
+/// Ports of a rule that have no socket now, why, and since when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortsDown {
+    /// First port.
+    pub first: u16,
+    /// Last port, inclusive.
+    pub last: u16,
+    /// Linux errno of the last bind (0: never tried, after a rollback).
+    pub errno: u32,
+    /// Since when they failed this way, in seconds since the Unix epoch.
+    pub since: u64,
+}
+
+/// What one listed rule really has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleHealth {
+    /// Ports wanted (for an `auto` rule, those whose target listens).
+    pub requested: u32,
+    /// Ports with a socket.
+    pub bound: u32,
+    /// The other ports.
+    pub down: Vec<PortsDown>,
+}
+
+impl RuleHealth {
+    /// Whether every wanted port has its socket.
+    pub fn is_whole(&self) -> bool {
+        self.bound >= self.requested
+    }
+}
+
+/// A pif's health, as HEALTH lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PifHealth {
+    /// Pif id.
+    pub id: PifId,
+    /// The table holds changes that a transaction applied and has not
+    /// committed yet: they may still be rolled back.
+    pub applied: bool,
+    /// One per listed rule, in the listing's order.
+    pub rules: Vec<RuleHealth>,
+}
+
+/// [`PifHealth::applied`] on the wire.
+pub const PIF_APPLIED: u8 = 1;
+
+/// Ports of one rule that went through close-and-rebind at an apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MovedPorts {
+    /// Pif id.
+    pub pif: PifId,
+    /// Index of the rule in the pif's new table.
+    pub rule: u32,
+    /// First port.
+    pub first: u16,
+    /// Last port, inclusive.
+    pub last: u16,
+}
+
+/// Most entries in one MOVED: one per port of every pif at most.
+pub const MAX_MOVED: usize = 65536 * 8;
+
 /// A message from the server after its hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerMsg {
@@ -399,6 +478,10 @@ pub enum ServerMsg {
     Status(Status),
     /// Step 8.
     Report(Report),
+    /// Step 4, after the rules: each rule's health.
+    Health(Vec<PifHealth>),
+    /// Step 8, after the report: ports moved by close-and-rebind.
+    Moved(Vec<MovedPorts>),
 }
 
 impl Wire for ServerMsg {
@@ -424,6 +507,8 @@ impl Wire for ServerMsg {
             msg::RULES_OWNED => Ok(ServerMsg::RulesOwned(get_pif_rules(r, limits, true)?)),
             msg::STATUS => Ok(ServerMsg::Status(get_status(r)?)),
             msg::REPORT => Ok(ServerMsg::Report(get_report(r, limits)?)),
+            msg::HEALTH => Ok(ServerMsg::Health(get_health(r, limits)?)),
+            msg::MOVED => Ok(ServerMsg::Moved(get_moved(r)?)),
             t => {
                 Err(CodecError::Malformed(format!("unknown server message type 0x{t:02x}")).into())
             }
@@ -443,7 +528,135 @@ impl Wire for ServerMsg {
             ServerMsg::RulesOwned(pifs) => put_pif_rules(out, pifs, true),
             ServerMsg::Status(s) => put_status(out, s),
             ServerMsg::Report(rep) => put_report(out, rep),
+            ServerMsg::Health(pifs) => put_health(out, pifs),
+            ServerMsg::Moved(moved) => put_moved(out, moved),
         }
+    }
+}
+
+/// HEALTH after the type byte: per pif its id, flags, rule count and each
+/// rule's requested, bound and down ranges (with errno and since), then a
+/// zero byte.
+fn get_health(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<PifHealth>> {
+    let mut pifs = Vec::new();
+    let mut seen = Vec::new();
+    while let Some(id) = get_pif_id(r, &seen, limits)? {
+        seen.push(id.0);
+        let flags = r.u8()?;
+        if flags & !PIF_APPLIED != 0 {
+            return Err(
+                CodecError::Malformed(format!("unknown pif health flags 0x{flags:02x}")).into(),
+            );
+        }
+        let count = r.u32()? as usize;
+        if count > limits.max_rules {
+            return Err(CodecError::TooMany {
+                what: "health rule",
+                count: count as u64,
+                max: limits.max_rules as u64,
+            }
+            .into());
+        }
+        let mut rules = Vec::with_capacity(count.min(1024));
+        for _ in 0..count {
+            let requested = r.u32()?;
+            let bound = r.u32()?;
+            let n = r.u32()?;
+            if n > requested.min(65536) || bound > requested {
+                return Err(CodecError::Malformed(format!(
+                    "health of {requested} ports with {bound} bound and {n} down ranges"
+                ))
+                .into());
+            }
+            r.need(n as usize * 16)?;
+            let down = (0..n)
+                .map(|_| {
+                    Ok(PortsDown {
+                        first: r.u16()?,
+                        last: r.u16()?,
+                        errno: r.u32()?,
+                        since: r.u64()?,
+                    })
+                })
+                .collect::<DecodeResult<Vec<_>>>()?;
+            rules.push(RuleHealth {
+                requested,
+                bound,
+                down,
+            });
+        }
+        pifs.push(PifHealth {
+            id,
+            applied: flags & PIF_APPLIED != 0,
+            rules,
+        });
+    }
+    Ok(pifs)
+}
+
+fn put_health(out: &mut BytesMut, pifs: &[PifHealth]) {
+    out.put_u8(msg::HEALTH);
+    for p in pifs {
+        out.put_u8(p.id.0);
+        out.put_u8(if p.applied { PIF_APPLIED } else { 0 });
+        out.put_u32(p.rules.len() as u32);
+        for rule in &p.rules {
+            out.put_u32(rule.requested);
+            out.put_u32(rule.bound);
+            out.put_u32(rule.down.len() as u32);
+            for d in &rule.down {
+                out.put_u16(d.first);
+                out.put_u16(d.last);
+                out.put_u32(d.errno);
+                out.put_u64(d.since);
+            }
+        }
+    }
+    out.put_u8(0);
+}
+
+/// MOVED after the type byte: a u32 count, then per entry the pif id, the
+/// u32 rule index and the first and last port.
+fn get_moved(r: &mut Reader<'_>) -> DecodeResult<Vec<MovedPorts>> {
+    let count = r.u32()? as usize;
+    if count > MAX_MOVED {
+        return Err(CodecError::TooMany {
+            what: "moved range",
+            count: count as u64,
+            max: MAX_MOVED as u64,
+        }
+        .into());
+    }
+    r.need(count * 9)?;
+    let mut moved = Vec::with_capacity(count);
+    for _ in 0..count {
+        let pif = match r.u8()? {
+            0 => return Err(CodecError::Malformed("moved ports of pif 0".into()).into()),
+            id => PifId(id),
+        };
+        let rule = r.u32()?;
+        let (first, last) = (r.u16()?, r.u16()?);
+        if first > last {
+            return Err(CodecError::Malformed(format!("moved ports {first} to {last}")).into());
+        }
+        moved.push(MovedPorts {
+            pif,
+            rule,
+            first,
+            last,
+        });
+    }
+    Ok(moved)
+}
+
+fn put_moved(out: &mut BytesMut, moved: &[MovedPorts]) {
+    out.put_u8(msg::MOVED);
+    out.put_u32(moved.len() as u32);
+    for m in moved {
+        out.put_u8(m.pif.0);
+        out.put_u32(m.rule);
+        out.put_u16(m.first);
+        out.put_u16(m.last);
     }
 }
 

@@ -20,7 +20,8 @@ use super::claims::{Claim, Claims, Held};
 use super::leases::LeaseEvent;
 use crate::codec::Update;
 use crate::codec::v3::{
-    Code, FailedPorts, NO_UID, PifInfo, PifReport, PifRules, Report, RuleOutcome, ScopeInfo, Status,
+    Code, FailedPorts, MovedPorts, NO_UID, PifHealth, PifInfo, PifReport, PifRules, PortsDown,
+    Report, RuleHealth, RuleOutcome, ScopeInfo, Status,
 };
 use crate::lease::Lease;
 use crate::owner::Owner;
@@ -390,8 +391,41 @@ pub struct Applied {
     parked: Vec<(PifId, Vec<SocketKey>)>,
     /// The owners of a scoped transaction, with the lease each asked for.
     leases: Vec<(Owner, Option<Lease>)>,
+    /// Old sockets that moves closed, by pif: bound again at rollback.
+    moved_from: Vec<(PifId, Vec<SocketKey>)>,
     /// What the apply bound.
     pub report: Report,
+    /// The ports that went through close-and-rebind.
+    pub moved: Vec<MovedPorts>,
+}
+
+/// What a rollback did.
+#[derive(Debug, Default)]
+pub struct RolledBack {
+    /// Sockets that a move had closed and that could not be bound again,
+    /// with the rule of the restored table that wants each and the errno.
+    pub not_rebound: Vec<(PifId, usize, SocketKey, i32)>,
+}
+
+impl RolledBack {
+    /// The status for the client: OK, or INTERNAL naming the first port
+    /// that could not be bound again.
+    pub fn status(&self) -> Status {
+        let Some((pif, index, key, errno)) = self.not_rebound.first() else {
+            return Status::ok("rolled back: the previous tables are active and listening");
+        };
+        let mut s = Status::new(
+            Code::Internal,
+            format!(
+                "rolled back, but {} moved port(s) could not be bound again, first {key}: {}",
+                self.not_rebound.len(),
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+        );
+        s.pif = Some(*pif);
+        s.index = u32::try_from(*index).ok();
+        s
+    }
 }
 
 impl Shared {
@@ -520,6 +554,59 @@ impl Shared {
             })
             .collect();
         (info, rules)
+    }
+
+    /// The listing with each rule's health and each pif's applied marker,
+    /// read together: the registry is held, so no apply or rollback comes
+    /// between the tables and their sockets.
+    pub async fn listing_with_health(&self) -> (Vec<PifInfo>, Vec<PifRules>, Vec<PifHealth>) {
+        let registry = self.registry.lock().await;
+        let (info, rules) = self.listing();
+        let t = self.tables();
+        let health = rules
+            .iter()
+            .map(|p| {
+                let synced = registry.health(p.id);
+                PifHealth {
+                    id: p.id,
+                    applied: t.is_pending(p.id),
+                    rules: p
+                        .rules
+                        .iter()
+                        .enumerate()
+                        .map(|(i, rule)| {
+                            // In table order; searched only if not.
+                            let found = synced
+                                .get(i)
+                                .filter(|(_, rr)| rr.rule == *rule)
+                                .or_else(|| synced.iter().find(|(_, rr)| rr.rule == *rule));
+                            found.map_or(
+                                RuleHealth {
+                                    requested: 0,
+                                    bound: 0,
+                                    down: Vec::new(),
+                                },
+                                |(_, rr)| RuleHealth {
+                                    requested: rr.requested,
+                                    bound: rr.bound,
+                                    down: rr
+                                        .failed
+                                        .iter()
+                                        .map(|f| PortsDown {
+                                            first: f.first,
+                                            last: f.last,
+                                            errno: f.errno.unsigned_abs(),
+                                            since: f.since,
+                                        })
+                                        .collect(),
+                                },
+                            )
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        (info, rules, health)
     }
 
     /// Steps 5 and 6: loads `update` into a shadow and validates it fully,
@@ -762,6 +849,36 @@ impl Shared {
                 }
             }
         };
+        // Ports that move to another address or family: the old socket,
+        // parked by this sync, is closed and the new one bound, the
+        // registry held so that nothing comes between.
+        let mut registry = registry;
+        let mut syncs = syncs;
+        let mut moved_from = Vec::new();
+        let mut moved = Vec::new();
+        for (c, sync) in changes.iter().zip(syncs.iter_mut()) {
+            if sync.moves.is_empty() {
+                continue;
+            }
+            let mut old: Vec<SocketKey> = sync.moves.iter().flat_map(|m| m.old.clone()).collect();
+            old.sort();
+            old.dedup();
+            let closing = std::time::Instant::now();
+            registry.take_moved(c.id, sync).wait().await;
+            let new = registry.finish_moves(c.id, sync);
+            let window = closing.elapsed();
+            for (rule, key) in &new {
+                push_moved(&mut moved, c.id, *rule, key.port);
+            }
+            tracing::info!(
+                pif = %c.id,
+                moved = new.len(),
+                closed = old.len(),
+                ?window,
+                "ports moved by close-and-rebind"
+            );
+            moved_from.push((c.id, old));
+        }
         let report = Report {
             ok: syncs.iter().all(SyncReport::is_ok),
             pifs: changes
@@ -807,7 +924,9 @@ impl Shared {
             claim,
             parked,
             leases,
+            moved_from,
             report,
+            moved,
         })
     }
 
@@ -882,9 +1001,13 @@ impl Shared {
     /// scopes, as they are now. The old rules take their sockets back,
     /// without binding anything, and the sockets bound for the new ones are
     /// closed.
-    pub async fn rollback(&self, applied: Applied) -> Vec<SyncReport> {
+    pub async fn rollback(&self, applied: Applied) -> RolledBack {
         let Applied {
-            id, claim, parked, ..
+            id,
+            claim,
+            parked,
+            moved_from,
+            ..
         } = applied;
         let registry = Arc::clone(&self.registry).lock_owned().await;
         let changes: Vec<PifChange> = {
@@ -905,7 +1028,7 @@ impl Shared {
             // Only a panic in sync gets here; the registry went with it.
             tracing::error!("rollback failed: syncing the sockets panicked");
             self.settle(id, claim);
-            return Vec::new();
+            return RolledBack::default();
         };
         let mut ids = Vec::with_capacity(changes.len());
         {
@@ -918,18 +1041,47 @@ impl Shared {
         }
         // The new rules' ports are free before anyone may bind them again:
         // closed under the registry.
-        for (id, report) in ids.into_iter().zip(&reports) {
-            registry.take_parked(id, &report.parked_keys).wait().await;
+        for (id, report) in ids.iter().zip(&reports) {
+            registry.take_parked(*id, &report.parked_keys).wait().await;
         }
         // And what the apply parked that the old tables did not take back
         // (an `auto` port whose target another pif holds now).
         for (pif, keys) in &parked {
             registry.take_parked(*pif, keys).wait().await;
         }
+        // The old sockets that moves closed are bound again, now that the
+        // new ones in their way are closed: the proposal's "new bind error
+        // report" at step 9b, as nothing else can bring them back.
+        let mut rolled = RolledBack::default();
+        let mut reports = reports;
+        for (pif, keys) in &moved_from {
+            let Some(report) = ids
+                .iter()
+                .zip(reports.iter_mut())
+                .find(|(id, _)| *id == pif)
+                .map(|(_, r)| r)
+            else {
+                continue;
+            };
+            for (key, errno) in registry.bind_again(*pif, keys, report) {
+                let rule = registry
+                    .health(*pif)
+                    .iter()
+                    .position(|(_, rr)| SocketKey::new(*pif, &rr.rule, key.port) == key)
+                    .unwrap_or(0);
+                tracing::error!(
+                    %pif,
+                    socket = %key,
+                    error = %std::io::Error::from_raw_os_error(errno),
+                    "rollback: a moved port could not be bound again"
+                );
+                rolled.not_rebound.push((*pif, rule, key, errno));
+            }
+        }
         drop(registry);
         self.settle(id, claim);
         self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
-        reports
+        rolled
     }
 
     /// Starts the task that watches leases and ends them
@@ -1206,6 +1358,79 @@ impl Shared {
         }
     }
 
+    /// Wakes when a transaction ends (committed or rolled back).
+    pub fn ended(&self) -> watch::Receiver<u64> {
+        self.settled.subscribe()
+    }
+
+    /// One round of retries for committed rules that lack ports (weak
+    /// rules, `--keep-partial`, a rollback that could not bind): binds
+    /// what is free now. Pifs that a transaction in flight changed are left
+    /// for a later round. Returns whether some rule still lacks ports.
+    pub async fn retry_unbound(&self) -> bool {
+        let Ok(registry) = Arc::clone(&self.registry).try_lock_owned() else {
+            // A transaction is at work: the next round.
+            return true;
+        };
+        if self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut registry = registry;
+        let mut unbound = false;
+        let pifs: Vec<PifId> = self.tables().config.pifs.iter().map(|p| p.id).collect();
+        for pif in pifs {
+            if !registry.has_unbound(pif)
+                || self
+                    .placement(pif)
+                    .listen
+                    .is_some_and(|ns| ns.is_detached())
+            {
+                continue;
+            }
+            let table = {
+                let t = self.tables();
+                if t.is_pending(pif) {
+                    unbound = true;
+                    continue;
+                }
+                match t.config.by_id(pif) {
+                    Some(p) => p.table.clone(),
+                    None => continue,
+                }
+            };
+            let before: Vec<u32> = registry
+                .health(pif)
+                .iter()
+                .map(|(_, rr)| rr.bound)
+                .collect();
+            let routes = self.plain_routes(pif, &table);
+            // Binding may enter a namespace: never on a runtime worker.
+            let synced = tokio::task::spawn_blocking(move || {
+                let report = registry.sync(pif, &routes, true);
+                (registry, report)
+            })
+            .await;
+            let Ok((r, report)) = synced else {
+                return false;
+            };
+            registry = r;
+            registry.take_parked(pif, &report.parked_keys).wait().await;
+            for (i, rr) in report.rules.iter().enumerate() {
+                if before.get(i).is_some_and(|b| *b < rr.bound) {
+                    tracing::info!(
+                        %pif,
+                        rule = %rr.rule.to_string().trim_end(),
+                        bound = rr.bound,
+                        wanted = rr.requested,
+                        "retry: ports bound now"
+                    );
+                }
+            }
+            unbound |= registry.has_unbound(pif);
+        }
+        unbound
+    }
+
     /// Closes `pif`'s sockets because its namespace is gone. Its table is
     /// kept (and stays in the state file): it is the configuration, served
     /// again by a daemon that has the namespace.
@@ -1222,6 +1447,22 @@ impl Shared {
             Ok(mut registry) => registry.take_all_parked(pif).wait().await,
             Err(e) => tracing::error!(%pif, "closing the sockets failed: {e}"),
         }
+    }
+}
+
+/// Adds `port` of `rule` to `moved`, merged with the range before it.
+fn push_moved(moved: &mut Vec<MovedPorts>, pif: PifId, rule: usize, port: u16) {
+    let rule = u32::try_from(rule).unwrap_or(u32::MAX);
+    match moved.last_mut() {
+        Some(m) if m.pif == pif && m.rule == rule && u32::from(m.last) + 1 == u32::from(port) => {
+            m.last = port
+        }
+        _ => moved.push(MovedPorts {
+            pif,
+            rule,
+            first: port,
+            last: port,
+        }),
     }
 }
 

@@ -12,8 +12,8 @@ use tracing::{info, warn};
 use super::state::{Shared, Snapshot};
 use super::{Waiter, Waiting};
 use crate::codec::v3::{
-    ClientHello, ClientMsg, Code, HelloV3Ext, OWNERS, READ_ONLY, RESERVE, ServerHello, ServerMsg,
-    Status, VERSION_3, features,
+    ClientHello, ClientMsg, Code, HEALTH, HelloV3Ext, MOVES, OWNERS, READ_ONLY, RESERVE,
+    ServerHello, ServerMsg, Status, VERSION_3, features,
 };
 use crate::codec::{CodecError, HelloV2, Limits, Wire, WireCodec};
 use crate::table::{MAX_RULES, MAX_SOCKETS};
@@ -412,7 +412,7 @@ async fn handshake(
         )
         .into());
     }
-    let known = READ_ONLY | OWNERS | RESERVE;
+    let known = READ_ONLY | OWNERS | RESERVE | HEALTH | MOVES;
     if client.flags & !known != 0 {
         return Err(protocol(format!(
             "unknown client hello flags 0x{:08x}",
@@ -439,7 +439,13 @@ async fn transaction(
         None
     };
     // Steps 3 and 4, read in one go so that they agree.
-    let (pifs, rules) = shared.listing();
+    let (pifs, rules, health) = if client.flags & HEALTH != 0 {
+        let (pifs, rules, health) = shared.listing_with_health().await;
+        (pifs, rules, Some(health))
+    } else {
+        let (pifs, rules) = shared.listing();
+        (pifs, rules, None)
+    };
     let snapshot: Snapshot = rules.iter().map(|p| (p.id, p.generation)).collect();
     send(conn, &ServerMsg::Pifs(pifs), t.step)
         .await
@@ -451,6 +457,11 @@ async fn transaction(
         ServerMsg::Rules(rules)
     };
     send(conn, &listing, t.step).await.map_err(unsent)?;
+    if let Some(health) = health {
+        send(conn, &ServerMsg::Health(health), t.step)
+            .await
+            .map_err(unsent)?;
+    }
     if client.flags & READ_ONLY != 0 {
         return Ok("read only".to_owned());
     }
@@ -491,7 +502,10 @@ async fn transaction(
     };
     let verdict = if applied.report.ok { "ok" } else { "failed" };
     // Step 8.
-    let sent = send(conn, &ServerMsg::Report(applied.report.clone()), t.step).await;
+    let mut sent = send(conn, &ServerMsg::Report(applied.report.clone()), t.step).await;
+    if sent.is_ok() && client.flags & MOVES != 0 {
+        sent = send(conn, &ServerMsg::Moved(applied.moved.clone()), t.step).await;
+    }
     // Step 9: anything but COMMIT rolls back.
     let answer = match sent {
         Err(e) => Err(End::from(e)),
@@ -507,10 +521,14 @@ async fn transaction(
             Ok(format!("applied ({verdict}) and committed"))
         }
         Ok(ClientMsg::Rollback) => {
-            shared.rollback(applied).await;
-            let ok = Status::ok("rolled back: the previous tables are active and listening");
-            let _ = send(conn, &ServerMsg::Status(ok), t.step).await;
-            Ok(format!("applied ({verdict}) and rolled back"))
+            let rolled = shared.rollback(applied).await;
+            let status = rolled.status();
+            let _ = send(conn, &ServerMsg::Status(status.clone()), t.step).await;
+            if status.code == Code::Ok {
+                Ok(format!("applied ({verdict}) and rolled back"))
+            } else {
+                Ok(format!("applied ({verdict}) and rolled back: {status}"))
+            }
         }
         Ok(other) => {
             shared.rollback(applied).await;
@@ -560,7 +578,9 @@ fn server_hello(shared: &Shared) -> ServerHello {
             features: features::TRANSACTIONS
                 | features::GENERATIONS
                 | features::OWNERS
-                | features::RESERVE,
+                | features::RESERVE
+                | features::HEALTH
+                | features::MOVES,
             max_rules: MAX_RULES as u32,
             max_sockets: MAX_SOCKETS,
             max_pifs: Limits::default().max_pifs as u32,
