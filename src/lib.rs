@@ -57,3 +57,4 @@ pub mod spec;
 pub mod statefile;
 pub mod table;
 pub mod target;
+pub mod throttle;

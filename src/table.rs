@@ -61,9 +61,6 @@ pub enum RuleError {
     /// A multicast, broadcast or unspecified target address.
     #[error("rule {0}: target address must be a unicast address")]
     BadTarget(Rule),
-    /// Target of the other family than the listening address.
-    #[error("rule {0}: target address family differs from the listening address family")]
-    TargetFamily(Rule),
     /// The new rule wants ports that an existing one has.
     #[error("rule {new} conflicts with existing rule {existing}{of}", of = OfOwner(.owner.as_ref()))]
     Conflict {
@@ -155,9 +152,6 @@ pub fn check_rule(rule: &Rule, caps: Caps) -> Result<(), RuleError> {
         let broadcast = matches!(t, IpAddr::V4(v4) if v4.is_broadcast());
         if t.is_multicast() || t.is_unspecified() || broadcast {
             return bad(RuleError::BadTarget);
-        }
-        if !rule.is_dual_stack() && t.is_ipv4() != rule.addr.is_ipv4() {
-            return bad(RuleError::TargetFamily);
         }
     }
     Ok(())
@@ -701,15 +695,6 @@ mod tests {
                 },
                 ALL,
                 |e| matches!(e, RuleError::BadTarget(_)),
-            ),
-            (
-                {
-                    let mut r = tcp("127.0.0.1", 5, 5, 5);
-                    r.target = Some("::1".parse().unwrap());
-                    r
-                },
-                ALL,
-                |e| matches!(e, RuleError::TargetFamily(_)),
             ),
         ];
         for (rule, caps, is) in cases {

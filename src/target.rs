@@ -8,6 +8,7 @@ use crate::netns::Netns;
 
 use crate::rule::{Rule, canonical_ip};
 use crate::socket;
+use crate::throttle::Throttle;
 
 /// The default targets, one per family, for rules without a target address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +69,9 @@ pub struct Route {
     pub defaults: Targets,
     /// The namespace targets are reached from (`None`: the daemon's own).
     pub connect_ns: Option<Arc<Netns>>,
+    /// Connections reset because the target refused, logged at most once a
+    /// second per rule.
+    pub resets: Arc<Throttle>,
 }
 
 impl PartialEq for Route {
@@ -91,6 +95,7 @@ impl Route {
             rule,
             defaults,
             connect_ns: None,
+            resets: Arc::new(Throttle::new()),
         }
     }
 
@@ -107,6 +112,24 @@ impl Route {
             None => self.defaults.for_peer(peer),
         };
         SocketAddr::new(addr, self.rule.target_port(port))
+    }
+
+    /// Where to try once more when `tried`, this rule's target for some
+    /// peer, refused: the other family's loopback, for a rule without a
+    /// target address whose defaults are both loopback. A service that
+    /// listens on 127.0.0.1 only is then reached by IPv6 clients too (and
+    /// one on ::1 only by IPv4 clients).
+    pub fn fallback(&self, tried: SocketAddr) -> Option<SocketAddr> {
+        if self.rule.target.is_some() || !tried.ip().is_loopback() {
+            return None;
+        }
+        let other = match tried.ip() {
+            IpAddr::V4(_) => IpAddr::V6(self.defaults.v6),
+            IpAddr::V6(_) => IpAddr::V4(self.defaults.v4),
+        };
+        other
+            .is_loopback()
+            .then(|| SocketAddr::new(other, tried.port()))
     }
 
     /// The target addresses this rule can send to: its own, or the defaults
@@ -235,6 +258,25 @@ mod tests {
         assert_eq!(r.target(v4, 8003), "127.0.0.1:9003".parse().unwrap());
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         assert_eq!(r.target(v6, 8010), "[::1]:9010".parse().unwrap());
+    }
+
+    #[test]
+    fn falls_back_to_the_other_loopback_only() {
+        let r = route(Rule::dual_stack(Proto::Tcp, 8080, 8080, 80));
+        let v6 = r.target("::1".parse().unwrap(), 8080);
+        assert_eq!(r.fallback(v6), Some("127.0.0.1:80".parse().unwrap()));
+        assert_eq!(
+            r.fallback("127.0.0.1:80".parse().unwrap()),
+            Some("[::1]:80".parse().unwrap())
+        );
+        // A default that is not loopback, or a rule's own target: no.
+        let mut targets = Targets::default();
+        targets.set("192.0.2.1".parse().unwrap());
+        let r2 = Route::new(Rule::dual_stack(Proto::Tcp, 8080, 8080, 80), targets);
+        assert_eq!(r2.fallback("[::1]:80".parse().unwrap()), None);
+        let mut rule = Rule::new(Proto::Tcp, "::".parse().unwrap(), 8080, 8080, 80);
+        rule.target = Some("::1".parse().unwrap());
+        assert_eq!(route(rule).fallback("[::1]:80".parse().unwrap()), None);
     }
 
     #[test]

@@ -83,6 +83,9 @@ struct Raw {
 /// One rule of a report: asked, bound, failed ranges (first, last, errno).
 type RawOutcome = (u32, u32, Vec<(u16, u16, u32)>);
 
+/// One rule of HEALTH: asked, bound, down ranges (first, last, errno, since).
+type RawHealth = (u32, u32, Vec<(u16, u16, u32, u64)>);
+
 #[derive(Debug)]
 struct RawStatus {
     code: u8,
@@ -261,6 +264,40 @@ impl Raw {
         }
     }
 
+    /// Type 0x06: per pif id, flags, count, and per rule requested, bound,
+    /// n and n ranges (first, last, errno, since); id 0 ends.
+    fn health(&mut self) -> Vec<(u8, u8, Vec<RawHealth>)> {
+        assert_eq!(self.u8(), 0x06, "HEALTH");
+        let mut out = Vec::new();
+        loop {
+            let id = self.u8();
+            if id == 0 {
+                return out;
+            }
+            let flags = self.u8();
+            let rules = (0..self.u32())
+                .map(|_| {
+                    let requested = self.u32();
+                    let bound = self.u32();
+                    let n = self.u32();
+                    let down = (0..n)
+                        .map(|_| (self.u16(), self.u16(), self.u32(), self.u64()))
+                        .collect();
+                    (requested, bound, down)
+                })
+                .collect();
+            out.push((id, flags, rules));
+        }
+    }
+
+    /// Type 0x07: count, then per entry pif, rule index, first, last.
+    fn moved(&mut self) -> Vec<(u8, u32, u16, u16)> {
+        assert_eq!(self.u8(), 0x07, "MOVED");
+        (0..self.u32())
+            .map(|_| (self.u8(), self.u32(), self.u16(), self.u16()))
+            .collect()
+    }
+
     /// Steps 1 to 6 of a transaction that adds `port` -> `target` to HOST's
     /// table; the server has acknowledged it.
     fn propose_adding(&mut self, port: u16, target: u16) {
@@ -347,6 +384,84 @@ fn raw_client_from_the_docs_completes_a_transaction() {
     let mut c = d.raw();
     let (generation, rules) = c.read_state();
     assert_eq!((generation, rules.len()), (2, 2));
+}
+
+/// HEALTH and MOVES, byte by byte: a rule whose port is taken is listed
+/// down with EADDRINUSE and since when; a move is listed after the REPORT;
+/// a reader during the apply sees the pif flagged applied.
+#[test]
+fn raw_client_reads_health_and_moves() {
+    let (d, port, target) = daemon_with_port(&[]);
+    let taken = free_ports(1);
+    let _holder = std::net::TcpListener::bind(v4(taken)).unwrap();
+    let out = d.pesto(&[
+        "--keep-partial",
+        "-A",
+        "-t",
+        &format!("127.0.0.1/{taken}:{target}"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let mut c = d.raw();
+    let ext = c.hello();
+    assert_eq!(ext[0] & 0x30, 0x30, "features: HEALTH and MOVES");
+    c.client_hello(3, 8 | 16); // HEALTH, MOVES
+    c.pifs();
+    let rules = c.rules();
+    let health = c.health();
+    assert_eq!(health.len(), 1);
+    let (id, flags, rh) = &health[0];
+    assert_eq!((*id, *flags), (1, 0));
+    assert_eq!(rh.len(), rules[0].2.len());
+    assert_eq!((rh[0].0, rh[0].1, rh[0].2.len()), (1, 1, 0));
+    let (requested, bound, down) = &rh[1];
+    assert_eq!((*requested, *bound), (1, 0));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!((down[0].0, down[0].1, down[0].2), (taken, taken, 98));
+    assert!(
+        down[0].3 <= now && down[0].3 + 60 > now,
+        "since {}",
+        down[0].3
+    );
+
+    // Move the first rule from [*]:port to 127.0.0.1:port.
+    let mut table = rules[0].2.clone();
+    table[0] = tcp_rule_v4([127, 0, 0, 1], port, port, target);
+    c.update(1, &table);
+    assert_eq!(c.status().code, 0);
+    c.send(&[0x11]);
+    let (ok, _) = c.report();
+    assert!(!ok, "the taken port still fails");
+    assert_eq!(c.moved(), vec![(1, 0, port, port)]);
+
+    let mut r = d.raw();
+    r.hello();
+    r.client_hello(3, 1 | 8); // READ_ONLY, HEALTH
+    r.pifs();
+    r.rules();
+    assert_eq!(r.health()[0].1, 1, "applied, not committed");
+    assert!(r.closed(), "the server closes after a read-only listing");
+
+    c.send(&[0x12]);
+    assert_eq!(c.status().code, 0);
+    assert!(forwards(port));
+}
+
+/// A half-close in the middle of a message gets PROTOCOL, which the
+/// client can still read.
+#[test]
+fn half_close_inside_a_message_is_protocol() {
+    let (d, _, _) = daemon_with_port(&[]);
+    let mut c = d.raw();
+    c.read_state();
+    c.send(&[0x10, 1, 0, 0]); // half an update
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    let st = c.status();
+    assert_eq!(st.code, 1, "{st:?}");
+    assert!(st.message.contains("inside a message"), "{st:?}");
 }
 
 fn host_caps() -> u32 {

@@ -144,6 +144,120 @@ fn refused_target_resets_the_client() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
 }
 
+fn has_ipv6() -> bool {
+    std::net::TcpListener::bind(v6(0)).is_ok()
+}
+
+/// A service on 127.0.0.1 only, a dual-stack rule, an IPv6 client (as
+/// `curl http://localhost:PORT/` tries ::1 first): the IPv6 loopback
+/// refuses, and the IPv4 one answers. With `--no-target-fallback` the
+/// client is reset, and the reset is logged at info.
+#[test]
+fn an_ipv6_client_reaches_an_ipv4_only_target() {
+    if !has_ipv6() {
+        skip("no IPv6 loopback");
+        return;
+    }
+    let target = reply_server(v4(0), "v4 only".into());
+    // Nothing on [::1]:tport.
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
+    assert_eq!(read_all(&mut connect(v6(port))), b"v4 only");
+    assert_eq!(read_all(&mut connect(v4(port))), b"v4 only");
+
+    let port = free_ports(1);
+    let mut d = Pestod::start(&[
+        "-t",
+        &format!("{port}:{}", target.port()),
+        "--no-target-fallback",
+    ]);
+    let mut s = connect(v6(port));
+    let mut buf = [0u8; 1];
+    let err = s.read(&mut buf).expect_err("reset expected");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    d.wait_for("connection reset").unwrap();
+    assert!(
+        d.log()
+            .contains(&format!("[::1]:{} refused", target.port())),
+        "{}",
+        d.log()
+    );
+}
+
+/// Both loopbacks refuse: one reset, and one info line for the rule.
+#[test]
+fn a_reset_after_both_loopbacks_refuse_is_logged() {
+    if !has_ipv6() {
+        skip("no IPv6 loopback");
+        return;
+    }
+    let dead = free_ports(1);
+    let port = free_ports(1);
+    let mut d = Pestod::start(&["-t", &format!("{port}:{dead}")]);
+    let mut s = connect(v6(port));
+    let mut buf = [0u8; 1];
+    assert!(s.read(&mut buf).is_err());
+    d.wait_for("connection reset").unwrap();
+    assert!(
+        d.log()
+            .contains(&format!("[::1]:{dead} and 127.0.0.1:{dead} refused")),
+        "{}",
+        d.log()
+    );
+}
+
+/// An explicit target of the other family than the listening address, for
+/// TCP and UDP, both ways.
+#[test]
+fn cross_family_targets_work() {
+    if !has_ipv6() {
+        skip("no IPv6 loopback");
+        return;
+    }
+    let t4 = reply_server(v4(0), "to v4".into());
+    let t6 = reply_server(v6(0), "to v6".into());
+    let p = free_ports(2);
+    let _d = Pestod::start(&[
+        "-t",
+        &format!("[::1]/{p}:127.0.0.1/{}", t4.port()),
+        "-t",
+        &format!("127.0.0.1/{}:[::1]/{}", p + 1, t6.port()),
+    ]);
+    assert_eq!(read_all(&mut connect(v6(p))), b"to v4");
+    assert_eq!(read_all(&mut connect(v4(p + 1))), b"to v6");
+
+    // UDP: an echo on each family, reached from the other.
+    let e4 = UdpSocket::bind(v4(0)).unwrap();
+    let e6 = UdpSocket::bind(v6(0)).unwrap();
+    for e in [&e4, &e6] {
+        let e = e.try_clone().unwrap();
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = e.recv_from(&mut buf) {
+                let _ = e.send_to(&buf[..n], from);
+            }
+        });
+    }
+    let q = free_ports(2);
+    let _u = Pestod::start(&[
+        "-u",
+        &format!("[::1]/{q}:127.0.0.1/{}", e4.local_addr().unwrap().port()),
+        "-u",
+        &format!(
+            "127.0.0.1/{}:[::1]/{}",
+            q + 1,
+            e6.local_addr().unwrap().port()
+        ),
+    ]);
+    for server in [v6(q), v4(q + 1)] {
+        let c = udp_client(server);
+        c.send(b"hello").unwrap();
+        let mut buf = [0u8; 16];
+        let n = c.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello", "through {server}");
+    }
+}
+
 fn udp_client(server: SocketAddr) -> UdpSocket {
     let bind: SocketAddr = if server.is_ipv4() { v4(0) } else { v6(0) };
     let s = UdpSocket::bind(bind).unwrap();

@@ -88,6 +88,13 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(0..=(1 << 30)))]
     tcp_loopback_buffer: u64,
 
+    /// Do not try the other family's loopback when a rule without a target
+    /// address finds its loopback target refusing (by default an IPv6
+    /// client reaches a service that listens on 127.0.0.1 only, and an
+    /// IPv4 client one on ::1 only).
+    #[arg(long)]
+    no_target_fallback: bool,
+
     /// Seconds that TCP connections in flight may go on after SIGINT or SIGTERM.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     shutdown_grace: f64,
@@ -342,6 +349,7 @@ fn options(args: &Args, specs: &[(SpecOpt, String)]) -> Result<Options, String> 
         dataplane: Settings {
             tcp: TcpSettings {
                 loopback_buffer: usize::try_from(args.tcp_loopback_buffer).unwrap_or(usize::MAX),
+                target_fallback: !args.no_target_fallback,
             },
             udp: UdpSettings {
                 idle_timeout: Duration::from_secs(args.udp_timeout),

@@ -327,6 +327,20 @@ impl<D: Wire> Decoder for WireCodec<D> {
             }
         }
     }
+
+    /// The peer closed (or half-closed) its side: bytes of a message cut
+    /// off are a malformed message, answered with PROTOCOL while the peer
+    /// can still read, not a failed transport.
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<D>, CodecError> {
+        match self.decode(src)? {
+            Some(msg) => Ok(Some(msg)),
+            None if src.is_empty() => Ok(None),
+            None => Err(CodecError::Malformed(format!(
+                "the connection closed inside a message, after {} byte(s) of it",
+                src.len()
+            ))),
+        }
+    }
 }
 
 impl<D, M: Wire> Encoder<&M> for WireCodec<D> {

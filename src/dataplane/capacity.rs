@@ -10,8 +10,8 @@
 //! whatever holes closed ones left.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+
+use crate::throttle::Throttle;
 
 /// Descriptors kept for the control plane: 1/20 of the limit, at least 64
 /// (a quarter of a limit under 256), at most 4,096.
@@ -24,11 +24,8 @@ pub fn reserve(limit: u64) -> u64 {
 pub(super) struct Capacity {
     limit: u64,
     ceiling: u64,
-    /// Connections and flows refused since the last warning.
-    refused: AtomicU64,
-    /// When the last warning went out, in ms since `epoch` (0: never).
-    warned_ms: AtomicU64,
-    epoch: Instant,
+    /// Refusals, warned about at most once a second.
+    refused: Throttle,
 }
 
 impl Capacity {
@@ -40,9 +37,7 @@ impl Capacity {
         Capacity {
             limit,
             ceiling: limit.saturating_sub(reserve(limit)),
-            refused: AtomicU64::new(0),
-            warned_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
+            refused: Throttle::new(),
         }
     }
 
@@ -62,18 +57,7 @@ impl Capacity {
     /// Counts one refusal (`what`: "TCP connection", "UDP flow"), and warns
     /// with the count at most once a second.
     pub(super) fn refuse(&self, what: &str) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        let now = u64::try_from(self.epoch.elapsed().as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let last = self.warned_ms.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 1000)
-            && self
-                .warned_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let n = self.refused.swap(0, Ordering::Relaxed).max(1);
+        if let Some(n) = self.refused.hit() {
             tracing::warn!(
                 refused = n,
                 limit = self.limit,

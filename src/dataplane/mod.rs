@@ -83,11 +83,16 @@ pub struct TcpSettings {
     /// Over a real network a fixed buffer would cap a connection at
     /// buffer / RTT, so other peers keep autotuning.
     pub loopback_buffer: usize,
+    /// When a rule without a target address finds its loopback target
+    /// refusing, try the other family's loopback once before resetting
+    /// the client ([`crate::target::Route::fallback`]).
+    pub target_fallback: bool,
 }
 
 impl Default for TcpSettings {
     fn default() -> TcpSettings {
         TcpSettings {
+            target_fallback: true,
             loopback_buffer: 512 << 10,
         }
     }

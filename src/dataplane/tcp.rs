@@ -7,10 +7,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::netns::Netns;
 use crate::socket;
+use crate::target::Route;
 
 use super::{DataPlane, RouteWatch, SocketLife, Stats, is_resource_error, relay};
 
@@ -79,9 +80,7 @@ pub(super) async fn serve(
                         continue;
                     }
                     Stats::inc(&dp.stats.tcp_accepted);
-                    let target = route.target(peer.ip(), port);
-                    let ns = route.connect_ns.clone();
-                    dp.tracker.spawn(forward(stream, peer, target, ns, inherited, Arc::clone(&dp)));
+                    dp.tracker.spawn(forward(stream, peer, port, Arc::clone(&route), inherited, Arc::clone(&dp)));
                 }
                 Err(e) if is_resource_error(&e) => {
                     Stats::inc(&dp.stats.tcp_refused);
@@ -123,21 +122,53 @@ impl Drop for Active<'_> {
     }
 }
 
-/// Connects to `target` (from namespace `ns`) and relays until both sides
-/// are done.
+/// Connects to `route`'s target for `peer` on listening port `port` (from
+/// its namespace) and relays until both sides are done.
 async fn forward(
     inbound: TcpStream,
     peer: SocketAddr,
-    target: SocketAddr,
-    ns: Option<Arc<Netns>>,
+    port: u16,
+    route: Arc<Route>,
     inherited: Inherited,
     dp: Arc<DataPlane>,
 ) {
     let _active = Active::new(&dp.stats);
-    let outbound = tokio::select! {
+    let mut target = route.target(peer.ip(), port);
+    let ns = route.connect_ns.as_deref();
+    let mut outbound = tokio::select! {
         _ = dp.stop.cancelled() => return,
-        r = connect(target, ns.as_deref(), &dp.capacity) => r,
+        r = connect(target, ns, &dp.capacity) => r,
     };
+    // A service on one loopback only: the other family's, once.
+    let refused = |r: &io::Result<TcpStream>| matches!(r, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused);
+    if refused(&outbound) {
+        let first = target;
+        if dp.tcp.target_fallback
+            && let Some(other) = route.fallback(target)
+        {
+            target = other;
+            outbound = tokio::select! {
+                _ = dp.stop.cancelled() => return,
+                r = connect(target, ns, &dp.capacity) => r,
+            };
+        }
+        if refused(&outbound)
+            && let Some(n) = route.resets.hit()
+        {
+            let tried = if first == target {
+                format!("{first} refused")
+            } else {
+                format!("{first} and {target} refused")
+            };
+            info!(
+                rule = %route.rule.to_string().trim_end(),
+                %peer,
+                resets = n,
+                "connection reset: {tried} (counts every such reset of this rule in the \
+                 last second)"
+            );
+        }
+    }
     let outbound = match outbound {
         Ok(s) => s,
         Err(e) if super::is_resource_error(&e) => {
