@@ -81,7 +81,7 @@ impl Default for Options {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be reached.
-    #[error("cannot connect to {path}: {error}")]
+    #[error("cannot connect to {path}: {}", connect_reason(path, error))]
     Connect {
         /// Its path.
         path: PathBuf,
@@ -126,6 +126,30 @@ pub enum ClientError {
     /// are not what was sent.
     #[error("the server did not make the new tables active; {0}")]
     NotActive(String),
+}
+
+/// What a failed connect to `path` means, for people: what is at the
+/// path, and what to do.
+fn connect_reason(path: &Path, error: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path);
+    match (error.kind(), &meta) {
+        (ErrorKind::NotFound, _) => {
+            "no such file (is pestod running with -c at this path?)".to_owned()
+        }
+        (_, Ok(m)) if m.is_dir() => "it is a directory, not a control socket".to_owned(),
+        (_, Ok(m)) if !m.file_type().is_socket() => "it is a file, not a control socket".to_owned(),
+        (ErrorKind::PermissionDenied, _) => {
+            "permission denied (the socket's mode or its directory keeps this user out; \
+             see pestod --control-mode)"
+                .to_owned()
+        }
+        (ErrorKind::ConnectionRefused, _) => {
+            "nobody is listening (a socket left by a daemon that exited?)".to_owned()
+        }
+        _ => error.to_string(),
+    }
 }
 
 impl ClientError {
@@ -641,8 +665,11 @@ impl Applied {
 /// How [`transact`] runs a transaction.
 #[derive(Debug, Clone, Copy)]
 pub struct TransactOptions {
-    /// Attempts after the first, on STALE or BUSY.
+    /// Most attempts after the first, on STALE or BUSY.
     pub retries: u32,
+    /// No new attempt starts this long after the first one started: longer
+    /// than a server's step timeout, which a BUSY may take.
+    pub retry_for: Duration,
     /// Commit even if the report's verdict is FAILED.
     pub keep_partial: bool,
     /// Stop after the acknowledgement: validate only.
@@ -655,7 +682,8 @@ pub struct TransactOptions {
 impl Default for TransactOptions {
     fn default() -> TransactOptions {
         TransactOptions {
-            retries: 5,
+            retries: u32::MAX,
+            retry_for: RETRY_FOR,
             keep_partial: false,
             dry_run: false,
             reserve_on_retry: true,
@@ -713,6 +741,35 @@ where
     transact_change(path, opts, t, |s, n| plan(s, n).map(Change::Whole)).await
 }
 
+/// How long [`transact`] and [`connect_retrying`] retry by default.
+pub const RETRY_FOR: Duration = Duration::from_secs(15);
+
+/// [`Session::connect`], retried on BUSY (every control slot taken, or the
+/// daemon shutting down) with a growing, jittered pause, until `retry_for`
+/// has passed.
+pub async fn connect_retrying(
+    path: &Path,
+    opts: Options,
+    retry_for: Duration,
+) -> Result<Session, ClientError> {
+    let started = tokio::time::Instant::now();
+    let mut attempt = 1u32;
+    loop {
+        match Session::connect(path, opts).await {
+            Err(e) if e.code() == Some(Code::Busy) => {
+                let pause = backoff(attempt);
+                if started.elapsed() + pause >= retry_for {
+                    return Err(e);
+                }
+                tracing::warn!("{e}; retrying in {} ms", pause.as_millis());
+                tokio::time::sleep(pause).await;
+                attempt = attempt.saturating_add(1);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// [`transact`] for any [`Change`]: whole tables, scopes, or nothing.
 pub async fn transact_change<F>(
     path: &Path,
@@ -725,18 +782,20 @@ where
 {
     let mut attempt = 1;
     let mut opts = opts;
+    let started = tokio::time::Instant::now();
     loop {
         match attempt_once(path, opts, t, &mut plan, attempt).await {
             Err(e)
-                if matches!(e.code(), Some(Code::Stale | Code::Busy)) && attempt <= t.retries =>
+                if matches!(e.code(), Some(Code::Stale | Code::Busy))
+                    && attempt <= t.retries
+                    && started.elapsed() + backoff_ceiling(attempt) < t.retry_for =>
             {
                 let pause = backoff(attempt);
                 tracing::warn!(
-                    "{e}; retrying in {} ms (attempt {} of {})",
+                    "{e}; retrying in {} ms (attempt {}, retrying for up to {} s)",
                     pause.as_millis(),
                     attempt.saturating_add(1),
-                    // Saturating: --retries may be u32::MAX.
-                    t.retries.saturating_add(1)
+                    t.retry_for.as_secs_f64()
                 );
                 tokio::time::sleep(pause).await;
                 attempt = attempt.saturating_add(1);
@@ -954,13 +1013,18 @@ fn differences(session: &Session, update: &Update) -> Vec<String> {
     out
 }
 
+/// The longest pause before attempt `attempt + 1`.
+fn backoff_ceiling(attempt: u32) -> Duration {
+    Duration::from_millis(10)
+        .saturating_mul(1 << attempt.min(16))
+        .min(Duration::from_secs(1))
+}
+
 /// A pause before attempt `attempt + 1`: random in [0, 10 ms × 2^attempt],
 /// at most one second, so that clients that collided spread out.
 fn backoff(attempt: u32) -> Duration {
     use std::hash::{BuildHasher, Hasher};
-    let ceiling = Duration::from_millis(10)
-        .saturating_mul(1 << attempt.min(16))
-        .min(Duration::from_secs(1));
+    let ceiling = backoff_ceiling(attempt);
     // A fresh RandomState is randomly keyed: enough jitter, no dependency.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(attempt);

@@ -73,6 +73,12 @@ pub enum StartError {
     /// The control socket could not be opened.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// No rule, and no control socket to take one.
+    #[error(
+        "nothing to do: no rules (-t, -u, -T, -U) and no control socket (-c) to add them \
+         at run time"
+    )]
+    NothingToDo,
     /// SPLICE rules without a namespace to listen in.
     #[error("-T and -U rules need a namespace (--netns)")]
     NoNamespace,
@@ -196,6 +202,13 @@ impl Daemon {
         }
         if opts.netns.is_none() && !opts.splice.is_empty() {
             return Err(StartError::NoNamespace);
+        }
+        if opts.control.is_none()
+            && opts.control_v2.is_none()
+            && opts.host.is_empty()
+            && opts.splice.is_empty()
+        {
+            return Err(StartError::NothingToDo);
         }
         let dp = DataPlane::new(opts.dataplane);
         // Binding a table may take long (`-t all`, a namespace): on a
@@ -418,8 +431,25 @@ fn restore(
                 )));
             }
         };
-        *table = Table::with_owned_rules(table.caps(), rules)
+        let restored = Table::with_owned_rules(table.caps(), rules)
             .map_err(|(i, e)| bad(format!("rule {i} of pif {pif}: {e}")))?;
+        // Said, never dropped silently: the command line's rules that the
+        // saved table does not have.
+        let ignored: Vec<String> = table
+            .rules()
+            .iter()
+            .filter(|r| !restored.rules().contains(r))
+            .map(|r| format!("'{}'", r.to_string().trim_end()))
+            .collect();
+        if !ignored.is_empty() {
+            warn!(
+                "state file {} replaces the command line's rules of pif {pif}; ignored: {} \
+                 (add them with pesto, or remove the state file to start from the command line)",
+                path.display(),
+                ignored.join(", ")
+            );
+        }
+        *table = restored;
     }
     Ok(())
 }
@@ -454,22 +484,26 @@ async fn retry_loop(shared: std::sync::Weak<Shared>) {
     let mut delay = RETRY_MIN;
     let mut tries = 0u32;
     let mut idle = false;
+    let mut next = tokio::time::Instant::now() + RETRY_MIN;
     loop {
         if idle {
             // Nothing lacks ports until a transaction ends.
             if ended.changed().await.is_err() {
                 return;
             }
-            (delay, tries) = (RETRY_MIN, 0);
+            (delay, tries, idle) = (RETRY_MIN, 0, false);
+            next = tokio::time::Instant::now() + RETRY_MIN;
         }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep_until(next) => {}
             changed = ended.changed() => {
                 if changed.is_err() {
                     return;
                 }
+                // Soon again, but never later than planned: a stream of
+                // transactions must not put the retry off for ever.
                 (delay, tries) = (RETRY_MIN, 0);
-                idle = false;
+                next = next.min(tokio::time::Instant::now() + RETRY_MIN);
                 continue;
             }
         }
@@ -481,6 +515,7 @@ async fn retry_loop(shared: std::sync::Weak<Shared>) {
         if tries >= RETRY_FAST {
             delay = (delay * 2).min(RETRY_MAX);
         }
+        next = tokio::time::Instant::now() + delay;
     }
 }
 

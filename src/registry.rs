@@ -135,6 +135,14 @@ impl RuleReport {
         self.failed.splice(i..=i, rest);
     }
 
+    /// The failure of `port`, if it has one.
+    fn failure_of(&self, port: u16) -> Option<PortFailure> {
+        self.failed
+            .iter()
+            .find(|f| (f.first..=f.last).contains(&port))
+            .copied()
+    }
+
     /// Since when `port` failed with `errno` before, if it did.
     fn failed_since(&self, port: u16, errno: i32) -> Option<u64> {
         self.failed
@@ -347,7 +355,12 @@ impl Registry {
                     continue;
                 }
                 if !bind {
-                    rr.fail(port, 0, since(port, 0));
+                    // A rollback does not bind: a port that failed before
+                    // keeps its errno and since when; another is "not bound".
+                    match before.and_then(|b| b.failure_of(port)) {
+                        Some(f) => rr.fail(port, f.errno, f.since),
+                        None => rr.fail(port, 0, now),
+                    }
                     continue;
                 }
                 match self.bind(&key) {
@@ -361,13 +374,17 @@ impl Registry {
                     }
                     Err(e) => {
                         let errno = e.raw_os_error().unwrap_or(0);
-                        if errno == rustix::io::Errno::ADDRINUSE.raw_os_error()
-                            && let Some(old) = in_the_way.get(&(key.proto, key.port))
-                        {
+                        // A move only if a socket this sync gave up is in
+                        // the way: not when someone else holds the address.
+                        let old: Vec<SocketKey> = in_the_way
+                            .get(&(key.proto, key.port))
+                            .map(|old| old.iter().filter(|o| overlaps(o, &key)).cloned().collect())
+                            .unwrap_or_default();
+                        if errno == rustix::io::Errno::ADDRINUSE.raw_os_error() && !old.is_empty() {
                             report.moves.push(Move {
                                 rule: rules.len(),
                                 new: key,
-                                old: old.clone(),
+                                old,
                             });
                         }
                         rr.fail(port, errno, since(port, errno));
@@ -614,6 +631,17 @@ fn pair(
     (same, gone)
 }
 
+/// Whether two sockets of one protocol and port conflict by their
+/// addresses: a dual-stack socket covers both families, a wildcard its own
+/// family, and other addresses only themselves.
+fn overlaps(a: &SocketKey, b: &SocketKey) -> bool {
+    if a.dual_stack || b.dual_stack {
+        return true;
+    }
+    let (x, y) = (a.addr.to_canonical(), b.addr.to_canonical());
+    x.is_ipv4() == y.is_ipv4() && (x == y || x.is_unspecified() || y.is_unspecified())
+}
+
 /// Seconds since the Unix epoch.
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -730,6 +758,42 @@ mod tests {
         assert_eq!(reg.active_count(PifId::HOST), 2);
         reg.take_parked(PifId::HOST, &r.parked_keys).wait().await;
         assert!(std::net::UdpSocket::bind(("127.0.0.1", base + 3)).is_ok());
+        reg.close_all().await;
+    }
+
+    #[tokio::test]
+    async fn a_port_in_the_way_of_someone_else_is_not_a_move() {
+        let dp = DataPlane::new(Settings::default());
+        let mut reg = Registry::new(dp);
+        let base = free_range(1);
+        let at = |a: [u8; 4]| {
+            let rule = Rule::new(Proto::Tcp, IpAddr::from(a), base, base, 9);
+            Arc::new(Route::new(rule, Targets::default()))
+        };
+        assert!(reg.sync(PifId::HOST, &[at([127, 0, 0, 2])], true).is_ok());
+        let _outsider = std::net::TcpListener::bind(("127.0.0.1", base)).unwrap();
+        let r = reg.sync(PifId::HOST, &[at([127, 0, 0, 1])], true);
+        assert!(r.moves.is_empty(), "{:?}", r.moves);
+        assert!(!r.is_ok());
+        // The old socket stays parked, for a rollback.
+        assert_eq!(reg.parked_count(PifId::HOST), 1);
+        reg.close_all().await;
+    }
+
+    #[tokio::test]
+    async fn a_rollback_keeps_the_errno_and_since_of_a_failed_port() {
+        let dp = DataPlane::new(Settings::default());
+        let mut reg = Registry::new(dp);
+        let base = free_range(1);
+        let _held = std::net::TcpListener::bind(("127.0.0.1", base)).unwrap();
+        let routes = [route(Proto::Tcp, base, base, 9)];
+        let r = reg.sync(PifId::HOST, &routes, true);
+        let before = r.rules[0].failed.clone();
+        assert_eq!(before[0].errno, rustix::io::Errno::ADDRINUSE.raw_os_error());
+        // An unrelated change rolled back: the same rule, synced without
+        // binding.
+        let r = reg.sync(PifId::HOST, &routes, false);
+        assert_eq!(r.rules[0].failed, before);
         reg.close_all().await;
     }
 

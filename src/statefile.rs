@@ -40,6 +40,22 @@ pub enum StateFileError {
         /// Why.
         error: io::Error,
     },
+    /// Something else than a regular file is at the path.
+    #[error("state file {path} is {kind}: it must be a regular file, or absent")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// Larger than any state file.
+    #[error("state file {path} is {size} bytes, past the {max} bytes a state file may take", max = MAX_SIZE)]
+    TooLarge {
+        /// The path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
     /// Its bytes are not a state file of this version.
     #[error("state file {path} is corrupt: {problem}; fix or remove it")]
     Corrupt {
@@ -48,6 +64,25 @@ pub enum StateFileError {
         /// What is wrong.
         problem: String,
     },
+}
+
+/// What kind of file `m` is, for a message.
+fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
 }
 
 /// Saved tables: each pif with its rules and their owners.
@@ -68,17 +103,67 @@ pub struct Saved {
     pub uids: Vec<(Owner, u32)>,
 }
 
-/// Reads what is saved at `path`; `None` if there is no file.
+/// Largest state file read: 8 pifs of 16,384 rules with long owner labels
+/// take about 10 MiB; anything past this is not a state file.
+pub const MAX_SIZE: u64 = 64 << 20;
+
+/// Reads what is saved at `path`; `None` if there is no file. Anything but
+/// a regular file (a FIFO, a device, a directory) is an error, found
+/// without opening it: opening a FIFO would wait for a writer.
 pub fn read(path: &Path) -> Result<Option<Saved>, StateFileError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    let io = |error| StateFileError::Io {
+        path: path.to_owned(),
+        error,
+    };
+    match std::fs::metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => {
-            return Err(StateFileError::Io {
+        Err(e) => return Err(io(e)),
+        Ok(m) if !m.is_file() => {
+            return Err(StateFileError::NotAFile {
                 path: path.to_owned(),
-                error,
+                kind: file_kind(&m),
             });
         }
+        Ok(m) if m.len() > MAX_SIZE => {
+            return Err(StateFileError::TooLarge {
+                path: path.to_owned(),
+                size: m.len(),
+            });
+        }
+        Ok(_) => {}
+    }
+    // Non-blocking: a FIFO put in its place since the check must not hang
+    // start-up either. Read at most one byte past the cap.
+    let bytes = {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(path);
+        let file = match file {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(StateFileError::NotAFile {
+                path: path.to_owned(),
+                kind: file_kind(&meta),
+            });
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_SIZE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_SIZE {
+            return Err(StateFileError::TooLarge {
+                path: path.to_owned(),
+                size: bytes.len() as u64,
+            });
+        }
+        bytes
     };
     let corrupt = |problem: String| StateFileError::Corrupt {
         path: path.to_owned(),

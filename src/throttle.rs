@@ -53,6 +53,16 @@ impl Throttle {
     }
 }
 
+/// " (and N more in the last second)" for a line that stands for `n`
+/// events, or nothing for one.
+pub fn more(n: u64) -> String {
+    if n > 1 {
+        format!(" (and {} more in the last second)", n - 1)
+    } else {
+        String::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -206,6 +206,38 @@ fn a_reset_after_both_loopbacks_refuse_is_logged() {
     );
 }
 
+/// Two rules pointing at each other's ports on the two loopbacks, each
+/// harmless alone: the fallback never connects to one of the daemon's own
+/// ports, so a client is reset instead of chaining connections until the
+/// descriptors run out.
+#[test]
+fn the_fallback_never_loops_through_the_daemon() {
+    if !has_ipv6() {
+        skip("no IPv6 loopback");
+        return;
+    }
+    let a = free_ports(1);
+    let b = free_ports(1);
+    let d = Pestod::start(&[
+        "-t",
+        &format!("127.0.0.1/{a}:{b}"),
+        "-t",
+        &format!("[::1]/{b}:{a}"),
+    ]);
+    let before = fds(d.pid());
+    let mut s = connect(v4(a));
+    let mut buf = [0u8; 1];
+    let err = s.read(&mut buf).expect_err("reset expected");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        fds(d.pid()) <= before + 2,
+        "{} fds, {before} before",
+        fds(d.pid())
+    );
+    assert!(!d.log().contains("open files at"), "{}", d.log());
+}
+
 /// An explicit target of the other family than the listening address, for
 /// TCP and UDP, both ways.
 #[test]

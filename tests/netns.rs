@@ -219,6 +219,12 @@ fn losing_the_namespace_closes_splice_and_keeps_host() {
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         listing.contains(&format!("UDP [*]%lo:{}", p + 1)),
+        "{listing} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its sockets are gone: the listing says so.
+    assert!(
+        listing.contains("(0 of 1 ports bound: not bound)"),
         "{listing}"
     );
     let out = pesto(&sock, &["-U", &(p + 1).to_string()]);

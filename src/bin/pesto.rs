@@ -11,7 +11,9 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser};
 use serde_json::{Value, json};
 
-use pesto::client::{Change, ClientError, Options, Session, TransactOptions, transact_change};
+use pesto::client::{
+    Change, ClientError, Options, Session, TransactOptions, connect_retrying, transact_change,
+};
 use pesto::codec::v3::{Code, MovedPorts, PifHealth, Report, RuleHealth, Status};
 use pesto::edit::{EditError, Op, OwnerMode};
 use pesto::lease::Lease;
@@ -36,7 +38,7 @@ Exit status:
      version-2 server (upstream passt or pasta) did not list back the
      tables it was sent
   4  connection or protocol failure, timeout, or still conflicting with
-     other clients after --retries attempts
+     other clients (or the daemon still busy) after --retry-for seconds
 
 Against a version-2 server (upstream passt or pasta) pesto speaks upstream's
 exchange: it sends the new tables as upstream pesto does, then lists again
@@ -99,10 +101,17 @@ struct Args {
     #[arg(long)]
     json: bool,
 
-    /// Attempts after the first when another client changed the tables
-    /// meanwhile (STALE) or the daemon was busy (BUSY).
-    #[arg(long, value_name = "N", default_value_t = 5)]
-    retries: u32,
+    /// At most N attempts after the first when another client changed the
+    /// tables meanwhile (STALE) or the daemon was busy (BUSY); by default
+    /// as many as --retry-for allows.
+    #[arg(long, value_name = "N")]
+    retries: Option<u32>,
+
+    /// Seconds during which a STALE or BUSY answer is retried, reads
+    /// included: longer than the daemon's step timeout (10 s by default),
+    /// which one BUSY may take.
+    #[arg(long, value_name = "SECS", default_value_t = 15.0)]
+    retry_for: f64,
 
     /// Seconds to wait for each answer of the server.
     #[arg(long, value_name = "SECS", default_value_t = 15.0)]
@@ -180,10 +189,15 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(level)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();
     let ops = ordered_ops(&matches);
+    if !(args.retry_for.is_finite() && args.retry_for >= 0.0 && args.retry_for <= 86_400.0) {
+        eprintln!("pesto: --retry-for: give 0 to 86400 seconds");
+        return ExitCode::from(Exit::Usage as u8);
+    }
     if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
         eprintln!("pesto: --timeout: give more than 0 and at most 3600 seconds");
         return ExitCode::from(Exit::Usage as u8);
@@ -266,6 +280,7 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         reserve: false,
     };
     let path = args.path.display();
+    let retry_for = Duration::from_secs_f64(args.retry_for);
     // Specs are checked before connecting: a typo is a usage error, also
     // when no daemon runs.
     for op in ops {
@@ -280,7 +295,7 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         return Exit::Done;
     }
     if opts.read_only && args.owners {
-        let session = match Session::connect(&args.path, opts).await {
+        let session = match connect_retrying(&args.path, opts, retry_for).await {
             Ok(s) => s,
             Err(e) => return out.error(&e, Exit::Failed),
         };
@@ -296,7 +311,7 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         };
     }
     if opts.read_only {
-        let session = match Session::connect(&args.path, opts).await {
+        let session = match connect_retrying(&args.path, opts, retry_for).await {
             Ok(s) => s,
             Err(e) => return out.error(&e, Exit::Failed),
         };
@@ -321,7 +336,8 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         };
     }
     let t = TransactOptions {
-        retries: args.retries,
+        retries: args.retries.unwrap_or(u32::MAX),
+        retry_for,
         keep_partial: args.keep_partial,
         dry_run: args.dry_run,
         reserve_on_retry: true,
@@ -795,12 +811,18 @@ fn listing_with_health(config: &Config, health: &[PifHealth]) -> String {
 
 /// An errno in a few lower-case words, for a listing's mark.
 fn short_errno(errno: u32) -> String {
-    match i32::try_from(errno).map(rustix::io::Errno::from_raw_os_error) {
-        _ if errno == 0 => "not bound".to_owned(),
-        Ok(rustix::io::Errno::ADDRINUSE) => "address in use".to_owned(),
-        Ok(rustix::io::Errno::ADDRNOTAVAIL) => "address not available".to_owned(),
-        Ok(rustix::io::Errno::ACCESS) => "permission denied".to_owned(),
-        Ok(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) => "too many open files".to_owned(),
+    use rustix::io::Errno;
+    // From the server: rustix takes only 1 to 4095.
+    let known = (1..4096).contains(&errno);
+    match (known, errno as i32) {
+        (false, 0) => "not bound".to_owned(),
+        (false, _) => format!("errno {errno}"),
+        (true, n) if n == Errno::ADDRINUSE.raw_os_error() => "address in use".to_owned(),
+        (true, n) if n == Errno::ADDRNOTAVAIL.raw_os_error() => "address not available".to_owned(),
+        (true, n) if n == Errno::ACCESS.raw_os_error() => "permission denied".to_owned(),
+        (true, n) if n == Errno::MFILE.raw_os_error() || n == Errno::NFILE.raw_os_error() => {
+            "too many open files".to_owned()
+        }
         _ => {
             let text = errno_text(errno);
             let text = text.split(" (os error").next().unwrap_or(&text);

@@ -132,10 +132,23 @@ struct Args {
     #[arg(long, value_name = "GID")]
     allow_gid: Vec<u32>,
 
+    /// Log lines as text, or as one JSON object a line.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
     /// Save the tables here on every commit, and start from them when the
     /// file exists (it then replaces the -t/-u/-T/-U rules).
     #[arg(long, value_name = "PATH")]
     state_file: Option<PathBuf>,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Text, coloured only on a terminal.
+    Text,
+    /// One JSON object a line.
+    Json,
 }
 
 const AFTER_HELP: &str = "\
@@ -205,7 +218,7 @@ fn main() -> ExitCode {
 async fn run(opts: Options) -> ExitCode {
     // Before anything is announced: a signal right after "ready" must find
     // its handler in place, not kill the process.
-    let signals = match Signals::new() {
+    let mut signals = match Signals::new() {
         Ok(s) => s,
         Err(e) => {
             error!("cannot handle signals: {e}");
@@ -231,17 +244,35 @@ async fn run(opts: Options) -> ExitCode {
         max_flows
     );
     info!(sockets = daemon.socket_count().await, "ready");
-    let signal = signals.wait().await;
+    let signal = loop {
+        match signals.next().await {
+            Signal::Stop(name) => break name,
+            Signal::Hangup => info!(
+                "SIGHUP: nothing to reload (the rules change through the control \
+                 socket); still running"
+            ),
+        }
+    };
     info!("{signal}: shutting down");
     daemon.shutdown().await;
     info!("stopped");
     ExitCode::SUCCESS
 }
 
-/// SIGTERM and SIGINT, caught from the moment this exists.
+/// What a signal asks for.
+enum Signal {
+    /// SIGTERM or SIGINT: shut down.
+    Stop(&'static str),
+    /// SIGHUP: by default it would kill the process, as for a daemon that
+    /// lost its terminal; pestod has no terminal and nothing to reload.
+    Hangup,
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment this exists.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -250,13 +281,15 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    async fn wait(mut self) -> &'static str {
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+            _ = self.hup.recv() => Signal::Hangup,
         }
     }
 }
@@ -270,12 +303,17 @@ fn init_logging(args: &Args) {
         "info"
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match args.log_format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One JSON object a line, for log collectors.
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
 }
 
 /// The port specs in command-line order, as upstream adds them: `-u 53
@@ -321,9 +359,6 @@ fn options(args: &Args, specs: &[(SpecOpt, String)]) -> Result<Options, String> 
         for rule in rules {
             table.add(rule).map_err(|e| format!("{opt} {text}: {e}"))?;
         }
-    }
-    if host.is_empty() && splice.is_empty() && args.control.is_none() && args.control_v2.is_none() {
-        warn!("no rules and no control socket: nothing to forward (give -t or -u)");
     }
     let targets = targets(&args.target, caps)?;
     for ((_, name, place), table) in Daemon::pifs(netns.as_ref()).iter().zip([&host, &splice]) {

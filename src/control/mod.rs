@@ -161,6 +161,9 @@ impl Waiting {
 #[derive(Debug)]
 pub struct ControlServer {
     path: PathBuf,
+    /// The socket file's (device, inode) once bound: at exit it is removed
+    /// only if it is still this one, not another daemon's at the same path.
+    ident: Option<(u64, u64)>,
     stop: CancellationToken,
     tasks: TaskTracker,
     shared: Arc<Shared>,
@@ -227,6 +230,7 @@ impl ControlServer {
             let mode = std::fs::Permissions::from_mode(opts.mode & 0o777);
             std::fs::set_permissions(path, mode).map_err(io_err)?;
         }
+        let ident = file_ident(path);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let server = Server {
@@ -239,12 +243,14 @@ impl ControlServer {
             version,
         };
         tasks.spawn(server.accept_loop(listener));
+        tasks.spawn(watch_file(path.to_owned(), ident, stop.clone()));
         match version {
             Version::V3 => info!("control socket {}", path.display()),
             Version::V2 => info!("control socket {} (version 2, upstream's)", path.display()),
         }
         Ok(ControlServer {
             path: path.to_owned(),
+            ident,
             stop,
             tasks,
             shared,
@@ -266,14 +272,64 @@ impl ControlServer {
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            warn!("cannot remove {}: {e}", self.path.display());
+        match file_ident(&self.path) {
+            Some(now) if Some(now) == self.ident => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    warn!("cannot remove {}: {e}", self.path.display());
+                }
+            }
+            // Another daemon's socket (or anything else) took the path:
+            // theirs to remove.
+            Some(_) => warn!(
+                "not removing {}: it is no longer this daemon's socket",
+                self.path.display()
+            ),
+            None => {}
         }
         // The counters are the daemon's, over both sockets: said once, by
         // the version-3 socket if there is one.
         if self.version == Version::V3 || self.alone {
             info!("control: {}", self.shared.counters());
         }
+    }
+}
+
+/// The (device, inode) of the file at `path`, not following a symlink.
+fn file_ident(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// How often the socket file is looked at.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Warns once if the control socket's file is removed or replaced while
+/// the daemon runs: nobody can reach the daemon by that path any more.
+async fn watch_file(path: PathBuf, ident: Option<(u64, u64)>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = file_ident(&path);
+        if now == ident {
+            continue;
+        }
+        let what = if now.is_none() {
+            "was removed"
+        } else {
+            "was replaced by another file"
+        };
+        warn!(
+            "control socket {} {what}: clients cannot reach this daemon by that path \
+             any more (restart it to make a new one)",
+            path.display()
+        );
+        return;
     }
 }
 

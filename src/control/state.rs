@@ -580,11 +580,23 @@ impl Shared {
                                 .get(i)
                                 .filter(|(_, rr)| rr.rule == *rule)
                                 .or_else(|| synced.iter().find(|(_, rr)| rr.rule == *rule));
+                            // Not synced (its namespace is gone): nothing
+                            // of it listens.
+                            let wanted = if rule.is_scan() { 0 } else { rule.port_count() };
                             found.map_or(
                                 RuleHealth {
-                                    requested: 0,
+                                    requested: wanted,
                                     bound: 0,
-                                    down: Vec::new(),
+                                    down: if wanted == 0 {
+                                        Vec::new()
+                                    } else {
+                                        vec![PortsDown {
+                                            first: rule.first,
+                                            last: rule.last,
+                                            errno: 0,
+                                            since: 0,
+                                        }]
+                                    },
                                 },
                                 |(_, rr)| RuleHealth {
                                     requested: rr.requested,

@@ -57,6 +57,21 @@ impl SocketClosed {
     }
 }
 
+/// A TCP listener's port, counted while it is served.
+struct ListeningOn(Arc<DataPlane>, u16);
+
+impl Drop for ListeningOn {
+    fn drop(&mut self) {
+        let mut ports = self.0.ports();
+        if let Some(n) = ports.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                ports.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// How the data plane treats connections and flows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Settings {
@@ -158,6 +173,10 @@ pub struct DataPlane {
     capacity: capacity::Capacity,
     stats: Stats,
     epoch: Instant,
+    /// The TCP ports the daemon listens on (in any namespace), with how
+    /// many sockets each: the loopback fallback never connects to one, so
+    /// that it cannot turn two rules into a loop.
+    tcp_ports: std::sync::Mutex<std::collections::HashMap<u16, u32>>,
 }
 
 impl DataPlane {
@@ -170,6 +189,7 @@ impl DataPlane {
         Arc::new(DataPlane {
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
+            tcp_ports: std::sync::Mutex::new(std::collections::HashMap::new()),
             tcp,
             udp,
             flows: flows::FlowTable::new(udp.max_flows),
@@ -214,6 +234,23 @@ impl DataPlane {
             Bound::Tcp(l) => self.tracker.spawn(tcp::serve(life, l, port, routes, dp)),
             Bound::Udp(s) => self.tracker.spawn(udp::serve(life, s, port, routes, dp)),
         };
+    }
+
+    /// Counts a TCP listener on `port` while the guard lives.
+    fn listening_on(self: &Arc<DataPlane>, port: u16) -> ListeningOn {
+        *self.ports().entry(port).or_insert(0) += 1;
+        ListeningOn(Arc::clone(self), port)
+    }
+
+    /// Whether one of the daemon's TCP listeners has `port`.
+    fn listens_tcp(&self, port: u16) -> bool {
+        self.ports().contains_key(&port)
+    }
+
+    fn ports(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u16, u32>> {
+        self.tcp_ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Ends the data plane: waits up to `grace` for connections and flows to

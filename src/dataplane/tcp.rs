@@ -31,6 +31,7 @@ pub(super) async fn serve(
 ) {
     // Dropped last, once the socket is closed.
     let _life = life;
+    let _counted = dp.listening_on(port);
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -143,8 +144,11 @@ async fn forward(
     let refused = |r: &io::Result<TcpStream>| matches!(r, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused);
     if refused(&outbound) {
         let first = target;
+        // Never to one of the daemon's own ports: two rules that point at
+        // each other's ports on the two loopbacks would loop.
         if dp.tcp.target_fallback
             && let Some(other) = route.fallback(target)
+            && !dp.listens_tcp(other.port())
         {
             target = other;
             outbound = tokio::select! {
@@ -163,9 +167,8 @@ async fn forward(
             info!(
                 rule = %route.rule.to_string().trim_end(),
                 %peer,
-                resets = n,
-                "connection reset: {tried} (counts every such reset of this rule in the \
-                 last second)"
+                "connection reset: {tried}{}",
+                crate::throttle::more(n)
             );
         }
     }
@@ -184,6 +187,7 @@ async fn forward(
             return;
         }
     };
+    debug!(%peer, %target, "TCP connection");
     // Small writes (requests, handshakes) must not wait for Nagle.
     if !inherited.nodelay {
         let _ = inbound.set_nodelay(true);

@@ -277,7 +277,13 @@ async fn receive_batch(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if is_resource_error(&e) => {
-                warn!(port, error = %e, "receive failed, backing off");
+                // Every socket of `-u all` may hit this at once: one line a
+                // second for the daemon.
+                static FAILED: std::sync::LazyLock<crate::throttle::Throttle> =
+                    std::sync::LazyLock::new(crate::throttle::Throttle::new);
+                if let Some(n) = FAILED.hit() {
+                    warn!(port, error = %e, "UDP receive failed, backing off{}", crate::throttle::more(n));
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 break;
             }
