@@ -42,8 +42,8 @@ use tokio_util::codec::Framed;
 
 use crate::codec::v3::{
     ClientHello, ClientMsg, Code, HEALTH, HelloV3Ext, MOVES, MovedPorts, OWNERS, PifHealth,
-    PifInfo, PifRules, READ_ONLY, RESERVE, Report, ServerHello, ServerMsg, Status, VERSION_3,
-    features,
+    PifInfo, PifRules, READ_ONLY, RESERVE, Report, STATS, ServerHello, ServerMsg, Stats, Status,
+    VERSION_3, features,
 };
 use crate::codec::{CodecError, Limits, ListingV2, PifListing, Update, VERSION_2, WireCodec};
 use crate::edit::{self, EditError, Op, OwnerMode};
@@ -65,6 +65,9 @@ pub struct Options {
     /// RESERVE hello flag): [`transact`] sets it on a retry after STALE, so
     /// that a client that keeps losing gets its turn.
     pub reserve: bool,
+    /// Ask for the daemon's and each rule's counters with the listing (the
+    /// STATS hello flag), if the server has them: [`Session::stats`].
+    pub stats: bool,
 }
 
 impl Default for Options {
@@ -73,6 +76,7 @@ impl Default for Options {
             step_timeout: Duration::from_secs(15),
             read_only: false,
             reserve: false,
+            stats: false,
         }
     }
 }
@@ -215,6 +219,7 @@ fn unexpected(what: &str, got: &ServerMsg) -> ClientError {
         ServerMsg::Report(_) => "a report",
         ServerMsg::Health(_) => "a health listing",
         ServerMsg::Moved(_) => "a list of moved ports",
+        ServerMsg::Stats(_) => "statistics",
     };
     ClientError::Protocol(format!("expected {what}, got {kind}"))
 }
@@ -229,6 +234,8 @@ pub struct Session {
     rules: Vec<PifRules>,
     /// Each rule's health, from a server with the HEALTH feature.
     health: Option<Vec<PifHealth>>,
+    /// Counters, when asked for ([`Options::stats`]).
+    stats: Option<Stats>,
 }
 
 impl std::fmt::Debug for Session {
@@ -282,6 +289,9 @@ impl Session {
         if !opts.read_only && ext.features & features::MOVES != 0 {
             flags |= MOVES;
         }
+        if opts.stats && ext.features & features::STATS != 0 {
+            flags |= STATS;
+        }
         let sent = hello_conn
             .send(&ClientHello {
                 version: VERSION_3,
@@ -318,6 +328,14 @@ impl Session {
         } else {
             None
         };
+        let stats = if flags & STATS != 0 {
+            match link.recv("statistics", t).await? {
+                ServerMsg::Stats(s) => Some(s),
+                other => return Err(unexpected("statistics", &other)),
+            }
+        } else {
+            None
+        };
         Ok(Session {
             link,
             version: VERSION_3,
@@ -325,6 +343,7 @@ impl Session {
             pifs,
             rules,
             health,
+            stats,
         })
     }
 
@@ -380,6 +399,7 @@ impl Session {
                 })
                 .collect(),
             health: None,
+            stats: None,
         })
     }
 
@@ -433,6 +453,12 @@ impl Session {
     /// if the server has the HEALTH feature (version 3).
     pub fn health(&self) -> Option<&[PifHealth]> {
         self.health.as_deref()
+    }
+
+    /// The daemon's and each rule's counters, read with the listing, if
+    /// [`Options::stats`] asked for them and the server has them.
+    pub fn stats(&self) -> Option<&Stats> {
+        self.stats.as_ref()
     }
 
     /// The listing in version 2's shape (pif with its rules).

@@ -320,6 +320,47 @@ impl Daemon {
         &self.dp
     }
 
+    /// The daemon's figures and each rule's counters (the control
+    /// protocol's STATS).
+    pub async fn stats(&self) -> crate::codec::v3::Stats {
+        self.shared.stats().await
+    }
+
+    /// Writes the counters to the log (`SIGUSR1`): the daemon's figures,
+    /// each pif's totals, and each rule that has seen traffic.
+    pub async fn log_stats(&self) {
+        let stats = self.shared.stats().await;
+        let config = self.shared.config();
+        let d = &stats.daemon;
+        info!(
+            uptime = d.uptime,
+            fds_open = d.fds_open,
+            fds_limit = d.fds_limit,
+            refused = d.refused,
+            committed = d.committed,
+            rolled_back = d.rolled_back,
+            stale = d.stale,
+            busy = d.busy,
+            denied = d.denied,
+            timed_out = d.timed_out,
+            "stats: daemon"
+        );
+        for (pif, counters) in config
+            .pifs
+            .iter()
+            .filter_map(|p| stats.pifs.iter().find(|s| s.id == p.id).map(|s| (p, s)))
+        {
+            let mut total = crate::stats::RuleCounters::default();
+            for (rule, c) in pif.table.rules().iter().zip(&counters.rules) {
+                total.add(c);
+                if c.tcp_total + c.udp_total + c.dropped > 0 {
+                    log_counters(&format!("{} {}", pif.name, rule.to_string().trim_end()), c);
+                }
+            }
+            log_counters(&format!("{} total", pif.name), &total);
+        }
+    }
+
     /// Listening sockets serving now.
     pub async fn socket_count(&self) -> usize {
         self.shared.socket_count().await
@@ -452,6 +493,23 @@ fn restore(
         *table = restored;
     }
     Ok(())
+}
+
+/// One info line of counters, for `what`.
+fn log_counters(what: &str, c: &crate::stats::RuleCounters) {
+    info!(
+        tcp_active = c.tcp_active,
+        tcp_total = c.tcp_total,
+        connect_failed = c.failed_total(),
+        bytes_in = c.bytes_in,
+        bytes_out = c.bytes_out,
+        udp_active = c.udp_active,
+        udp_total = c.udp_total,
+        datagrams_in = c.datagrams_in,
+        datagrams_out = c.datagrams_out,
+        dropped = c.dropped,
+        "stats: {what}"
+    );
 }
 
 /// Takes `owner`'s rules out of saved tables; returns how many.

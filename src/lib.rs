@@ -55,6 +55,7 @@ pub mod scope;
 pub mod socket;
 pub mod spec;
 pub mod statefile;
+pub mod stats;
 pub mod table;
 pub mod target;
 pub mod throttle;

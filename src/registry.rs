@@ -209,6 +209,9 @@ pub struct Registry {
     namespaces: HashMap<PifId, Arc<Netns>>,
     /// What the targets of each pif's `auto` rules listen on.
     listening: HashMap<PifId, Listening>,
+    /// Each rule's counters, kept while the rule stays (see
+    /// [`Route::stats`]); pruned when rules that went pile up.
+    stats: HashMap<(PifId, Rule), Arc<crate::stats::RuleStats>>,
 }
 
 impl Registry {
@@ -219,6 +222,7 @@ impl Registry {
             pifs: HashMap::new(),
             namespaces: HashMap::new(),
             listening: HashMap::new(),
+            stats: HashMap::new(),
         }
     }
 
@@ -246,6 +250,11 @@ impl Registry {
             out.extend(keys.map(|k| (k.proto, k.port)));
         }
         out
+    }
+
+    /// The data plane that serves the sockets.
+    pub fn data_plane(&self) -> &Arc<DataPlane> {
+        &self.dp
     }
 
     /// What `pif`'s targets were last seen listening on.
@@ -316,6 +325,22 @@ impl Registry {
                 rules.push((was, rr));
                 continue;
             }
+            // The rule's counters go on from where they were.
+            let counters = Arc::clone(
+                self.stats
+                    .entry((pif, rule.clone()))
+                    .or_insert_with(|| Arc::clone(&route.stats)),
+            );
+            let owned;
+            let route = if Arc::ptr_eq(&counters, &route.stats) {
+                route
+            } else {
+                owned = Arc::new(Route {
+                    stats: counters,
+                    ..(**route).clone()
+                });
+                &owned
+            };
             let mut rr = RuleReport {
                 rule: rule.clone(),
                 requested: 0,
@@ -403,6 +428,7 @@ impl Registry {
         report.parked = report.parked_keys.len();
         sockets.rules = rules;
         self.pifs.insert(pif, sockets);
+        self.prune_stats();
         report
     }
 
@@ -530,6 +556,30 @@ impl Registry {
             }
         }
         bound.is_ok()
+    }
+
+    /// Forgets the counters of rules that went, once they are as many as
+    /// the rules there are: a stream of tenants adding and removing rules
+    /// must not grow memory without bound.
+    fn prune_stats(&mut self) {
+        let live: usize = self.pifs.values().map(|s| s.rules.len()).sum();
+        if self.stats.len() <= 2 * live + 1024 {
+            return;
+        }
+        let keep: HashSet<(PifId, &Rule)> = self
+            .pifs
+            .iter()
+            .flat_map(|(pif, s)| s.rules.iter().map(move |(_, rr)| (*pif, &rr.rule)))
+            .collect();
+        let gone: Vec<(PifId, Rule)> = self
+            .stats
+            .keys()
+            .filter(|(pif, rule)| !keep.contains(&(*pif, rule)))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.stats.remove(&k);
+        }
     }
 
     /// What `pif`'s rules have now, from its last sync, in table order.

@@ -8,6 +8,7 @@ use crate::netns::Netns;
 
 use crate::rule::{Rule, canonical_ip};
 use crate::socket;
+use crate::stats::RuleStats;
 use crate::throttle::Throttle;
 
 /// The default targets, one per family, for rules without a target address.
@@ -72,6 +73,9 @@ pub struct Route {
     /// Connections reset because the target refused, logged at most once a
     /// second per rule.
     pub resets: Arc<Throttle>,
+    /// The rule's traffic counters: the registry hands a rule that stays
+    /// in its table the same ones across swaps.
+    pub stats: Arc<RuleStats>,
 }
 
 impl PartialEq for Route {
@@ -96,6 +100,7 @@ impl Route {
             defaults,
             connect_ns: None,
             resets: Arc::new(Throttle::new()),
+            stats: Arc::new(RuleStats::default()),
         }
     }
 

@@ -450,6 +450,38 @@ fn raw_client_reads_health_and_moves() {
     assert!(forwards(port));
 }
 
+/// STATS, byte by byte: the daemon's twelve figures, then per pif each
+/// rule's nine counters and its failed connects by errno.
+#[test]
+fn raw_client_reads_stats() {
+    let (d, port, _) = daemon_with_port(&[]);
+    assert!(forwards(port));
+    let mut c = d.raw();
+    let ext = c.hello();
+    assert_eq!(ext[0] & 0x40, 0x40, "feature STATS");
+    c.client_hello(3, 1 | 32); // READ_ONLY, STATS
+    c.pifs();
+    let rules = c.rules();
+    assert_eq!(c.u8(), 0x08, "STATS");
+    let daemon: Vec<u64> = (0..12).map(|_| c.u64()).collect();
+    assert!(daemon[1] > 0 && daemon[2] >= daemon[1], "fds {daemon:?}");
+    assert_eq!(c.u8(), 1, "HOST");
+    assert_eq!(c.u32() as usize, rules[0].2.len());
+    let counters: Vec<u64> = (0..9).map(|_| c.u64()).collect();
+    assert!(counters[1] >= 1, "a connection was counted: {counters:?}");
+    assert!(
+        counters[3] >= 2,
+        "the target's \"ok\" counted: {counters:?}"
+    );
+    let k = c.u32();
+    for _ in 0..k {
+        c.u32();
+        c.u64();
+    }
+    assert_eq!(c.u8(), 0, "end of STATS");
+    assert!(c.closed());
+}
+
 /// A half-close in the middle of a message gets PROTOCOL, which the
 /// client can still read.
 #[test]

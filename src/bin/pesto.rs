@@ -14,13 +14,14 @@ use serde_json::{Value, json};
 use pesto::client::{
     Change, ClientError, Options, Session, TransactOptions, connect_retrying, transact_change,
 };
-use pesto::codec::v3::{Code, MovedPorts, PifHealth, Report, RuleHealth, Status};
+use pesto::codec::v3::{Code, MovedPorts, PifHealth, Report, RuleHealth, Stats, Status};
 use pesto::edit::{EditError, Op, OwnerMode};
 use pesto::lease::Lease;
 use pesto::owner::Owner;
 use pesto::rule::{PifId, Rule};
 use pesto::scope::{self, ScopeUpdate};
 use pesto::spec::{PortSpec, SpecOpt};
+use pesto::stats::RuleCounters;
 use pesto::table::Config;
 
 const EXIT_CODES: &str = "\
@@ -154,6 +155,11 @@ struct Args {
     #[arg(long, conflicts_with_all = ["owner", "tcp", "udp", "tcp_ns", "udp_ns", "add", "delete", "clear"])]
     owners: bool,
 
+    /// Show the daemon's figures and each rule's counters (connections,
+    /// bytes, flows, datagrams, failed connects), per pif and in all.
+    #[arg(long, conflicts_with_all = ["owner", "owners", "tcp", "udp", "tcp_ns", "udp_ns", "add", "delete", "clear"])]
+    stats: bool,
+
     /// The daemon's control socket.
     #[arg(value_name = "PATH")]
     path: PathBuf,
@@ -278,6 +284,7 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         step_timeout: Duration::from_secs_f64(args.timeout),
         read_only: ops.is_empty() && mode == OwnerMode::Edit && !touch,
         reserve: false,
+        stats: args.stats,
     };
     let path = args.path.display();
     let retry_for = Duration::from_secs_f64(args.retry_for);
@@ -316,6 +323,19 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
             Err(e) => return out.error(&e, Exit::Failed),
         };
         tracing::debug!(hello = ?session.hello(), "connected");
+        if args.stats {
+            return match (session.stats(), session.config()) {
+                (Some(stats), Ok(config)) => {
+                    out.stats(stats, &config, &args.path);
+                    Exit::Done
+                }
+                (None, _) => out.error(
+                    &ClientError::Protocol("the server has no statistics (STATS feature)".into()),
+                    Exit::Failed,
+                ),
+                (_, Err(e)) => out.error(&e, Exit::Failed),
+            };
+        }
         return match session.config() {
             Ok(config) => {
                 out.state(&session, &config);
@@ -519,6 +539,128 @@ impl Output {
                 })
                 .collect();
             m.insert("pifs".into(), Value::Array(pifs));
+        }
+    }
+
+    /// `--stats`: the daemon's figures, then per pif a row per rule and a
+    /// total row.
+    fn stats(&mut self, stats: &Stats, config: &Config, path: &Path) {
+        let d = &stats.daemon;
+        let per_pif: Vec<PifRows<'_>> = config
+            .pifs
+            .iter()
+            .map(|p| {
+                let counters = stats.pifs.iter().find(|s| s.id == p.id);
+                let rows: Vec<(String, &RuleCounters)> = p
+                    .table
+                    .rules()
+                    .iter()
+                    .zip(counters.map(|c| c.rules.as_slice()).unwrap_or_default())
+                    .map(|(r, c)| (r.to_string().trim_end().to_owned(), c))
+                    .collect();
+                let mut total = RuleCounters::default();
+                for (_, c) in &rows {
+                    total.add(c);
+                }
+                (p.name.as_str(), rows, total)
+            })
+            .collect();
+        if let Some(m) = &mut self.json {
+            let pifs: Vec<Value> = per_pif
+                .iter()
+                .zip(&config.pifs)
+                .map(|((name, rows, total), p)| {
+                    json!({
+                        "id": p.id.0,
+                        "name": name,
+                        "total": counters_json(total),
+                        "rules": rows.iter().map(|(text, c)| {
+                            let mut v = counters_json(c);
+                            v["rule"] = json!(text);
+                            v
+                        }).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            m.insert(
+                "stats".into(),
+                json!({
+                    "uptime": d.uptime,
+                    "fds_open": d.fds_open,
+                    "fds_limit": d.fds_limit,
+                    "refused": d.refused,
+                    "control": {
+                        "committed": d.committed,
+                        "rolled_back": d.rolled_back,
+                        "stale": d.stale,
+                        "busy": d.busy,
+                        "denied": d.denied,
+                        "timed_out": d.timed_out,
+                        "invalid": d.invalid,
+                        "protocol": d.protocol,
+                    },
+                    "pifs": pifs,
+                }),
+            );
+            return;
+        }
+        println!("pestod statistics ({})", path.display());
+        println!(
+            "  up {}, {} of {} open files, {} connections and flows refused for want of them",
+            duration_text(d.uptime),
+            grouped(d.fds_open),
+            grouped(d.fds_limit),
+            grouped(d.refused)
+        );
+        println!(
+            "  transactions: {} committed, {} rolled back, {} stale, {} busy, {} denied, \
+             {} timed out, {} invalid, {} protocol errors",
+            d.committed,
+            d.rolled_back,
+            d.stale,
+            d.busy,
+            d.denied,
+            d.timed_out,
+            d.invalid,
+            d.protocol
+        );
+        for (name, rows, total) in &per_pif {
+            println!("  {name}");
+            let width = rows.iter().map(|(t, _)| t.len()).max().unwrap_or(0).max(5);
+            println!(
+                "    {:width$}  {:>6} {:>8} {:>6} {:>12} {:>12} {:>6} {:>8} {:>10} {:>10} {:>8}",
+                "rule",
+                "conns",
+                "total",
+                "failed",
+                "bytes in",
+                "bytes out",
+                "flows",
+                "total",
+                "dgrams in",
+                "dgrams out",
+                "dropped"
+            );
+            let total_row = ("total".to_owned(), total);
+            for (text, c) in rows
+                .iter()
+                .map(|(t, c)| (t, *c))
+                .chain([(&total_row.0, total_row.1)])
+            {
+                println!(
+                    "    {text:width$}  {:>6} {:>8} {:>6} {:>12} {:>12} {:>6} {:>8} {:>10} {:>10} {:>8}",
+                    grouped(c.tcp_active),
+                    grouped(c.tcp_total),
+                    grouped(c.failed_total()),
+                    grouped(c.bytes_in),
+                    grouped(c.bytes_out),
+                    grouped(c.udp_active),
+                    grouped(c.udp_total),
+                    grouped(c.datagrams_in),
+                    grouped(c.datagrams_out),
+                    grouped(c.dropped),
+                );
+            }
         }
     }
 
@@ -753,6 +895,53 @@ fn status_json(s: &Status) -> Value {
         "current": s.current,
         "message": s.message,
     })
+}
+
+/// A pif's name, its rules' text with their counters, and its totals.
+type PifRows<'a> = (&'a str, Vec<(String, &'a RuleCounters)>, RuleCounters);
+
+/// A rule's or pif's counters for scripts.
+fn counters_json(c: &RuleCounters) -> Value {
+    json!({
+        "tcp_active": c.tcp_active,
+        "tcp_total": c.tcp_total,
+        "connect_failed": c.connect_failed.iter().map(|(errno, n)| json!({
+            "errno": errno,
+            "error": errno_text(errno.unsigned_abs()),
+            "count": n,
+        })).collect::<Vec<_>>(),
+        "bytes_in": c.bytes_in,
+        "bytes_out": c.bytes_out,
+        "udp_active": c.udp_active,
+        "udp_total": c.udp_total,
+        "datagrams_in": c.datagrams_in,
+        "datagrams_out": c.datagrams_out,
+        "dropped": c.dropped,
+    })
+}
+
+/// A count in a table: grouped by thousands.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Seconds as "2d 3h 4m 5s".
+fn duration_text(s: u64) -> String {
+    let (d, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m {s}s"),
+        _ => format!("{d}d {h}h {m}m {s}s"),
+    }
 }
 
 /// A rule's health for scripts: ports wanted and bound, and each range

@@ -251,6 +251,7 @@ async fn run(opts: Options) -> ExitCode {
                 "SIGHUP: nothing to reload (the rules change through the control \
                  socket); still running"
             ),
+            Signal::Stats => daemon.log_stats().await,
         }
     };
     info!("{signal}: shutting down");
@@ -266,13 +267,16 @@ enum Signal {
     /// SIGHUP: by default it would kill the process, as for a daemon that
     /// lost its terminal; pestod has no terminal and nothing to reload.
     Hangup,
+    /// SIGUSR1: write the counters to the log.
+    Stats,
 }
 
-/// SIGTERM, SIGINT and SIGHUP, caught from the moment this exists.
+/// SIGTERM, SIGINT, SIGHUP and SIGUSR1, caught from the moment this exists.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -282,6 +286,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
         })
     }
 
@@ -290,6 +295,7 @@ impl Signals {
             _ = self.term.recv() => Signal::Stop("SIGTERM"),
             _ = self.int.recv() => Signal::Stop("SIGINT"),
             _ = self.hup.recv() => Signal::Hangup,
+            _ = self.usr1.recv() => Signal::Stats,
         }
     }
 }

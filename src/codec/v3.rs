@@ -15,6 +15,7 @@ use crate::lease::Lease;
 use crate::owner::{MAX_OWNER, Owner};
 use crate::rule::{Caps, PifId, Rule};
 use crate::scope::ScopeUpdate;
+use crate::stats::{DaemonCounters, RuleCounters};
 
 /// This implementation's protocol version.
 pub const VERSION_3: u32 = 3;
@@ -57,6 +58,9 @@ pub mod msg {
     /// Server: the ports that went through close-and-rebind (step 8, after
     /// the report, to a client with the [`super::MOVES`] flag).
     pub const MOVED: u8 = 0x07;
+    /// Server: the daemon's and each rule's counters (step 4, after the
+    /// rules and HEALTH, to a client with the [`super::STATS`] flag).
+    pub const STATS: u8 = 0x08;
 }
 
 /// Feature bits of the server hello.
@@ -77,6 +81,9 @@ pub mod features {
     /// Ports moved in one transaction (close-and-rebind), reported to
     /// clients that set the [`super::MOVES`] hello flag.
     pub const MOVES: u32 = 32;
+    /// Counters of the daemon and of each rule, for clients that set the
+    /// [`super::STATS`] hello flag.
+    pub const STATS: u32 = 64;
 }
 
 /// Client hello flag: the client only reads (steps 1 to 4).
@@ -95,6 +102,8 @@ pub const RESERVE: u32 = 4;
 pub const HEALTH: u32 = 8;
 /// Client hello flag: the server sends MOVED after the REPORT at step 8.
 pub const MOVES: u32 = 16;
+/// Client hello flag: the server sends STATS after the listing at step 4.
+pub const STATS: u32 = 32;
 /// Most scopes in one UPDATE_SCOPED.
 pub const MAX_SCOPES: usize = 256;
 
@@ -465,6 +474,27 @@ pub struct MovedPorts {
 /// Most entries in one MOVED: one per port of every pif at most.
 pub const MAX_MOVED: usize = 65536 * 8;
 
+/// One pif's rules' counters, in the listing's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PifStats {
+    /// Pif id.
+    pub id: PifId,
+    /// One per listed rule.
+    pub rules: Vec<RuleCounters>,
+}
+
+/// The STATS message: the daemon's figures and each rule's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// The daemon's own figures.
+    pub daemon: DaemonCounters,
+    /// Each pif's rules, in the PIFS order.
+    pub pifs: Vec<PifStats>,
+}
+
+/// Most errnos listed for one rule: errnos are below 4096.
+const MAX_ERRNOS: usize = 4096;
+
 /// A message from the server after its hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerMsg {
@@ -482,6 +512,8 @@ pub enum ServerMsg {
     Health(Vec<PifHealth>),
     /// Step 8, after the report: ports moved by close-and-rebind.
     Moved(Vec<MovedPorts>),
+    /// Step 4, after the listing: counters.
+    Stats(Stats),
 }
 
 impl Wire for ServerMsg {
@@ -509,6 +541,7 @@ impl Wire for ServerMsg {
             msg::REPORT => Ok(ServerMsg::Report(get_report(r, limits)?)),
             msg::HEALTH => Ok(ServerMsg::Health(get_health(r, limits)?)),
             msg::MOVED => Ok(ServerMsg::Moved(get_moved(r)?)),
+            msg::STATS => Ok(ServerMsg::Stats(get_stats(r, limits)?)),
             t => {
                 Err(CodecError::Malformed(format!("unknown server message type 0x{t:02x}")).into())
             }
@@ -530,6 +563,7 @@ impl Wire for ServerMsg {
             ServerMsg::Report(rep) => put_report(out, rep),
             ServerMsg::Health(pifs) => put_health(out, pifs),
             ServerMsg::Moved(moved) => put_moved(out, moved),
+            ServerMsg::Stats(stats) => put_stats(out, stats),
         }
     }
 }
@@ -647,6 +681,122 @@ fn get_moved(r: &mut Reader<'_>) -> DecodeResult<Vec<MovedPorts>> {
         });
     }
     Ok(moved)
+}
+
+/// STATS after the type byte: the daemon's twelve u64 figures, then per
+/// pif its id, rule count and each rule's nine u64 counters and errno
+/// list (u32 count, then u32 errno and u64 count each), then a zero byte.
+fn get_stats(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Stats> {
+    r.need(12 * 8)?;
+    let daemon = DaemonCounters {
+        uptime: r.u64()?,
+        fds_open: r.u64()?,
+        fds_limit: r.u64()?,
+        refused: r.u64()?,
+        committed: r.u64()?,
+        rolled_back: r.u64()?,
+        stale: r.u64()?,
+        busy: r.u64()?,
+        denied: r.u64()?,
+        timed_out: r.u64()?,
+        invalid: r.u64()?,
+        protocol: r.u64()?,
+    };
+    let mut pifs = Vec::new();
+    let mut seen = Vec::new();
+    while let Some(id) = get_pif_id(r, &seen, limits)? {
+        seen.push(id.0);
+        let count = r.u32()? as usize;
+        if count > limits.max_rules {
+            return Err(CodecError::TooMany {
+                what: "stats rule",
+                count: count as u64,
+                max: limits.max_rules as u64,
+            }
+            .into());
+        }
+        let mut rules = Vec::with_capacity(count.min(1024));
+        for _ in 0..count {
+            r.need(9 * 8 + 4)?;
+            let mut c = RuleCounters {
+                tcp_active: r.u64()?,
+                tcp_total: r.u64()?,
+                bytes_in: r.u64()?,
+                bytes_out: r.u64()?,
+                udp_active: r.u64()?,
+                udp_total: r.u64()?,
+                datagrams_in: r.u64()?,
+                datagrams_out: r.u64()?,
+                dropped: r.u64()?,
+                connect_failed: Vec::new(),
+            };
+            let n = r.u32()? as usize;
+            if n > MAX_ERRNOS {
+                return Err(CodecError::TooMany {
+                    what: "errno",
+                    count: n as u64,
+                    max: MAX_ERRNOS as u64,
+                }
+                .into());
+            }
+            r.need(n * 12)?;
+            for _ in 0..n {
+                let errno = r.u32()?;
+                let times = r.u64()?;
+                c.connect_failed
+                    .push((i32::try_from(errno).unwrap_or(i32::MAX), times));
+            }
+            rules.push(c);
+        }
+        pifs.push(PifStats { id, rules });
+    }
+    Ok(Stats { daemon, pifs })
+}
+
+fn put_stats(out: &mut BytesMut, s: &Stats) {
+    out.put_u8(msg::STATS);
+    let d = &s.daemon;
+    for v in [
+        d.uptime,
+        d.fds_open,
+        d.fds_limit,
+        d.refused,
+        d.committed,
+        d.rolled_back,
+        d.stale,
+        d.busy,
+        d.denied,
+        d.timed_out,
+        d.invalid,
+        d.protocol,
+    ] {
+        out.put_u64(v);
+    }
+    for p in &s.pifs {
+        out.put_u8(p.id.0);
+        out.put_u32(p.rules.len() as u32);
+        for c in &p.rules {
+            for v in [
+                c.tcp_active,
+                c.tcp_total,
+                c.bytes_in,
+                c.bytes_out,
+                c.udp_active,
+                c.udp_total,
+                c.datagrams_in,
+                c.datagrams_out,
+                c.dropped,
+            ] {
+                out.put_u64(v);
+            }
+            out.put_u32(c.connect_failed.len() as u32);
+            for (errno, n) in &c.connect_failed {
+                out.put_u32(errno.unsigned_abs());
+                out.put_u64(*n);
+            }
+        }
+    }
+    out.put_u8(0);
 }
 
 fn put_moved(out: &mut BytesMut, moved: &[MovedPorts]) {

@@ -383,6 +383,7 @@ impl Server {
             warn!(%peer, "control connection refused: uid and gid not allowed");
             if self.version == Version::V2 {
                 // Version 2 has no status to send: the connection closes.
+                self.shared.counters().refused(Code::Denied);
                 return;
             }
             let denied = txn::turn_away(

@@ -76,6 +76,8 @@ pub struct Counters {
     pub protocol: AtomicU64,
     /// Ended by TIMEOUT.
     pub timeout: AtomicU64,
+    /// Refused as DENIED (a peer not allowed, or an owner of another uid).
+    pub denied: AtomicU64,
 }
 
 impl Counters {
@@ -87,7 +89,8 @@ impl Counters {
             Code::Invalid | Code::Limit => &self.invalid,
             Code::Protocol | Code::Version => &self.protocol,
             Code::Timeout => &self.timeout,
-            Code::Ok | Code::Internal | Code::Denied => return,
+            Code::Denied => &self.denied,
+            Code::Ok | Code::Internal => return,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -98,12 +101,14 @@ impl std::fmt::Display for Counters {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "{} committed, {} rolled back, {} stale, {} busy, {} invalid, {} protocol errors, {} timeouts",
+            "{} committed, {} rolled back, {} stale, {} busy, {} invalid, {} denied, \
+             {} protocol errors, {} timeouts",
             n(&self.committed),
             n(&self.rolled_back),
             n(&self.stale),
             n(&self.busy),
             n(&self.invalid),
+            n(&self.denied),
             n(&self.protocol),
             n(&self.timeout)
         )
@@ -310,6 +315,8 @@ pub struct Shared {
     // transaction's table is built again at APPLY: briefly, never across a
     // client's round trip.
     registry: Arc<tokio::sync::Mutex<Registry>>,
+    /// When the daemon started, for its uptime.
+    started: std::time::Instant,
     /// What each transaction between APPLY and its end has claimed.
     claims: Arc<Claims>,
     /// Moves at every commit and rollback: an APPLY that waits for
@@ -460,6 +467,7 @@ impl Shared {
             targets,
             timeouts,
             counters: Counters::default(),
+            started: std::time::Instant::now(),
             placements: BTreeMap::new(),
             closed: AtomicBool::new(false),
             state_file: None,
@@ -1367,6 +1375,64 @@ impl Shared {
                     "auto: targets' listeners changed"
                 );
             }
+        }
+    }
+
+    /// The daemon's figures and each listed rule's counters, in the
+    /// listing's order (see [`Shared::listing`]).
+    pub async fn stats(&self) -> crate::codec::v3::Stats {
+        use crate::codec::v3::{PifStats, Stats};
+        use crate::stats::{DaemonCounters, RuleCounters};
+        let registry = self.registry.lock().await;
+        let (limit, _) = registry.data_plane().descriptor_limits();
+        let refused = registry.data_plane().refused();
+        let pifs = {
+            let t = self.tables();
+            t.config
+                .pifs
+                .iter()
+                .map(|p| {
+                    let synced = registry.health(p.id);
+                    PifStats {
+                        id: p.id,
+                        rules: p
+                            .table
+                            .rules()
+                            .iter()
+                            .enumerate()
+                            .map(|(i, rule)| {
+                                synced
+                                    .get(i)
+                                    .filter(|(_, rr)| rr.rule == *rule)
+                                    .or_else(|| synced.iter().find(|(_, rr)| rr.rule == *rule))
+                                    .map_or_else(RuleCounters::default, |(route, _)| {
+                                        route.stats.snapshot()
+                                    })
+                            })
+                            .collect(),
+                    }
+                })
+                .collect()
+        };
+        drop(registry);
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counters;
+        Stats {
+            daemon: DaemonCounters {
+                uptime: self.started.elapsed().as_secs(),
+                fds_open: crate::stats::open_fds(),
+                fds_limit: limit,
+                refused,
+                committed: n(&c.committed),
+                rolled_back: n(&c.rolled_back),
+                stale: n(&c.stale),
+                busy: n(&c.busy),
+                denied: n(&c.denied),
+                timed_out: n(&c.timeout),
+                invalid: n(&c.invalid),
+                protocol: n(&c.protocol),
+            },
+            pifs,
         }
     }
 

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::state::{Shared, Snapshot};
 use super::{Waiter, Waiting};
 use crate::codec::v3::{
-    ClientHello, ClientMsg, Code, HEALTH, HelloV3Ext, MOVES, OWNERS, READ_ONLY, RESERVE,
+    ClientHello, ClientMsg, Code, HEALTH, HelloV3Ext, MOVES, OWNERS, READ_ONLY, RESERVE, STATS,
     ServerHello, ServerMsg, Status, VERSION_3, features,
 };
 use crate::codec::{CodecError, HelloV2, Limits, Wire, WireCodec};
@@ -412,7 +412,7 @@ async fn handshake(
         )
         .into());
     }
-    let known = READ_ONLY | OWNERS | RESERVE | HEALTH | MOVES;
+    let known = READ_ONLY | OWNERS | RESERVE | HEALTH | MOVES | STATS;
     if client.flags & !known != 0 {
         return Err(protocol(format!(
             "unknown client hello flags 0x{:08x}",
@@ -459,6 +459,12 @@ async fn transaction(
     send(conn, &listing, t.step).await.map_err(unsent)?;
     if let Some(health) = health {
         send(conn, &ServerMsg::Health(health), t.step)
+            .await
+            .map_err(unsent)?;
+    }
+    if client.flags & STATS != 0 {
+        let stats = shared.stats().await;
+        send(conn, &ServerMsg::Stats(stats), t.step)
             .await
             .map_err(unsent)?;
     }
@@ -580,7 +586,8 @@ fn server_hello(shared: &Shared) -> ServerHello {
                 | features::OWNERS
                 | features::RESERVE
                 | features::HEALTH
-                | features::MOVES,
+                | features::MOVES
+                | features::STATS,
             max_rules: MAX_RULES as u32,
             max_sockets: MAX_SOCKETS,
             max_pifs: Limits::default().max_pifs as u32,

@@ -26,6 +26,8 @@ pub(super) struct Capacity {
     ceiling: u64,
     /// Refusals, warned about at most once a second.
     refused: Throttle,
+    /// Refusals since start-up.
+    total: std::sync::atomic::AtomicU64,
 }
 
 impl Capacity {
@@ -38,12 +40,18 @@ impl Capacity {
             limit,
             ceiling: limit.saturating_sub(reserve(limit)),
             refused: Throttle::new(),
+            total: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// The open-files limit, and the descriptors the data plane may use.
     pub(super) fn limits(&self) -> (u64, u64) {
         (self.limit, self.ceiling)
+    }
+
+    /// Connections and flows refused since start-up.
+    pub(super) fn refused_total(&self) -> u64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether `fd`, just made for a connection or flow, leaves the
@@ -57,6 +65,7 @@ impl Capacity {
     /// Counts one refusal (`what`: "TCP connection", "UDP flow"), and warns
     /// with the count at most once a second.
     pub(super) fn refuse(&self, what: &str) {
+        crate::stats::add(&self.total, 1);
         if let Some(n) = self.refused.hit() {
             tracing::warn!(
                 refused = n,

@@ -236,6 +236,11 @@ impl DataPlane {
         };
     }
 
+    /// TCP connections and UDP flows refused for want of descriptors.
+    pub fn refused(&self) -> u64 {
+        self.capacity.refused_total()
+    }
+
     /// Counts a TCP listener on `port` while the guard lives.
     fn listening_on(self: &Arc<DataPlane>, port: u16) -> ListeningOn {
         *self.ports().entry(port).or_insert(0) += 1;

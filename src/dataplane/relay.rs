@@ -13,6 +13,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, PoisonError};
 
 use rustix::io::Errno;
@@ -87,18 +88,30 @@ pub(super) struct Pipes<'a> {
     pub cap: &'a Capacity,
 }
 
-/// Relays `a` <-> `b` until both directions have seen EOF, or one fails.
-pub(super) async fn relay(a: &TcpStream, b: &TcpStream, pipes: &Pipes<'_>) -> io::Result<()> {
-    tokio::try_join!(one_way(a, b, pipes), one_way(b, a, pipes)).map(|_| ())
+/// Relays `a` <-> `b` until both directions have seen EOF, or one fails,
+/// adding the bytes moved each way to `a_to_b` and `b_to_a` as they go.
+pub(super) async fn relay(
+    a: &TcpStream,
+    b: &TcpStream,
+    pipes: &Pipes<'_>,
+    a_to_b: &AtomicU64,
+    b_to_a: &AtomicU64,
+) -> io::Result<()> {
+    tokio::try_join!(one_way(a, b, pipes, a_to_b), one_way(b, a, pipes, b_to_a)).map(|_| ())
 }
 
 /// Moves `src` to `dst` until EOF, then shuts down `dst`'s write side.
-async fn one_way(src: &TcpStream, dst: &TcpStream, pipes: &Pipes<'_>) -> io::Result<u64> {
-    let moved = match splice_loop(src, dst, pipes).await? {
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipes: &Pipes<'_>,
+    count: &AtomicU64,
+) -> io::Result<u64> {
+    let moved = match splice_loop(src, dst, pipes, count).await? {
         Spliced::Done(n) => n,
         // The kernel cannot splice these sockets: this connection still
         // works, by copy.
-        Spliced::Copy(n) => n + copy_loop(src, dst).await?,
+        Spliced::Copy(n) => n + copy_loop(src, dst, count).await?,
     };
     match rustix::net::shutdown(dst, Shutdown::Write) {
         // The peer may be gone already; nothing is left to tell it.
@@ -157,7 +170,12 @@ enum Spliced {
 /// The pipe comes from `pool` once the socket is readable and goes back to
 /// it drained: between bursts the direction holds no pipe. Bursts go by
 /// copy until one fills [`SMALL_BURST`].
-async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipes: &Pipes<'_>) -> io::Result<Spliced> {
+async fn splice_loop(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipes: &Pipes<'_>,
+    count: &AtomicU64,
+) -> io::Result<Spliced> {
     let pool = pipes.pool;
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved: u64 = 0;
@@ -170,7 +188,7 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipes: &Pipes<'_>) -> io:
         src.readable().await?;
         if !bulk {
             let mut buf = vec![0u8; SMALL_BURST];
-            match copy_once(src, dst, &mut buf).await? {
+            match copy_once(src, dst, &mut buf, count).await? {
                 None => return Ok(Spliced::Done(moved)),
                 Some(n) => {
                     moved += n;
@@ -183,7 +201,7 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipes: &Pipes<'_>) -> io:
             // No pipe to be had now (out of descriptors): this burst goes
             // by copy, the next one tries again.
             let mut buf = vec![0u8; COPY_BUF];
-            match copy_once(src, dst, &mut buf).await? {
+            match copy_once(src, dst, &mut buf, count).await? {
                 None => return Ok(Spliced::Done(moved)),
                 Some(n) => moved += n,
             }
@@ -211,7 +229,7 @@ async fn splice_loop(src: &TcpStream, dst: &TcpStream, pipes: &Pipes<'_>) -> io:
         if in_pipe >= pipe.size / 2 {
             pipe.grow();
         }
-        let (n, eof) = drain(src, dst, &mut pipe, in_pipe).await?;
+        let (n, eof) = drain(src, dst, &mut pipe, in_pipe, count).await?;
         moved += n;
         // Drained: the pipe goes back for whoever has data next.
         pool.put(pipe);
@@ -230,6 +248,7 @@ async fn drain(
     dst: &TcpStream,
     pipe: &mut Pipe,
     mut in_pipe: usize,
+    count: &AtomicU64,
 ) -> io::Result<(u64, bool)> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved: u64 = 0;
@@ -243,6 +262,7 @@ async fn drain(
             Ok(n) => {
                 in_pipe -= n;
                 moved += n as u64;
+                crate::stats::add(count, n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
@@ -270,14 +290,14 @@ fn unsupported(e: &io::Error) -> bool {
 }
 
 /// The copy direction, through one buffer for the whole connection.
-async fn copy_loop(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+async fn copy_loop(src: &TcpStream, dst: &TcpStream, count: &AtomicU64) -> io::Result<u64> {
     let mut buf = vec![0u8; COPY_BUF];
     let mut moved: u64 = 0;
     loop {
         // As in the splice direction: yield now and then.
         tokio::task::coop::consume_budget().await;
         src.readable().await?;
-        match copy_once(src, dst, &mut buf).await? {
+        match copy_once(src, dst, &mut buf, count).await? {
             None => return Ok(moved),
             Some(n) => moved += n,
         }
@@ -285,8 +305,13 @@ async fn copy_loop(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
 }
 
 /// One read of what `src` has (it was readable) through `buf`, written
-/// whole to `dst`: the bytes moved, or `None` at EOF.
-async fn copy_once(src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> io::Result<Option<u64>> {
+/// whole to `dst` (and added to `count`): the bytes moved, or `None` at EOF.
+async fn copy_once(
+    src: &TcpStream,
+    dst: &TcpStream,
+    buf: &mut [u8],
+    count: &AtomicU64,
+) -> io::Result<Option<u64>> {
     let n = match src.try_read(buf) {
         Ok(0) => return Ok(None),
         Ok(n) => n,
@@ -302,5 +327,6 @@ async fn copy_once(src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> io::Resu
             Err(e) => return Err(e),
         }
     }
+    crate::stats::add(count, n as u64);
     Ok(Some(n as u64))
 }

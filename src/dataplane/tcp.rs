@@ -107,6 +107,15 @@ struct Inherited {
     buffers: bool,
 }
 
+/// Counts a connection as open in its rule's counters while it lives.
+struct OpenConn<'a>(&'a crate::stats::RuleStats);
+
+impl Drop for OpenConn<'_> {
+    fn drop(&mut self) {
+        crate::stats::sub(&self.0.tcp_active);
+    }
+}
+
 /// Counts a connection as active for as long as it lives.
 struct Active<'a>(&'a Stats);
 
@@ -134,6 +143,10 @@ async fn forward(
     dp: Arc<DataPlane>,
 ) {
     let _active = Active::new(&dp.stats);
+    let stats = &route.stats;
+    crate::stats::add(&stats.tcp_total, 1);
+    crate::stats::add(&stats.tcp_active, 1);
+    let _open = OpenConn(stats);
     let mut target = route.target(peer.ip(), port);
     let ns = route.connect_ns.as_deref();
     let mut outbound = tokio::select! {
@@ -183,6 +196,7 @@ async fn forward(
         Err(e) => {
             debug!(%peer, %target, error = %e, "connect to target failed, resetting");
             Stats::inc(&dp.stats.tcp_connect_failed);
+            stats.connect_failed(e.raw_os_error().unwrap_or(0));
             reset(&inbound);
             return;
         }
@@ -208,7 +222,7 @@ async fn forward(
     };
     let res = tokio::select! {
         _ = dp.stop.cancelled() => Ok(()),
-        r = relay::relay(&inbound, &outbound, &pipes) => r,
+        r = relay::relay(&inbound, &outbound, &pipes, &stats.bytes_in, &stats.bytes_out) => r,
     };
     if let Err(e) = res {
         debug!(%peer, %target, error = %e, "connection failed, resetting both sides");

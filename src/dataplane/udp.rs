@@ -31,6 +31,7 @@ use super::flows::{FlowShared, FlowSlot};
 use super::{DataPlane, RouteWatch, SocketLife, Stats, is_resource_error};
 use crate::netns::Netns;
 use crate::socket;
+use crate::stats::RuleStats;
 
 /// Largest UDP payload (IPv6 without jumbograms, rounded up).
 const MAX_DATAGRAM: usize = 1 << 16;
@@ -229,11 +230,14 @@ pub(super) async fn serve(
                     rest = later;
                     let target = route.target(peer.ip(), port);
                     let ns = route.connect_ns.as_deref();
-                    let new = NewFlow { listening: &socket, life: &life, peer, local, target, ns };
+                    let stats = &route.stats;
+                    let new = NewFlow { listening: &socket, life: &life, peer, local, target, ns, stats };
                     let Some((flow, flow_socket)) = flow_for(&mut flows, new, &dp).await else {
                         dp.stats.udp_dropped.fetch_add(run as u64, Ordering::Relaxed);
+                        crate::stats::add(&stats.dropped, run as u64);
                         continue;
                     };
+                    crate::stats::add(&stats.datagrams_in, run as u64);
                     flow.shared.touch(dp.now_ms());
                     send_batch(flow, &flow_socket.socket, &buf, now, peer, target).await;
                 }
@@ -600,6 +604,8 @@ struct NewFlow<'a> {
     target: SocketAddr,
     /// Where the target is reached from.
     ns: Option<&'a Netns>,
+    /// The rule's counters.
+    stats: &'a Arc<RuleStats>,
 }
 
 /// The live flow of the peer, made if there is none, with its socket; `None`
@@ -616,6 +622,7 @@ async fn flow_for<'a>(
         local,
         target,
         ns,
+        stats,
     } = new;
     if let Some(socket) = flows.get(&peer).and_then(Flow::live) {
         return flows.get(&peer).map(|f| (f, socket));
@@ -656,6 +663,8 @@ async fn flow_for<'a>(
     let shared = Arc::new(FlowShared::new(dp.now_ms()));
     dp.flows.insert(&shared);
     Stats::inc(&dp.stats.udp_flows_created);
+    crate::stats::add(&stats.udp_total, 1);
+    crate::stats::add(&stats.udp_active, 1);
     debug!(%peer, %target, "UDP flow");
     let flow = Flow {
         socket: Arc::downgrade(&socket),
@@ -670,6 +679,7 @@ async fn flow_for<'a>(
         peer,
         local,
         shared,
+        Arc::clone(stats),
         Arc::clone(dp),
     ));
     let flow = flows.entry(peer).insert_entry(flow).into_mut();
@@ -681,12 +691,14 @@ async fn flow_for<'a>(
 struct FlowEnd<'a> {
     shared: &'a Arc<FlowShared>,
     dp: &'a DataPlane,
+    stats: &'a RuleStats,
 }
 
 impl Drop for FlowEnd<'_> {
     fn drop(&mut self) {
         self.shared.end.cancel();
         self.dp.flows.remove(self.shared);
+        crate::stats::sub(&self.stats.udp_active);
     }
 }
 
@@ -697,6 +709,8 @@ impl Drop for FlowEnd<'_> {
 /// Datagrams waiting together are taken together; a run of one size goes
 /// out in one sendmsg(2) with UDP segmentation offload. A batch buffer is
 /// held only while there are datagrams to move.
+// Each argument is a separate owner the task keeps for the flow's life.
+#[allow(clippy::too_many_arguments)]
 async fn replies(
     _life: SocketLife,
     flow: Arc<FlowSocket>,
@@ -704,11 +718,13 @@ async fn replies(
     peer: SocketAddr,
     mut local: Option<IpAddr>,
     shared: Arc<FlowShared>,
+    stats: Arc<RuleStats>,
     dp: Arc<DataPlane>,
 ) {
     let _end = FlowEnd {
         shared: &shared,
         dp: &dp,
+        stats: &stats,
     };
     let mut lens: Vec<usize> = Vec::new();
     let mut gso = Gso {
@@ -764,6 +780,7 @@ async fn replies(
         if lens.is_empty() {
             continue;
         }
+        crate::stats::add(&stats.datagrams_out, lens.len() as u64);
         shared.touch(dp.now_ms());
         let data = buf.get(..used).unwrap_or_default();
         // An eviction must not wait for a peer that does not read.
