@@ -168,7 +168,19 @@ impl Daemon {
     /// rule that does not get its ports (all of them; one at least for a weak
     /// rule) stops the start, with every socket closed again. Must be called
     /// from within a tokio runtime.
-    pub async fn start(mut opts: Options) -> Result<Daemon, StartError> {
+    pub async fn start(opts: Options) -> Result<Daemon, StartError> {
+        Daemon::start_with_control(opts, None).await
+    }
+
+    /// [`Daemon::start`] with `control`, when given, as the control socket
+    /// instead of one bound at `opts.control`: the socket systemd passed
+    /// (socket activation). The socket is named in logs by its own path;
+    /// `opts.control` only names one without (a different path is a
+    /// warning).
+    pub async fn start_with_control(
+        mut opts: Options,
+        control: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<Daemon, StartError> {
         let mut leases = BTreeMap::new();
         let mut uids = Vec::new();
         if let Some(path) = opts.state_file.clone() {
@@ -204,6 +216,7 @@ impl Daemon {
             return Err(StartError::NoNamespace);
         }
         if opts.control.is_none()
+            && control.is_none()
             && opts.control_v2.is_none()
             && opts.host.is_empty()
             && opts.splice.is_empty()
@@ -257,17 +270,41 @@ impl Daemon {
             // Only pifs with a namespace on one side have `auto` rules.
             tokio::spawn(scan_loop(Arc::downgrade(&shared)));
         }
-        let control = match &opts.control {
-            None => None,
-            Some(path) => {
-                match ControlServer::start(path, Arc::clone(&shared), opts.control_options.clone())
-                {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        shared.close_all().await;
-                        return Err(e.into());
-                    }
+        let started = match (control, &opts.control) {
+            (Some(listener), path) => {
+                // Named by its own address, which -c may only repeat.
+                let name = crate::systemd::listener_name(&listener)
+                    .map(PathBuf::from)
+                    .or_else(|| path.clone())
+                    .unwrap_or_else(|| PathBuf::from("(socket from systemd)"));
+                if let Some(path) = path.as_ref().filter(|p| **p != name) {
+                    warn!(
+                        "-c {}: systemd passed the control socket {}, which is served \
+                         instead",
+                        path.display(),
+                        name.display()
+                    );
                 }
+                let opts = opts.control_options.clone();
+                Some(ControlServer::from_listener(
+                    listener,
+                    &name,
+                    Arc::clone(&shared),
+                    opts,
+                ))
+            }
+            (None, Some(path)) => Some(ControlServer::start(
+                path,
+                Arc::clone(&shared),
+                opts.control_options.clone(),
+            )),
+            (None, None) => None,
+        };
+        let control = match started.transpose() {
+            Ok(c) => c,
+            Err(e) => {
+                shared.close_all().await;
+                return Err(e.into());
             }
         };
         let control_v2 = match &opts.control_v2 {

@@ -19,7 +19,8 @@
 //! - [`client`]: the client library, one transaction step by step;
 //! - [`control`]: the control server, one transaction per connection;
 //! - [`statefile`]: the committed tables, saved and restored;
-//! - [`daemon`]: the daemon from start-up to shutdown.
+//! - [`daemon`]: the daemon from start-up to shutdown;
+//! - [`systemd`]: readiness notification and socket activation.
 //!
 //! ```
 //! use pesto::rule::Caps;
@@ -34,7 +35,9 @@
 //! assert_eq!(shown, ["TCP [*]:2000-2004  =>  2000-2004 ", "TCP [*]:2006-2010  =>  2006-2010 "]);
 //! ```
 
-#![forbid(unsafe_code)]
+// Denied, not forbidden: taking ownership of the descriptor that systemd
+// passes needs `unsafe`, allowed in that one function of `systemd` alone.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod client;
@@ -56,6 +59,7 @@ pub mod socket;
 pub mod spec;
 pub mod statefile;
 pub mod stats;
+pub mod systemd;
 pub mod table;
 pub mod target;
 pub mod throttle;

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::IpAddr;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use pesto::dataplane::{Settings, TcpSettings, UdpSettings};
 use pesto::netns::Netns;
 use pesto::rule::Caps;
 use pesto::spec::{Ephemeral, SpecOpt, parse_rules};
+use pesto::systemd::{Notifier, NotifyError};
 use pesto::table::Table;
 use pesto::target::Targets;
 
@@ -26,7 +28,8 @@ use pesto::target::Targets;
 #[derive(Debug, Parser)]
 #[command(name = "pestod", version, after_help = AFTER_HELP, infer_long_args = true)]
 struct Args {
-    /// Control socket path: `pesto PATH` changes the rules at run time.
+    /// Control socket path: `pesto PATH` changes the rules at run time
+    /// (with socket activation, the socket systemd passes is served instead).
     #[arg(short = 'c', long = "control", value_name = "PATH")]
     control: Option<PathBuf>,
 
@@ -184,6 +187,15 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&args);
+    // Before anything opens a file (--netns, the runtime): descriptor 3
+    // must still be the one systemd passed, if it passed one.
+    let activated = match pesto::systemd::control_listener() {
+        Ok(l) => l,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
     let specs = ordered_specs(&matches);
     let opts = match options(&args, &specs) {
         Ok(o) => o,
@@ -212,10 +224,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(run(opts))
+    runtime.block_on(run(opts, activated))
 }
 
-async fn run(opts: Options) -> ExitCode {
+async fn run(opts: Options, activated: Option<UnixListener>) -> ExitCode {
     // Before anything is announced: a signal right after "ready" must find
     // its handler in place, not kill the process.
     let mut signals = match Signals::new() {
@@ -225,8 +237,15 @@ async fn run(opts: Options) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let notifier = match Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("{e}");
+            None
+        }
+    };
     let max_flows = opts.dataplane.udp.max_flows;
-    let daemon = match Daemon::start(opts).await {
+    let daemon = match Daemon::start_with_control(opts, activated).await {
         Ok(d) => d,
         Err(e) => {
             error!("{e}");
@@ -243,7 +262,10 @@ async fn run(opts: Options) -> ExitCode {
         share / 2,
         max_flows
     );
-    info!(sockets = daemon.socket_count().await, "ready");
+    let sockets = daemon.socket_count().await;
+    info!(sockets, "ready");
+    let status = format!("forwarding: {sockets} listening sockets");
+    tell_systemd(&notifier, move |n| n.ready(&status)).await;
     let signal = loop {
         match signals.next().await {
             Signal::Stop(name) => break name,
@@ -255,9 +277,28 @@ async fn run(opts: Options) -> ExitCode {
         }
     };
     info!("{signal}: shutting down");
+    let status = format!("{signal}: shutting down");
+    tell_systemd(&notifier, move |n| n.stopping(&status)).await;
     daemon.shutdown().await;
     info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Sends a notification to systemd when it asked for them, on a blocking
+/// thread (a full queue may hold the send for a moment); a failure is only
+/// a warning: the forwarding goes on either way.
+async fn tell_systemd(
+    notifier: &Option<Notifier>,
+    send: impl FnOnce(&Notifier) -> Result<(), NotifyError> + Send + 'static,
+) {
+    let Some(n) = notifier.clone() else {
+        return;
+    };
+    match tokio::task::spawn_blocking(move || send(&n)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("{e}"),
+        Err(e) => warn!("cannot notify systemd: {e}"),
+    }
 }
 
 /// What a signal asks for.

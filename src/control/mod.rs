@@ -164,6 +164,9 @@ pub struct ControlServer {
     /// The socket file's (device, inode) once bound: at exit it is removed
     /// only if it is still this one, not another daemon's at the same path.
     ident: Option<(u64, u64)>,
+    /// Whether this daemon made the socket file, and so removes it at exit;
+    /// not when systemd passed the socket (its .socket unit owns the file).
+    owns_file: bool,
     stop: CancellationToken,
     tasks: TaskTracker,
     shared: Arc<Shared>,
@@ -231,6 +234,57 @@ impl ControlServer {
             std::fs::set_permissions(path, mode).map_err(io_err)?;
         }
         let ident = file_ident(path);
+        match version {
+            Version::V3 => info!("control socket {}", path.display()),
+            Version::V2 => info!("control socket {} (version 2, upstream's)", path.display()),
+        }
+        Ok(ControlServer::serve(
+            listener, path, ident, true, shared, opts, version,
+        ))
+    }
+
+    /// Serves an already listening socket as the control socket: the one
+    /// systemd passed (socket activation). It speaks version 3. `path` names
+    /// it in logs; the file there is systemd's, so its mode is the .socket
+    /// unit's `SocketMode=` (`opts.mode` does not apply) and it is not
+    /// removed at exit.
+    pub fn from_listener(
+        listener: std::os::unix::net::UnixListener,
+        path: &Path,
+        shared: Arc<Shared>,
+        opts: ControlOptions,
+    ) -> Result<ControlServer, ControlError> {
+        let io_err = |error| ControlError::Io {
+            path: path.to_owned(),
+            error,
+        };
+        // Tokio needs it non-blocking; systemd passes it blocking.
+        listener.set_nonblocking(true).map_err(io_err)?;
+        let listener = UnixListener::from_std(listener).map_err(io_err)?;
+        // Only a path names a file: not `@name`, nor a placeholder.
+        let ident = path.is_absolute().then(|| file_ident(path)).flatten();
+        info!("control socket {} (from systemd)", path.display());
+        Ok(ControlServer::serve(
+            listener,
+            path,
+            ident,
+            false,
+            shared,
+            opts,
+            Version::V3,
+        ))
+    }
+
+    /// Starts the accept loop and the file watch on a listening socket.
+    fn serve(
+        listener: UnixListener,
+        path: &Path,
+        ident: Option<(u64, u64)>,
+        owns_file: bool,
+        shared: Arc<Shared>,
+        opts: ControlOptions,
+        version: Version,
+    ) -> ControlServer {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let server = Server {
@@ -243,20 +297,20 @@ impl ControlServer {
             version,
         };
         tasks.spawn(server.accept_loop(listener));
-        tasks.spawn(watch_file(path.to_owned(), ident, stop.clone()));
-        match version {
-            Version::V3 => info!("control socket {}", path.display()),
-            Version::V2 => info!("control socket {} (version 2, upstream's)", path.display()),
+        // Without a file there is nothing to watch (an abstract socket).
+        if ident.is_some() {
+            tasks.spawn(watch_file(path.to_owned(), ident, stop.clone()));
         }
-        Ok(ControlServer {
+        ControlServer {
             path: path.to_owned(),
             ident,
+            owns_file,
             stop,
             tasks,
             shared,
             version,
             alone: true,
-        })
+        }
     }
 
     /// Says that the daemon has another control socket (of the other
@@ -267,12 +321,14 @@ impl ControlServer {
     }
 
     /// Stops accepting, ends every transaction (an applied one rolls back),
-    /// and removes the socket file.
+    /// and removes the socket file if this daemon made it.
     pub async fn stop(self) {
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
         match file_ident(&self.path) {
+            // systemd's socket: it goes on listening for the next start.
+            _ if !self.owns_file => {}
             Some(now) if Some(now) == self.ident => {
                 if let Err(e) = std::fs::remove_file(&self.path) {
                     warn!("cannot remove {}: {e}", self.path.display());

@@ -115,8 +115,15 @@ impl Pestod {
 
     /// Starts `program` with `args`: pestod under a wrapper such as prlimit.
     pub fn spawn_with(program: &str, args: &[&str]) -> Pestod {
-        let mut child = Command::new(program)
-            .args(args)
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        Pestod::spawn_command(cmd)
+    }
+
+    /// Starts `cmd`, a pestod command with its own environment or
+    /// descriptors, logging as the others do.
+    pub fn spawn_command(mut cmd: Command) -> Pestod {
+        let mut child = cmd
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
