@@ -52,6 +52,8 @@ pub struct Options {
     /// Where committed tables are saved; at start, tables found there
     /// replace `host` and `splice`.
     pub state_file: Option<PathBuf>,
+    /// Where to serve the counters over HTTP (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Why the daemon did not start.
@@ -73,6 +75,14 @@ pub enum StartError {
     /// The control socket could not be opened.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The metrics endpoint could not listen.
+    #[error("--metrics {addr}: {error}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
     /// No rule, and no control socket to take one.
     #[error(
         "nothing to do: no rules (-t, -u, -T, -U) and no control socket (-c) to add them \
@@ -105,6 +115,7 @@ pub struct Daemon {
     targets: Targets,
     control: Option<ControlServer>,
     control_v2: Option<ControlServer>,
+    metrics: Option<crate::metrics::MetricsServer>,
     dp: Arc<DataPlane>,
     grace: Duration,
 }
@@ -327,11 +338,27 @@ impl Daemon {
                 }
             }
         };
+        let metrics = match opts.metrics.map(|addr| {
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| crate::metrics::MetricsServer::start(l, Arc::clone(&shared)))
+                .map_err(|error| StartError::Metrics { addr, error })
+        }) {
+            None => None,
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                for c in [control, control_v2].into_iter().flatten() {
+                    c.stop().await;
+                }
+                shared.close_all().await;
+                return Err(e);
+            }
+        };
         Ok(Daemon {
             shared,
             targets: opts.targets,
             control,
             control_v2,
+            metrics,
             dp,
             grace: opts.shutdown_grace,
         })
@@ -350,6 +377,11 @@ impl Daemon {
     /// The default targets.
     pub fn targets(&self) -> Targets {
         self.targets
+    }
+
+    /// Where the metrics endpoint listens, if it does.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.addr())
     }
 
     /// The data plane, for its counters.
@@ -407,6 +439,9 @@ impl Daemon {
     /// socket file goes), closes every listening socket, lets connections go
     /// on for the shutdown grace, then closes them.
     pub async fn shutdown(self) {
+        if let Some(metrics) = self.metrics {
+            metrics.stop().await;
+        }
         if let Some(control) = self.control_v2 {
             control.stop().await;
         }

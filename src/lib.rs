@@ -49,6 +49,8 @@ pub mod edit;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod lease;
+pub mod manual;
+pub mod metrics;
 pub mod netns;
 pub mod owner;
 pub mod registry;

@@ -71,3 +71,40 @@ fn version_and_usage_errors() {
         assert_eq!(out.status.code(), Some(1), "{bin}: {out:?}");
     }
 }
+
+/// Man pages and completions come from the clap definitions: every option
+/// of `--help` is there.
+#[test]
+fn man_pages_and_completions_are_generated() {
+    for (bin, section, option) in [
+        (env!("CARGO_BIN_EXE_pestod"), "8", "\\-\\-metrics"),
+        (env!("CARGO_BIN_EXE_pesto"), "1", "\\-\\-stats"),
+    ] {
+        let out = std::process::Command::new(bin)
+            .arg("--generate-man")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let man = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            man.contains(&format!(" {section} ")) && man.contains(".TH"),
+            "{man}"
+        );
+        assert!(man.contains(option), "{bin}: {option} missing");
+        for shell in ["bash", "zsh", "fish"] {
+            let out = std::process::Command::new(bin)
+                .args(["--generate-completions", shell])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() && !out.stdout.is_empty(),
+                "{bin} {shell}"
+            );
+        }
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pesto"))
+        .args(["--generate-completions", "nosuchshell"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

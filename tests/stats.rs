@@ -101,3 +101,63 @@ fn stats_count_known_traffic() {
     let line = d.proc.wait_for("stats: HOST total").unwrap();
     assert!(line.contains("tcp_total=7"), "{line}");
 }
+
+/// A plain HTTP GET of `path` from `addr`: status line and body.
+fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// `--metrics` serves the same figures in the Prometheus text format.
+#[test]
+fn metrics_are_scraped_over_http() {
+    let echo = echo_server(v4(0)).port();
+    let p = free_ports(2);
+    let m = p + 1;
+    let d = Daemon::start(&[
+        "-t",
+        &format!("127.0.0.1/{p}:{echo}"),
+        "--metrics",
+        &format!("127.0.0.1:{m}"),
+    ]);
+    for _ in 0..4 {
+        let mut s = connect(v4(p));
+        s.write_all(b"abc").unwrap();
+        let mut b = [0u8; 3];
+        s.read_exact(&mut b).unwrap();
+    }
+    let rule = format!("TCP [127.0.0.1]:{p}  =>  {echo}");
+    let series = format!("pestod_tcp_connections_total{{pif=\"HOST\",rule=\"{rule}\"}} 4");
+    let mut body = String::new();
+    wait_until(Duration::from_secs(5), "four connections counted", || {
+        let (status, b) = http_get(v4(m), "/metrics");
+        assert!(status.contains("200"), "{status}");
+        body = b;
+        body.contains(&series)
+    });
+    assert!(
+        body.contains("# TYPE pestod_received_bytes counter"),
+        "{body}"
+    );
+    assert!(
+        body.contains("pestod_transactions_total{outcome=\"committed\"} 0"),
+        "{body}"
+    );
+    assert!(body.contains("pestod_open_files_limit "), "{body}");
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    let (status, _) = http_get(v4(m), "/other");
+    assert!(status.contains("404"), "{status}");
+    drop(d);
+}

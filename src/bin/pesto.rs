@@ -176,6 +176,9 @@ enum Exit {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = pesto::manual::generate_if_asked(Args::command(), "1") {
+        return code;
+    }
     let matches = match Args::command().try_get_matches() {
         Ok(m) => m,
         Err(e) => {

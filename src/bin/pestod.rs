@@ -135,6 +135,12 @@ struct Args {
     #[arg(long, value_name = "GID")]
     allow_gid: Vec<u32>,
 
+    /// Serve the counters (those of `pesto --stats`) over HTTP at
+    /// http://ADDR:PORT/metrics, in the Prometheus text format. Off by
+    /// default; anyone who can reach the port can read them.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
+
     /// Log lines as text, or as one JSON object a line.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -170,6 +176,9 @@ A rule whose target would be its own listener (e.g. `-t 8080` with the
 default targets) is refused: map it to another port or give a target.";
 
 fn main() -> ExitCode {
+    if let Some(code) = pesto::manual::generate_if_asked(Args::command(), "8") {
+        return code;
+    }
     let matches = match Args::command().try_get_matches() {
         Ok(m) => m,
         Err(e) => {
@@ -443,6 +452,7 @@ fn options(args: &Args, specs: &[(SpecOpt, String)]) -> Result<Options, String> 
         control_v2: args.control_v2.clone(),
         timeouts,
         state_file: args.state_file.clone(),
+        metrics: args.metrics,
         control_options: ControlOptions {
             max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
             mode: control_mode(&args.control_mode)?,
