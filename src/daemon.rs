@@ -54,6 +54,9 @@ pub struct Options {
     pub state_file: Option<PathBuf>,
     /// Where to serve the counters over HTTP (`--metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Leases of the start-up rules' owners (from `--config`); a state
+    /// file's win.
+    pub leases: BTreeMap<Owner, Lease>,
 }
 
 /// Why the daemon did not start.
@@ -192,7 +195,7 @@ impl Daemon {
         mut opts: Options,
         control: Option<std::os::unix::net::UnixListener>,
     ) -> Result<Daemon, StartError> {
-        let mut leases = BTreeMap::new();
+        let mut leases = std::mem::take(&mut opts.leases);
         let mut uids = Vec::new();
         if let Some(path) = opts.state_file.clone() {
             if let Some(saved) = crate::statefile::read(&path)? {
@@ -428,6 +431,43 @@ impl Daemon {
             }
             log_counters(&format!("{} total", pif.name), &total);
         }
+    }
+
+    /// Makes the rules of the owners in `rules` (a configuration file's)
+    /// and of `before` (the owners it named when last read) what `rules`
+    /// says, as one transaction on their scopes: other owners' rules are
+    /// not touched, sockets that stay are kept, and if a port cannot be
+    /// bound nothing changes. Returns a summary for the log.
+    pub async fn reload_owners(
+        &self,
+        rules: &crate::config::FileRules,
+        before: &std::collections::BTreeSet<Owner>,
+    ) -> Result<String, String> {
+        let mut wanted: BTreeMap<(PifId, Owner), Vec<Rule>> = BTreeMap::new();
+        let current = self.shared.config();
+        for owner in before.iter().chain(rules.owners().iter()) {
+            // Every pif where the owner has rules now gets its new set
+            // (empty if the file has none for it there).
+            for pif in &current.pifs {
+                if pif.table.owned_rules().any(|(_, o)| o == Some(owner)) {
+                    wanted.entry((pif.id, owner.clone())).or_default();
+                }
+            }
+        }
+        for (pif, list) in &rules.tables {
+            // Rules of no owner are the command line's kind: they were
+            // taken at start-up, and no reload touches them.
+            for (rule, owner) in list.iter().filter_map(|(r, o)| o.as_ref().map(|o| (r, o))) {
+                wanted
+                    .entry((*pif, owner.clone()))
+                    .or_default()
+                    .push(rule.clone());
+            }
+        }
+        self.shared
+            .replace_owners(wanted, &rules.leases)
+            .await
+            .map_err(|s| s.to_string())
     }
 
     /// Listening sockets serving now.

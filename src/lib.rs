@@ -42,6 +42,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;

@@ -537,3 +537,97 @@ fn range_except(
         base = end + 1;
     }
 }
+
+/// The spec that gives back exactly `rule`, less its best-effort flag (no
+/// spec sets that for one rule alone: see [`crate::config`]), for the
+/// protocol the rule has: `-t`/`-u` on HOST, `-T`/`-U` on SPLICE. Used to
+/// export live tables as a configuration file.
+pub fn spec_of(rule: &Rule) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let addr = crate::rule::canonical_ip(rule.addr);
+    let listen = if rule.is_dual_stack() {
+        String::new()
+    } else {
+        match addr {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("[{a}]"),
+        }
+    };
+    match &rule.ifname {
+        Some(i) => {
+            let _ = write!(out, "{listen}%{i}/");
+        }
+        None if !listen.is_empty() => {
+            let _ = write!(out, "{listen}/");
+        }
+        None => {}
+    }
+    let _ = write!(out, "{}", rule.first);
+    if rule.last != rule.first {
+        let _ = write!(out, "-{}", rule.last);
+    }
+    let to_last = rule.target_port(rule.last);
+    let same_ports = rule.to == rule.first;
+    match rule.target.map(crate::rule::canonical_ip) {
+        Some(t) => {
+            let t = match t {
+                IpAddr::V4(a) => a.to_string(),
+                IpAddr::V6(a) => format!("[{a}]"),
+            };
+            let _ = write!(out, ":{t}");
+            if !same_ports {
+                let _ = write!(out, "/{}", rule.to);
+                if rule.last != rule.first {
+                    let _ = write!(out, "-{to_last}");
+                }
+            }
+        }
+        None if !same_ports => {
+            let _ = write!(out, ":{}", rule.to);
+            if rule.last != rule.first {
+                let _ = write!(out, "-{to_last}");
+            }
+        }
+        None => {}
+    }
+    if rule.is_scan() {
+        out.push_str(",auto");
+    }
+    out
+}
+
+#[cfg(test)]
+mod spec_of_tests {
+    use super::*;
+
+    /// Every rule the spec language can give comes back from its spec.
+    #[test]
+    fn specs_give_back_their_rules() {
+        let caps = Caps::from_bits_retain(0x3f);
+        let eph = Ephemeral::default();
+        for (opt, text) in [
+            (SpecOpt::Tcp, "8080:80"),
+            (SpecOpt::Tcp, "22"),
+            (SpecOpt::Udp, "5353:53"),
+            (SpecOpt::Tcp, "8000-8010:9000-9010"),
+            (SpecOpt::Tcp, "127.0.0.1/8443:192.0.2.10/443"),
+            (SpecOpt::Tcp, "8080:198.51.100.7"),
+            (SpecOpt::Tcp, "443:[2001:db8::2]/8443"),
+            (SpecOpt::Tcp, "192.0.2.1%eth0/22"),
+            (SpecOpt::Tcp, "%eth0/22"),
+            (SpecOpt::Tcp, "[::1]/8080:127.0.0.1/80"),
+            (SpecOpt::Tcp, "[::]/8080:80"),
+            (SpecOpt::Tcp, "0.0.0.0/8080:80"),
+            (SpecOpt::Tcp, "8000-8010,auto"),
+            (SpecOpt::Tcp, "127.0.0.1/20-30:40-50"),
+        ] {
+            for rule in parse_rules(opt, text, caps, eph).unwrap() {
+                let spec = spec_of(&rule);
+                let back = parse_rules(opt, &spec, caps, eph)
+                    .unwrap_or_else(|e| panic!("{text} -> {spec}: {e}"));
+                assert_eq!(back, vec![rule.clone()], "{text} -> {spec}");
+            }
+        }
+    }
+}

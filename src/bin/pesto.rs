@@ -155,6 +155,11 @@ struct Args {
     #[arg(long, conflicts_with_all = ["owner", "tcp", "udp", "tcp_ns", "udp_ns", "add", "delete", "clear"])]
     owners: bool,
 
+    /// Print the live tables as a configuration file that `pestod --config`
+    /// takes: each rule with its owner and its owner's lease.
+    #[arg(long, conflicts_with_all = ["owner", "owners", "stats", "json", "tcp", "udp", "tcp_ns", "udp_ns", "add", "delete", "clear"])]
+    export: bool,
+
     /// Show the daemon's figures and each rule's counters (connections,
     /// bytes, flows, datagrams, failed connects), per pif and in all.
     #[arg(long, conflicts_with_all = ["owner", "owners", "tcp", "udp", "tcp_ns", "udp_ns", "add", "delete", "clear"])]
@@ -326,6 +331,38 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
             Err(e) => return out.error(&e, Exit::Failed),
         };
         tracing::debug!(hello = ?session.hello(), "connected");
+        if args.export {
+            return match session.config() {
+                Ok(config) => {
+                    let pifs: Vec<_> = config
+                        .pifs
+                        .iter()
+                        .map(|p| {
+                            let rules = p
+                                .table
+                                .owned_rules()
+                                .map(|(r, o)| (r.clone(), o.cloned()))
+                                .collect();
+                            (p.id, rules)
+                        })
+                        .collect();
+                    let leases = config
+                        .pifs
+                        .iter()
+                        .flat_map(|p| p.table.owners().iter().flatten())
+                        .filter_map(|o| session.lease(o).map(|l| (o.clone(), l)))
+                        .collect();
+                    let header = format!(
+                        "pestod configuration, exported from {path} by pesto {}\n\
+                         start a daemon from it with: pestod --config FILE",
+                        env!("CARGO_PKG_VERSION")
+                    );
+                    print!("{}", pesto::config::export(&header, &pifs, &leases));
+                    Exit::Done
+                }
+                Err(e) => out.error(&e, Exit::Failed),
+            };
+        }
         if args.stats {
             return match (session.stats(), session.config()) {
                 (Some(stats), Ok(config)) => {

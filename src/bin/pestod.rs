@@ -13,6 +13,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+use pesto::config::{ConfigError, ConfigFile};
 use pesto::control::ControlOptions;
 use pesto::control::state::Timeouts;
 use pesto::daemon::{Daemon, Options, raise_nofile_limit};
@@ -141,6 +142,17 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<std::net::SocketAddr>,
 
+    /// Read options and rules from this TOML file (docs/pestod.md,
+    /// "Configuration file"); options given here win over the file's.
+    /// SIGHUP reads its rules again.
+    #[arg(long, value_name = "FILE", conflicts_with = "check_config")]
+    config: Option<PathBuf>,
+
+    /// Check this configuration file (with the other options) as start-up
+    /// would, bind nothing, and exit 0 if it is valid, else 1.
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+
     /// Log lines as text, or as one JSON object a line.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -188,12 +200,26 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
         }
     };
-    let args = match Args::from_arg_matches(&matches) {
+    let mut args = match Args::from_arg_matches(&matches) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(1);
         }
+    };
+    // The file first: it may set the log options.
+    let file = match args.config.as_ref().or(args.check_config.as_ref()) {
+        None => None,
+        Some(path) => match ConfigFile::load(path).and_then(|f| {
+            merge_file(&mut args, &matches, &f)?;
+            Ok(f)
+        }) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("pestod: {e}");
+                return ExitCode::from(1);
+            }
+        },
     };
     init_logging(&args);
     // Before anything opens a file (--netns, the runtime): descriptor 3
@@ -206,13 +232,28 @@ fn main() -> ExitCode {
         }
     };
     let specs = ordered_specs(&matches);
-    let opts = match options(&args, &specs) {
+    let opts = match options(&args, &specs, file.as_ref()) {
         Ok(o) => o,
         Err(msg) => {
             error!("{msg}");
             return ExitCode::from(1);
         }
     };
+    if let Some(path) = &args.check_config {
+        let rules = opts.host.rules().len() + opts.splice.rules().len();
+        println!("{}: valid ({rules} rules)", path.display());
+        return ExitCode::SUCCESS;
+    }
+    let reload = args.config.clone().map(|path| Reload {
+        path,
+        host: opts.host.caps(),
+        splice: opts.splice.caps(),
+        owners: file
+            .as_ref()
+            .and_then(|f| f.rules(|_| opts.host.caps(), Ephemeral::probe()).ok())
+            .map(|r| r.owners())
+            .unwrap_or_default(),
+    });
     let sockets = opts.host.socket_count();
     match raise_nofile_limit() {
         // Room for the listeners plus some connections and the runtime's own.
@@ -233,10 +274,50 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(run(opts, activated))
+    runtime.block_on(run(opts, activated, reload))
 }
 
-async fn run(opts: Options, activated: Option<UnixListener>) -> ExitCode {
+/// What SIGHUP needs to read the configuration file's rules again.
+struct Reload {
+    path: PathBuf,
+    host: Caps,
+    splice: Caps,
+    /// The owners the file named when last read: an owner it no longer
+    /// names loses its rules.
+    owners: std::collections::BTreeSet<pesto::owner::Owner>,
+}
+
+impl Reload {
+    /// Reads the file again and applies its rules, as one transaction on
+    /// the scopes of the owners it names (and named). Rules of other owners
+    /// are never touched, and a file that does not validate changes nothing.
+    async fn run(&mut self, daemon: &Daemon) {
+        let (host, splice) = (self.host, self.splice);
+        let caps = move |opt: SpecOpt| if opt.is_namespace() { splice } else { host };
+        let rules =
+            match ConfigFile::load(&self.path).and_then(|f| f.rules(caps, Ephemeral::probe())) {
+                Ok(r) => r,
+                Err(e) => {
+                    error!("SIGHUP: {e}; nothing changed");
+                    return;
+                }
+            };
+        let owners = rules.owners();
+        match daemon.reload_owners(&rules, &self.owners).await {
+            Ok(summary) => {
+                info!("SIGHUP: {} applied: {summary}", self.path.display());
+                self.owners = owners;
+            }
+            Err(e) => error!("SIGHUP: {}: {e}; nothing changed", self.path.display()),
+        }
+    }
+}
+
+async fn run(
+    opts: Options,
+    activated: Option<UnixListener>,
+    mut reload: Option<Reload>,
+) -> ExitCode {
     // Before anything is announced: a signal right after "ready" must find
     // its handler in place, not kill the process.
     let mut signals = match Signals::new() {
@@ -278,10 +359,13 @@ async fn run(opts: Options, activated: Option<UnixListener>) -> ExitCode {
     let signal = loop {
         match signals.next().await {
             Signal::Stop(name) => break name,
-            Signal::Hangup => info!(
-                "SIGHUP: nothing to reload (the rules change through the control \
-                 socket); still running"
-            ),
+            Signal::Hangup => match reload.as_mut() {
+                Some(r) => r.run(&daemon).await,
+                None => info!(
+                    "SIGHUP: no --config to read again (the rules change through the \
+                     control socket); still running"
+                ),
+            },
             Signal::Stats => daemon.log_stats().await,
         }
     };
@@ -392,7 +476,11 @@ fn ordered_specs(m: &ArgMatches) -> Vec<(SpecOpt, String)> {
 }
 
 /// The daemon's options from the command line, or a message for the user.
-fn options(args: &Args, specs: &[(SpecOpt, String)]) -> Result<Options, String> {
+fn options(
+    args: &Args,
+    specs: &[(SpecOpt, String)],
+    file: Option<&ConfigFile>,
+) -> Result<Options, String> {
     let netns = match &args.netns {
         Some(path) => Some(Netns::open(path).map_err(|e| e.to_string())?),
         None => None,
@@ -415,6 +503,30 @@ fn options(args: &Args, specs: &[(SpecOpt, String)]) -> Result<Options, String> 
         for rule in rules {
             table.add(rule).map_err(|e| format!("{opt} {text}: {e}"))?;
         }
+    }
+    let mut leases = std::collections::BTreeMap::new();
+    if let Some(file) = file {
+        let (hc, sc) = (host.caps(), splice.caps());
+        let rules = file
+            .rules(|opt| if opt.is_namespace() { sc } else { hc }, eph)
+            .map_err(|e| e.to_string())?;
+        for (pif, rules) in rules.tables {
+            let table = if pif == pesto::rule::PifId::SPLICE {
+                &mut splice
+            } else {
+                &mut host
+            };
+            for (rule, owner) in rules {
+                let text = rule.to_string();
+                table
+                    .add_owned(rule, owner)
+                    .map_err(|e| format!("{}: {}: {e}", file.path.display(), text.trim_end()))?;
+            }
+        }
+        leases = rules.leases;
+    }
+    if netns.is_none() && !splice.is_empty() {
+        return Err("-T and -U forward out of a namespace: give it with --netns".to_owned());
     }
     let targets = targets(&args.target, caps)?;
     for ((_, name, place), table) in Daemon::pifs(netns.as_ref()).iter().zip([&host, &splice]) {
@@ -453,6 +565,7 @@ fn options(args: &Args, specs: &[(SpecOpt, String)]) -> Result<Options, String> 
         timeouts,
         state_file: args.state_file.clone(),
         metrics: args.metrics,
+        leases,
         control_options: ControlOptions {
             max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
             mode: control_mode(&args.control_mode)?,
@@ -461,6 +574,83 @@ fn options(args: &Args, specs: &[(SpecOpt, String)]) -> Result<Options, String> 
             hello_timeout: secs("hello-timeout", args.hello_timeout, 0.001)?,
         },
     })
+}
+
+/// Takes the file's value of each option the command line did not give.
+fn merge_file(args: &mut Args, m: &ArgMatches, file: &ConfigFile) -> Result<(), ConfigError> {
+    use clap::parser::ValueSource;
+    let f = &file.options;
+    let given = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
+    let bad = |key: &str, message: String| ConfigError {
+        path: file.path.clone(),
+        line: None,
+        key: Some(key.to_owned()),
+        message,
+    };
+    let range = |key: &str, v: u64, lo: u64, hi: u64| {
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(bad(key, format!("{v} is not in {lo} to {hi}")))
+        }
+    };
+    macro_rules! take {
+        ($field:ident, $id:literal, $conv:expr) => {
+            if !given($id) {
+                if let Some(v) = &f.$field {
+                    args.$field = $conv(v.clone())?;
+                }
+            }
+        };
+    }
+    fn some<T>(v: T) -> Result<Option<T>, ConfigError> {
+        Ok(Some(v))
+    }
+    fn same<T>(v: T) -> Result<T, ConfigError> {
+        Ok(v)
+    }
+    take!(control, "control", some);
+    take!(control_v2, "control_v2", some);
+    take!(netns, "netns", some);
+    take!(target, "target", same);
+    take!(debug, "debug", same);
+    take!(quiet, "quiet", same);
+    take!(udp_timeout, "udp_timeout", |v| range(
+        "udp-timeout",
+        v,
+        1,
+        u64::MAX
+    ));
+    take!(max_udp_flows, "max_udp_flows", |v| range(
+        "max-udp-flows",
+        v,
+        1,
+        1_000_000
+    ));
+    take!(tcp_loopback_buffer, "tcp_loopback_buffer", |v| {
+        range("tcp-loopback-buffer", v, 0, 1 << 30)
+    });
+    take!(no_target_fallback, "no_target_fallback", same);
+    take!(shutdown_grace, "shutdown_grace", same);
+    take!(step_timeout, "step_timeout", same);
+    take!(commit_timeout, "commit_timeout", same);
+    take!(max_clients, "max_clients", |v| range(
+        "max-clients",
+        v,
+        1,
+        100_000
+    ));
+    take!(hello_timeout, "hello_timeout", same);
+    take!(control_mode, "control_mode", same);
+    take!(allow_uid, "allow_uid", same);
+    take!(allow_gid, "allow_gid", same);
+    take!(state_file, "state_file", some);
+    take!(metrics, "metrics", some);
+    take!(log_format, "log_format", |v: String| {
+        <LogFormat as clap::ValueEnum>::from_str(&v, false)
+            .map_err(|_| bad("log-format", format!("'{v}': give text or json")))
+    });
+    Ok(())
 }
 
 /// An octal file mode for the control socket: owner read and write at least,

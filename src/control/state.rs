@@ -1251,6 +1251,81 @@ impl Shared {
         Ok(())
     }
 
+    /// Makes each (pif, owner) scope of `wanted` hold exactly its rules, as
+    /// one scoped transaction of the daemon's own (a configuration file
+    /// read again): validated, applied with socket continuity, committed if
+    /// every rule got its ports, else rolled back. `leases` sets the
+    /// owners' leases. Returns what changed, for the log.
+    pub async fn replace_owners(
+        &self,
+        wanted: BTreeMap<(PifId, Owner), Vec<Rule>>,
+        leases: &BTreeMap<Owner, Lease>,
+    ) -> Result<String, Status> {
+        let scopes: Vec<ScopeUpdate> = {
+            let t = self.tables();
+            wanted
+                .into_iter()
+                .map(|((pif, owner), rules)| ScopeUpdate {
+                    pif,
+                    generation: t.scope_generation(pif, &owner),
+                    lease: leases.get(&owner).copied(),
+                    owner,
+                    rules,
+                })
+                .collect()
+        };
+        if scopes.is_empty() {
+            return Ok("no rules, before or now".to_owned());
+        }
+        let before = self.config();
+        let shadow = self.validate_scoped(scopes, 0).await?;
+        let applied = self.apply(shadow, &Snapshot::new()).await?;
+        if !applied.report.ok {
+            let failed: Vec<String> = applied
+                .report
+                .pifs
+                .iter()
+                .flat_map(|p| p.rules.iter().flat_map(|r| r.failed.iter()))
+                .map(|f| {
+                    let errno = i32::try_from(f.errno).unwrap_or(0);
+                    format!(
+                        "port {}: {}",
+                        f.first,
+                        std::io::Error::from_raw_os_error(errno)
+                    )
+                })
+                .take(5)
+                .collect();
+            self.rollback(applied).await;
+            return Err(Status::new(
+                Code::Invalid,
+                format!(
+                    "some ports could not be bound ({}); rolled back",
+                    failed.join(", ")
+                ),
+            ));
+        }
+        self.commit(applied).await;
+        let after = self.config();
+        let count = |c: &Config| -> usize { c.pifs.iter().map(|p| p.table.rules().len()).sum() };
+        let kept = before
+            .pifs
+            .iter()
+            .flat_map(|p| p.table.rules().iter().map(move |r| (p.id, r)))
+            .filter(|(id, r)| {
+                after
+                    .by_id(*id)
+                    .is_some_and(|p| p.table.rules().contains(r))
+            })
+            .count();
+        Ok(format!(
+            "{} rules kept, {} added, {} removed",
+            kept,
+            count(&after) - kept,
+            count(&before) - kept
+        ))
+    }
+
     /// Closes every socket, once every applied transaction has ended; no
     /// transaction applies after it.
     pub async fn close_all(&self) {

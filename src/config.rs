@@ -1,0 +1,464 @@
+//! The configuration file, `pestod --config FILE`: TOML, one key per
+//! command-line option (its long name), and the rules in the port-spec
+//! language, each with an optional owner and lease.
+//!
+//! ```toml
+//! control = "/run/pestod/pestod.sock"
+//! step-timeout = 5.0
+//! tcp-ports = ["8080:80", "127.0.0.1/8443:443"]   # owner "config"
+//!
+//! [[rule]]
+//! udp = "5353:53"
+//! owner = "dns"          # default: "config"
+//! lease-ttl = 3600       # seconds; default: none
+//! best-effort = true     # the ports it cannot bind are skipped
+//! ```
+//!
+//! Parsing is pure: no socket, no file but the one read. Errors name the
+//! file, the line and the key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::lease::Lease;
+use crate::owner::Owner;
+use crate::rule::{Caps, Flags, PifId, Rule};
+use crate::spec::{Ephemeral, SpecOpt, parse_rules, spec_of};
+
+/// The owner of rules that do not name one.
+pub const CONFIG_OWNER: &str = "config";
+
+/// Largest configuration file read.
+pub const MAX_SIZE: u64 = 16 << 20;
+
+/// What is wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// The line (from 1), when known.
+    pub line: Option<usize>,
+    /// The key at fault, when known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every option of the command line, by its long name; `None`: not in
+/// the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileOptions {
+    /// `--control`.
+    pub control: Option<PathBuf>,
+    /// `--control-v2`.
+    pub control_v2: Option<PathBuf>,
+    /// `--tcp-ports`, rules of owner [`CONFIG_OWNER`].
+    pub tcp_ports: Option<Vec<Spanned<String>>>,
+    /// `--udp-ports`.
+    pub udp_ports: Option<Vec<Spanned<String>>>,
+    /// `--tcp-ns`.
+    pub tcp_ns: Option<Vec<Spanned<String>>>,
+    /// `--udp-ns`.
+    pub udp_ns: Option<Vec<Spanned<String>>>,
+    /// `--netns`.
+    pub netns: Option<PathBuf>,
+    /// `--target`.
+    pub target: Option<Vec<std::net::IpAddr>>,
+    /// `--debug`.
+    pub debug: Option<bool>,
+    /// `--quiet`.
+    pub quiet: Option<bool>,
+    /// `--udp-timeout`.
+    pub udp_timeout: Option<u64>,
+    /// `--max-udp-flows`.
+    pub max_udp_flows: Option<u64>,
+    /// `--tcp-loopback-buffer`.
+    pub tcp_loopback_buffer: Option<u64>,
+    /// `--no-target-fallback`.
+    pub no_target_fallback: Option<bool>,
+    /// `--shutdown-grace`.
+    pub shutdown_grace: Option<f64>,
+    /// `--step-timeout`.
+    pub step_timeout: Option<f64>,
+    /// `--commit-timeout`.
+    pub commit_timeout: Option<f64>,
+    /// `--max-clients`.
+    pub max_clients: Option<u64>,
+    /// `--hello-timeout`.
+    pub hello_timeout: Option<f64>,
+    /// `--control-mode`.
+    pub control_mode: Option<String>,
+    /// `--allow-uid`.
+    pub allow_uid: Option<Vec<u32>>,
+    /// `--allow-gid`.
+    pub allow_gid: Option<Vec<u32>>,
+    /// `--state-file`.
+    pub state_file: Option<PathBuf>,
+    /// `--metrics`.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// `--log-format`.
+    pub log_format: Option<String>,
+    /// Rules with an owner, a lease or the best-effort flag.
+    #[serde(default)]
+    pub rule: Vec<Spanned<FileRule>>,
+}
+
+/// A `[[rule]]` entry: one spec, and what the rules it gives carry.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileRule {
+    /// A `-t` spec.
+    pub tcp: Option<String>,
+    /// A `-u` spec.
+    pub udp: Option<String>,
+    /// A `-T` spec.
+    pub tcp_ns: Option<String>,
+    /// A `-U` spec.
+    pub udp_ns: Option<String>,
+    /// The owner (default [`CONFIG_OWNER`]).
+    pub owner: Option<String>,
+    /// A TTL lease for the owner, in seconds.
+    pub lease_ttl: Option<u32>,
+    /// Best effort: a port that cannot be bound is skipped.
+    pub best_effort: Option<bool>,
+}
+
+/// A configuration file, read and checked for its syntax.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    text: String,
+    /// The options it sets.
+    pub options: FileOptions,
+}
+
+/// The rules a file gives, by pif, each with its owner; and the owners'
+/// leases.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileRules {
+    /// Rules in file order, per pif, with their owners (`None`: no owner,
+    /// as the command line's rules; `owner = ""` in the file).
+    pub tables: BTreeMap<PifId, Vec<(Rule, Option<Owner>)>>,
+    /// Leases of owners that have one.
+    pub leases: BTreeMap<Owner, Lease>,
+}
+
+impl FileRules {
+    /// The owners the file names (with rules).
+    pub fn owners(&self) -> std::collections::BTreeSet<Owner> {
+        self.tables
+            .values()
+            .flatten()
+            .filter_map(|(_, o)| o.clone())
+            .collect()
+    }
+}
+
+impl ConfigFile {
+    /// Reads and parses `path`. Unknown keys and wrong types are errors,
+    /// with their line.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let err = |message: String| ConfigError {
+            path: path.to_owned(),
+            line: None,
+            key: None,
+            message,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(err("not a regular file".into()));
+        }
+        if meta.len() > MAX_SIZE {
+            return Err(err(format!("larger than {MAX_SIZE} bytes")));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        ConfigFile::parse(path, text)
+    }
+
+    /// Parses `text` as the file at `path`.
+    pub fn parse(path: &Path, text: String) -> Result<ConfigFile, ConfigError> {
+        let options: FileOptions = toml::from_str(&text).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            line: e.span().map(|s| line_of(&text, s.start)),
+            key: None,
+            message: e.message().to_owned(),
+        })?;
+        Ok(ConfigFile {
+            path: path.to_owned(),
+            text,
+            options,
+        })
+    }
+
+    /// An error about the key `key`, at byte `at` of the file.
+    fn error(&self, at: usize, key: &str, message: String) -> ConfigError {
+        ConfigError {
+            path: self.path.clone(),
+            line: Some(line_of(&self.text, at)),
+            key: Some(key.to_owned()),
+            message,
+        }
+    }
+
+    /// The rules, parsed with each pif's capabilities: `caps(opt)` for the
+    /// pif of a spec option. Every spec is checked; a bad one names its line.
+    pub fn rules(
+        &self,
+        caps: impl Fn(SpecOpt) -> Caps,
+        eph: Ephemeral,
+    ) -> Result<FileRules, ConfigError> {
+        let config = Owner::new(CONFIG_OWNER).map_err(|e| self.error(0, "owner", e.to_string()))?;
+        let mut out = FileRules::default();
+        let o = &self.options;
+        let lists = [
+            ("tcp-ports", SpecOpt::Tcp, &o.tcp_ports),
+            ("udp-ports", SpecOpt::Udp, &o.udp_ports),
+            ("tcp-ns", SpecOpt::TcpNs, &o.tcp_ns),
+            ("udp-ns", SpecOpt::UdpNs, &o.udp_ns),
+        ];
+        for (key, opt, specs) in lists {
+            for spec in specs.iter().flatten() {
+                let rules = parse_rules(opt, spec.get_ref(), caps(opt), eph)
+                    .map_err(|e| self.error(spec.span().start, key, e.to_string()))?;
+                let pif = pif_of(opt);
+                out.tables
+                    .entry(pif)
+                    .or_default()
+                    .extend(rules.into_iter().map(|r| (r, Some(config.clone()))));
+            }
+        }
+        for entry in &o.rule {
+            let at = entry.span().start;
+            let r = entry.get_ref();
+            let given: Vec<(&str, SpecOpt, &String)> = [
+                ("tcp", SpecOpt::Tcp, &r.tcp),
+                ("udp", SpecOpt::Udp, &r.udp),
+                ("tcp-ns", SpecOpt::TcpNs, &r.tcp_ns),
+                ("udp-ns", SpecOpt::UdpNs, &r.udp_ns),
+            ]
+            .into_iter()
+            .filter_map(|(k, opt, s)| s.as_ref().map(|s| (k, opt, s)))
+            .collect();
+            let [(key, opt, spec)] = given[..] else {
+                return Err(self.error(
+                    at,
+                    "rule",
+                    "give exactly one of tcp, udp, tcp-ns and udp-ns".into(),
+                ));
+            };
+            let owner = match r.owner.as_deref() {
+                None => Some(config.clone()),
+                Some("") => None,
+                Some(o) => Some(Owner::new(o).map_err(|e| self.error(at, "owner", e.to_string()))?),
+            };
+            if let Some(ttl) = r.lease_ttl {
+                let Some(owner) = owner.clone() else {
+                    return Err(self.error(at, "lease-ttl", "a lease needs an owner".into()));
+                };
+                let lease = Lease::Ttl(ttl);
+                let (kind, value) = Lease::to_wire(Some(lease));
+                Lease::from_wire(kind, value).map_err(|e| self.error(at, "lease-ttl", e))?;
+                match out.leases.get(&owner) {
+                    Some(l) if *l != lease => {
+                        return Err(self.error(
+                            at,
+                            "lease-ttl",
+                            format!("owner {owner} has another lease in this file"),
+                        ));
+                    }
+                    _ => {
+                        out.leases.insert(owner.clone(), lease);
+                    }
+                }
+            }
+            let mut rules = parse_rules(opt, spec, caps(opt), eph)
+                .map_err(|e| self.error(at, key, e.to_string()))?;
+            if r.best_effort == Some(true) {
+                for rule in &mut rules {
+                    rule.flags |= Flags::WEAK;
+                }
+            }
+            out.tables
+                .entry(pif_of(opt))
+                .or_default()
+                .extend(rules.into_iter().map(|rule| (rule, owner.clone())));
+        }
+        Ok(out)
+    }
+}
+
+/// The pif a spec option's rules belong to.
+pub fn pif_of(opt: SpecOpt) -> PifId {
+    if opt.is_namespace() {
+        PifId::SPLICE
+    } else {
+        PifId::HOST
+    }
+}
+
+/// The line (from 1) of byte `at` of `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.get(..at.min(text.len()))
+        .map_or(1, |t| t.bytes().filter(|b| *b == b'\n').count() + 1)
+}
+
+/// A TOML string, quoted and escaped.
+fn quoted(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// Live tables as a configuration file that `pestod --config` takes: one
+/// `[[rule]]` per rule, with its owner and its owner's lease. `pifs` gives
+/// each pif's id with its rules and owners; a `header` comment goes first.
+pub fn export(
+    header: &str,
+    pifs: &crate::statefile::Tables,
+    leases: &BTreeMap<Owner, Lease>,
+) -> String {
+    let mut out = String::new();
+    for line in header.lines() {
+        out.push_str(&format!("# {line}\n"));
+    }
+    for (pif, rules) in pifs {
+        for (rule, owner) in rules {
+            let key = match (*pif == PifId::SPLICE, rule.proto) {
+                (false, crate::rule::Proto::Tcp) => "tcp",
+                (false, crate::rule::Proto::Udp) => "udp",
+                (true, crate::rule::Proto::Tcp) => "tcp-ns",
+                (true, crate::rule::Proto::Udp) => "udp-ns",
+            };
+            let spec = if *pif == PifId::SPLICE {
+                // -T and -U listen on the namespace's loopback, always as
+                // `[*]%lo` where the pif binds to devices (pestod's does):
+                // their specs take no listening address.
+                let lo = rule.is_dual_stack()
+                    && rule.ifname.as_ref().is_some_and(|i| i.as_str() == "lo");
+                if !lo {
+                    out.push_str(&format!(
+                        "\n# left out: {} rule '{}' listens elsewhere than the \
+                         namespace's loopback, which no -T/-U spec can say\n",
+                        pif,
+                        rule.to_string().trim_end()
+                    ));
+                    continue;
+                }
+                let mut plain = rule.clone();
+                plain.flags = if rule.is_scan() {
+                    Flags::DUAL_STACK_ANY | Flags::SCAN
+                } else {
+                    Flags::DUAL_STACK_ANY
+                };
+                plain.ifname = None;
+                spec_of(&plain)
+            } else {
+                spec_of(rule)
+            };
+            out.push_str(&format!("\n[[rule]]\n{key} = {}\n", quoted(&spec)));
+            match owner {
+                Some(o) => {
+                    out.push_str(&format!("owner = {}\n", quoted(o.as_str())));
+                    if let Some(Lease::Ttl(ttl)) = leases.get(o) {
+                        out.push_str(&format!("lease-ttl = {ttl}\n"));
+                    }
+                }
+                // No owner, as the command line's rules.
+                None => out.push_str("owner = \"\"\n"),
+            }
+            if rule.is_weak() {
+                out.push_str("best-effort = true\n");
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(_: SpecOpt) -> Caps {
+        Caps::from_bits_retain(0x3f)
+    }
+
+    fn parse(text: &str) -> Result<FileRules, ConfigError> {
+        ConfigFile::parse(Path::new("t.toml"), text.to_owned())?.rules(caps, Ephemeral::default())
+    }
+
+    #[test]
+    fn rules_get_owners_leases_and_flags() {
+        let r = parse(
+            "tcp-ports = [\"8080:80\"]\n\n[[rule]]\nudp = \"5353:53\"\nowner = \"dns\"\n\
+             lease-ttl = 60\nbest-effort = true\n",
+        )
+        .unwrap();
+        let host = &r.tables[&PifId::HOST];
+        assert_eq!(host.len(), 2);
+        assert_eq!(host[0].1.as_ref().map(Owner::as_str), Some("config"));
+        assert_eq!(host[1].1.as_ref().map(Owner::as_str), Some("dns"));
+        assert!(host[1].0.is_weak());
+        assert_eq!(r.leases[&Owner::new("dns").unwrap()], Lease::Ttl(60));
+    }
+
+    #[test]
+    fn errors_name_the_line_and_key() {
+        let e = parse("control = \"/x\"\nno-such-key = 1\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.to_string().contains("no-such-key"), "{e}");
+        let e = parse("step-timeout = \"soon\"\n").unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+        let e = parse("tcp-ports = [\n  \"8080:80\",\n  \"99999\",\n]\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(3), Some("tcp-ports")),
+            "{e}"
+        );
+        let e = parse("\n[[rule]]\ntcp = \"80:81\"\nudp = \"80\"\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("rule")), "{e}");
+        let e = parse("[[rule]]\ntcp = \"80:81\"\nowner = \"bad owner\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("owner"), "{e}");
+    }
+
+    #[test]
+    fn an_export_reads_back_the_same() {
+        let before = parse(
+            "tcp-ports = [\"8080:80\", \"127.0.0.1/20-30:40-50\"]\n[[rule]]\nudp = \"5353:53\"\n\
+             owner = \"dns\"\nlease-ttl = 60\nbest-effort = true\n[[rule]]\ntcp-ns = \"5432\"\n\
+             [[rule]]\ntcp = \"9000\"\nowner = \"\"\n",
+        )
+        .unwrap();
+        let pifs: crate::statefile::Tables = before
+            .tables
+            .iter()
+            .map(|(p, rules)| {
+                (
+                    *p,
+                    rules.iter().map(|(r, o)| (r.clone(), o.clone())).collect(),
+                )
+            })
+            .collect();
+        let text = export("exported", &pifs, &before.leases);
+        let after = parse(&text).unwrap();
+        assert_eq!(after, before, "{text}");
+    }
+}
