@@ -121,6 +121,9 @@ pub struct FileOptions {
     /// Rules with an owner, a lease or the best-effort flag.
     #[serde(default)]
     pub rule: Vec<Spanned<FileRule>>,
+    /// Owners' uids and leases.
+    #[serde(default)]
+    pub owner: Vec<Spanned<FileOwner>>,
 }
 
 /// A `[[rule]]` entry: one spec, and what the rules it gives carry.
@@ -141,6 +144,26 @@ pub struct FileRule {
     pub lease_ttl: Option<u32>,
     /// Best effort: a port that cannot be bound is skipped.
     pub best_effort: Option<bool>,
+    /// The pif of a `tcp` or `udp` spec: `HOST` (default) or `SPLICE`, for
+    /// SPLICE rules that listen elsewhere than `-T`/`-U` say.
+    pub pif: Option<String>,
+}
+
+/// An `[[owner]]` entry: what an owner carries beyond its rules.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileOwner {
+    /// The owner.
+    pub name: String,
+    /// The uid it belongs to.
+    pub uid: Option<u32>,
+    /// A TTL lease, in seconds.
+    pub lease_ttl: Option<u32>,
+    /// A pid lease: the rules go when this process exits.
+    pub lease_pid: Option<u32>,
+    /// The start time of the pid lease's process (a state file's), so that
+    /// a reused pid is not taken for it.
+    pub pid_start: Option<u64>,
 }
 
 /// A configuration file, read and checked for its syntax.
@@ -162,6 +185,10 @@ pub struct FileRules {
     pub tables: BTreeMap<PifId, Vec<(Rule, Option<Owner>)>>,
     /// Leases of owners that have one.
     pub leases: BTreeMap<Owner, Lease>,
+    /// The start time of each pid lease's process, where the file has it.
+    pub pid_starts: BTreeMap<Owner, u64>,
+    /// The uid each owner belongs to, where the file says.
+    pub uids: BTreeMap<Owner, u32>,
 }
 
 impl FileRules {
@@ -221,11 +248,11 @@ impl ConfigFile {
         }
     }
 
-    /// The rules, parsed with each pif's capabilities: `caps(opt)` for the
-    /// pif of a spec option. Every spec is checked; a bad one names its line.
+    /// The rules, parsed with each pif's capabilities (`caps`). Every
+    /// spec is checked; a bad one names its line.
     pub fn rules(
         &self,
-        caps: impl Fn(SpecOpt) -> Caps,
+        caps: impl Fn(PifId) -> Caps,
         eph: Ephemeral,
     ) -> Result<FileRules, ConfigError> {
         let config = Owner::new(CONFIG_OWNER).map_err(|e| self.error(0, "owner", e.to_string()))?;
@@ -239,7 +266,7 @@ impl ConfigFile {
         ];
         for (key, opt, specs) in lists {
             for spec in specs.iter().flatten() {
-                let rules = parse_rules(opt, spec.get_ref(), caps(opt), eph)
+                let rules = parse_rules(opt, spec.get_ref(), caps(pif_of(opt)), eph)
                     .map_err(|e| self.error(spec.span().start, key, e.to_string()))?;
                 let pif = pif_of(opt);
                 out.tables
@@ -267,6 +294,21 @@ impl ConfigFile {
                     "give exactly one of tcp, udp, tcp-ns and udp-ns".into(),
                 ));
             };
+            let pif = match (r.pif.as_deref(), opt.is_namespace()) {
+                (None, _) => pif_of(opt),
+                (Some("HOST"), false) => PifId::HOST,
+                (Some("SPLICE"), false) => PifId::SPLICE,
+                (Some(other), false) => {
+                    return Err(self.error(at, "pif", format!("'{other}': give HOST or SPLICE")));
+                }
+                (Some(_), true) => {
+                    return Err(self.error(
+                        at,
+                        "pif",
+                        format!("{key} rules are SPLICE's already: give pif with tcp or udp"),
+                    ));
+                }
+            };
             let owner = match r.owner.as_deref() {
                 None => Some(config.clone()),
                 Some("") => None,
@@ -292,7 +334,7 @@ impl ConfigFile {
                     }
                 }
             }
-            let mut rules = parse_rules(opt, spec, caps(opt), eph)
+            let mut rules = parse_rules(opt, spec, caps(pif), eph)
                 .map_err(|e| self.error(at, key, e.to_string()))?;
             if r.best_effort == Some(true) {
                 for rule in &mut rules {
@@ -300,9 +342,45 @@ impl ConfigFile {
                 }
             }
             out.tables
-                .entry(pif_of(opt))
+                .entry(pif)
                 .or_default()
                 .extend(rules.into_iter().map(|rule| (rule, owner.clone())));
+        }
+        for entry in &o.owner {
+            let at = entry.span().start;
+            let e = entry.get_ref();
+            let owner =
+                Owner::new(&e.name).map_err(|err| self.error(at, "name", err.to_string()))?;
+            if let Some(uid) = e.uid {
+                out.uids.insert(owner.clone(), uid);
+            }
+            let lease = match (e.lease_ttl, e.lease_pid) {
+                (Some(_), Some(_)) => {
+                    return Err(self.error(
+                        at,
+                        "lease-pid",
+                        "give lease-ttl or lease-pid, not both".into(),
+                    ));
+                }
+                (Some(ttl), None) => Some(Lease::Ttl(ttl)),
+                (None, Some(pid)) => Some(Lease::Pid(pid)),
+                (None, None) => None,
+            };
+            if let Some(lease) = lease {
+                let (kind, value) = Lease::to_wire(Some(lease));
+                Lease::from_wire(kind, value).map_err(|err| self.error(at, "lease", err))?;
+                if out.leases.get(&owner).is_some_and(|l| *l != lease) {
+                    return Err(self.error(
+                        at,
+                        "lease",
+                        format!("owner {owner} has another lease in this file"),
+                    ));
+                }
+                out.leases.insert(owner.clone(), lease);
+                if let Some(start) = e.pid_start {
+                    out.pid_starts.insert(owner, start);
+                }
+            }
         }
         Ok(out)
     }
@@ -328,41 +406,41 @@ fn quoted(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
 }
 
+/// What an owner carries beyond its rules, for [`export`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerEntry {
+    /// The owner.
+    pub owner: Owner,
+    /// The uid it belongs to, if known.
+    pub uid: Option<u32>,
+    /// Its lease.
+    pub lease: Option<Lease>,
+    /// For a pid lease, its process's start time.
+    pub pid_start: Option<u64>,
+}
+
 /// Live tables as a configuration file that `pestod --config` takes: one
-/// `[[rule]]` per rule, with its owner and its owner's lease. `pifs` gives
-/// each pif's id with its rules and owners; a `header` comment goes first.
-pub fn export(
-    header: &str,
-    pifs: &crate::statefile::Tables,
-    leases: &BTreeMap<Owner, Lease>,
-) -> String {
+/// `[[rule]]` per rule with its owner, then one `[[owner]]` per owner with
+/// a uid or a lease. `header` becomes a comment at the top. The same text
+/// is the state file's.
+pub fn export(header: &str, pifs: &crate::statefile::Tables, owners: &[OwnerEntry]) -> String {
     let mut out = String::new();
     for line in header.lines() {
         out.push_str(&format!("# {line}\n"));
     }
     for (pif, rules) in pifs {
         for (rule, owner) in rules {
-            let key = match (*pif == PifId::SPLICE, rule.proto) {
-                (false, crate::rule::Proto::Tcp) => "tcp",
-                (false, crate::rule::Proto::Udp) => "udp",
-                (true, crate::rule::Proto::Tcp) => "tcp-ns",
-                (true, crate::rule::Proto::Udp) => "udp-ns",
+            let proto = match rule.proto {
+                crate::rule::Proto::Tcp => "tcp",
+                crate::rule::Proto::Udp => "udp",
             };
-            let spec = if *pif == PifId::SPLICE {
-                // -T and -U listen on the namespace's loopback, always as
-                // `[*]%lo` where the pif binds to devices (pestod's does):
-                // their specs take no listening address.
-                let lo = rule.is_dual_stack()
-                    && rule.ifname.as_ref().is_some_and(|i| i.as_str() == "lo");
-                if !lo {
-                    out.push_str(&format!(
-                        "\n# left out: {} rule '{}' listens elsewhere than the \
-                         namespace's loopback, which no -T/-U spec can say\n",
-                        pif,
-                        rule.to_string().trim_end()
-                    ));
-                    continue;
-                }
+            // -T and -U listen on the namespace's loopback, as `[*]%lo`
+            // where the pif binds to devices (pestod's does): such rules
+            // are written as -T/-U specs, other SPLICE rules with their
+            // pif.
+            let lo =
+                rule.is_dual_stack() && rule.ifname.as_ref().is_some_and(|i| i.as_str() == "lo");
+            let (key, spec, pif_line) = if *pif == PifId::SPLICE && lo {
                 let mut plain = rule.clone();
                 plain.flags = if rule.is_scan() {
                     Flags::DUAL_STACK_ANY | Flags::SCAN
@@ -370,24 +448,46 @@ pub fn export(
                     Flags::DUAL_STACK_ANY
                 };
                 plain.ifname = None;
-                spec_of(&plain)
+                (format!("{proto}-ns"), spec_of(&plain), "")
+            } else if *pif == PifId::SPLICE {
+                (proto.to_owned(), spec_of(rule), "pif = \"SPLICE\"\n")
             } else {
-                spec_of(rule)
+                (proto.to_owned(), spec_of(rule), "")
             };
-            out.push_str(&format!("\n[[rule]]\n{key} = {}\n", quoted(&spec)));
+            out.push_str(&format!(
+                "\n[[rule]]\n{key} = {}\n{pif_line}",
+                quoted(&spec)
+            ));
             match owner {
-                Some(o) => {
-                    out.push_str(&format!("owner = {}\n", quoted(o.as_str())));
-                    if let Some(Lease::Ttl(ttl)) = leases.get(o) {
-                        out.push_str(&format!("lease-ttl = {ttl}\n"));
-                    }
-                }
+                Some(o) => out.push_str(&format!("owner = {}\n", quoted(o.as_str()))),
                 // No owner, as the command line's rules.
                 None => out.push_str("owner = \"\"\n"),
             }
             if rule.is_weak() {
                 out.push_str("best-effort = true\n");
             }
+        }
+    }
+    for e in owners {
+        if e.uid.is_none() && e.lease.is_none() {
+            continue;
+        }
+        out.push_str(&format!(
+            "\n[[owner]]\nname = {}\n",
+            quoted(e.owner.as_str())
+        ));
+        if let Some(uid) = e.uid {
+            out.push_str(&format!("uid = {uid}\n"));
+        }
+        match e.lease {
+            Some(Lease::Ttl(ttl)) => out.push_str(&format!("lease-ttl = {ttl}\n")),
+            Some(Lease::Pid(pid)) => {
+                out.push_str(&format!("lease-pid = {pid}\n"));
+                if let Some(start) = e.pid_start {
+                    out.push_str(&format!("pid-start = {start}\n"));
+                }
+            }
+            None => {}
         }
     }
     out
@@ -397,7 +497,7 @@ pub fn export(
 mod tests {
     use super::*;
 
-    fn caps(_: SpecOpt) -> Caps {
+    fn caps(_: PifId) -> Caps {
         Caps::from_bits_retain(0x3f)
     }
 
@@ -457,7 +557,19 @@ mod tests {
                 )
             })
             .collect();
-        let text = export("exported", &pifs, &before.leases);
+        let owners: Vec<OwnerEntry> = before
+            .leases
+            .iter()
+            .map(|(o, l)| OwnerEntry {
+                owner: o.clone(),
+                uid: Some(1000),
+                lease: Some(*l),
+                pid_start: None,
+            })
+            .collect();
+        let text = export("exported", &pifs, &owners);
+        let mut before = before;
+        before.uids = before.leases.keys().map(|o| (o.clone(), 1000)).collect();
         let after = parse(&text).unwrap();
         assert_eq!(after, before, "{text}");
     }

@@ -57,6 +57,9 @@ pub struct Options {
     /// Leases of the start-up rules' owners (from `--config`); a state
     /// file's win.
     pub leases: BTreeMap<Owner, Lease>,
+    /// The uids of the start-up rules' owners (from `--config`); a state
+    /// file's win.
+    pub uids: Vec<(Owner, u32)>,
 }
 
 /// Why the daemon did not start.
@@ -196,9 +199,11 @@ impl Daemon {
         control: Option<std::os::unix::net::UnixListener>,
     ) -> Result<Daemon, StartError> {
         let mut leases = std::mem::take(&mut opts.leases);
-        let mut uids = Vec::new();
+        let mut uids = std::mem::take(&mut opts.uids);
         if let Some(path) = opts.state_file.clone() {
-            if let Some(saved) = crate::statefile::read(&path)? {
+            let (hc, sc) = (opts.host.caps(), opts.splice.caps());
+            let caps = |pif: PifId| if pif == PifId::SPLICE { sc } else { hc };
+            if let Some(saved) = crate::statefile::read(&path, caps)? {
                 let crate::statefile::Saved {
                     mut tables,
                     leases: saved,

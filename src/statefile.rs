@@ -1,7 +1,13 @@
 //! The state file: the committed tables, written atomically on every commit
 //! and read back at start, so that a restarted daemon forwards what it did.
 //!
-//! Layout: the magic `pestost\0`, a big-endian u32 version (2), the tables
+//! It is written as text: the TOML of a configuration file
+//! ([`crate::config::export`]), every rule with its owner, and an
+//! `[[owner]]` entry per owner with its uid and lease, under a comment with
+//! the time and the generations. People can read it, diff it and fix it.
+//!
+//! Files of earlier versions are binary, and still read (then written as
+//! text at the next commit). Their layout: the magic `pestost\0`, a big-endian u32 version (2), the tables
 //! exactly as a control-protocol table update (docs/protocol.md), then the
 //! owners: for each pif of the update, in its order, a u32 count (its
 //! rules') and each rule's owner as a length byte (0: none) and the label;
@@ -21,7 +27,7 @@ use std::path::{Path, PathBuf};
 use crate::codec::{CodecError, DecodeError, Limits, Reader, Update, decode_from, encode_to_vec};
 use crate::lease::Lease;
 use crate::owner::Owner;
-use crate::rule::{PifId, Rule};
+use crate::rule::{Caps, PifId, Rule};
 use crate::table::Config;
 
 /// First bytes of a state file.
@@ -107,10 +113,12 @@ pub struct Saved {
 /// take about 10 MiB; anything past this is not a state file.
 pub const MAX_SIZE: u64 = 64 << 20;
 
-/// Reads what is saved at `path`; `None` if there is no file. Anything but
-/// a regular file (a FIFO, a device, a directory) is an error, found
-/// without opening it: opening a FIFO would wait for a writer.
-pub fn read(path: &Path) -> Result<Option<Saved>, StateFileError> {
+/// Reads what is saved at `path`, text or binary; `None` if there is no
+/// file. Rules of a text file are parsed with their pif's capabilities
+/// (`caps`). Anything but a regular file (a FIFO, a device, a directory) is
+/// an error, found without opening it: opening a FIFO would wait for a
+/// writer.
+pub fn read(path: &Path, caps: impl Fn(PifId) -> Caps) -> Result<Option<Saved>, StateFileError> {
     let io = |error| StateFileError::Io {
         path: path.to_owned(),
         error,
@@ -169,9 +177,9 @@ pub fn read(path: &Path) -> Result<Option<Saved>, StateFileError> {
         path: path.to_owned(),
         problem,
     };
-    let rest = bytes
-        .strip_prefix(MAGIC)
-        .ok_or_else(|| corrupt("it does not start with the state file magic".into()))?;
+    let Some(rest) = bytes.strip_prefix(MAGIC) else {
+        return read_text(path, bytes, caps).map(Some);
+    };
     let (version, rest) = rest
         .split_first_chunk::<4>()
         .ok_or_else(|| corrupt("it ends before its version".into()))?;
@@ -209,6 +217,36 @@ pub fn read(path: &Path) -> Result<Option<Saved>, StateFileError> {
         Err(DecodeError::Incomplete) => Err(corrupt("it ends inside the tables".into())),
         Err(DecodeError::Bad(e)) => Err(corrupt(e.to_string())),
     }
+}
+
+/// A text state file: the TOML of a configuration file.
+fn read_text(
+    path: &Path,
+    bytes: Vec<u8>,
+    caps: impl Fn(PifId) -> Caps,
+) -> Result<Saved, StateFileError> {
+    let corrupt = |problem: String| StateFileError::Corrupt {
+        path: path.to_owned(),
+        problem,
+    };
+    let text = String::from_utf8(bytes)
+        .map_err(|_| corrupt("it is neither text nor a binary state file".into()))?;
+    let rules = crate::config::ConfigFile::parse(path, text)
+        .and_then(|f| f.rules(caps, crate::spec::Ephemeral::default()))
+        .map_err(|e| {
+            let at = e.line.map_or(String::new(), |l| format!("line {l}: "));
+            let key = e.key.map_or(String::new(), |k| format!("{k}: "));
+            corrupt(format!("{at}{key}{}", e.message))
+        })?;
+    Ok(Saved {
+        tables: rules.tables.into_iter().collect(),
+        leases: rules
+            .leases
+            .iter()
+            .map(|(o, l)| (o.clone(), *l, rules.pid_starts.get(o).copied().unwrap_or(0)))
+            .collect(),
+        uids: rules.uids.into_iter().collect(),
+    })
 }
 
 /// The owners and leases after the tables of a version 2 file.
@@ -267,20 +305,56 @@ fn read_owners(update: Update, tail: &[u8]) -> Result<Saved, DecodeError> {
     })
 }
 
-/// Writes `config`'s tables with their owners, and `leases`, to `path`
-/// atomically: a temporary file in the same directory, fsync, rename over
-/// the old one, fsync of the directory. A crash at any point leaves the old
-/// file or the new one, whole.
+/// Writes `config`'s tables with their owners, `leases` and `uids` to
+/// `path` as text, under a comment of `header` lines, atomically: a
+/// temporary file in the same directory, fsync, rename over the old one,
+/// fsync of the directory. A crash at any point leaves the old file or the
+/// new one, whole.
 pub fn write(
     path: &Path,
     config: &Config,
     leases: &[SavedLease],
     uids: &[(Owner, u32)],
+    header: &str,
 ) -> Result<(), StateFileError> {
-    let io_err = |error| StateFileError::Io {
-        path: path.to_owned(),
-        error,
+    let tables: Tables = config
+        .pifs
+        .iter()
+        .map(|p| {
+            let rules = p
+                .table
+                .owned_rules()
+                .map(|(r, o)| (r.clone(), o.cloned()))
+                .collect();
+            (p.id, rules)
+        })
+        .collect();
+    let mut owners: std::collections::BTreeMap<Owner, crate::config::OwnerEntry> =
+        std::collections::BTreeMap::new();
+    let entry = |o: &Owner| crate::config::OwnerEntry {
+        owner: o.clone(),
+        uid: None,
+        lease: None,
+        pid_start: None,
     };
+    for (o, uid) in uids {
+        owners.entry(o.clone()).or_insert_with(|| entry(o)).uid = Some(*uid);
+    }
+    for (o, lease, start) in leases {
+        let e = owners.entry(o.clone()).or_insert_with(|| entry(o));
+        e.lease = Some(*lease);
+        if matches!(lease, Lease::Pid(_)) {
+            e.pid_start = Some(*start);
+        }
+    }
+    let owners: Vec<_> = owners.into_values().collect();
+    let text = crate::config::export(header, &tables, &owners);
+    write_atomic(path, text.as_bytes())
+}
+
+/// The binary layout of earlier versions (version 2), for tests of the
+/// upgrade and for tools that must write it.
+pub fn encode_binary(config: &Config, leases: &[SavedLease], uids: &[(Owner, u32)]) -> Vec<u8> {
     let update = Update {
         tables: config
             .pifs
@@ -317,6 +391,15 @@ pub fn write(
         label(&mut bytes, o);
         bytes.extend(uid.to_be_bytes());
     }
+    bytes
+}
+
+/// Writes `bytes` to `path` atomically (see [`write`]).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateFileError> {
+    let io_err = |error| StateFileError::Io {
+        path: path.to_owned(),
+        error,
+    };
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -333,7 +416,7 @@ pub fn write(
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
@@ -355,14 +438,18 @@ fn nonce() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rule::{Caps, Proto};
+    use crate::rule::Proto;
     use crate::table::{PifTable, Table};
 
     #[test]
     fn round_trip_and_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state");
-        assert!(read(&path).unwrap().is_none());
+        assert!(
+            read(&path, |_| Caps::from_bits_retain(0x2f))
+                .unwrap()
+                .is_none()
+        );
         let rules = vec![Rule::dual_stack(Proto::Tcp, 8080, 8080, 80)];
         let config = Config {
             pifs: vec![PifTable {
@@ -373,8 +460,10 @@ mod tests {
         };
         let web = Owner::new("web").unwrap();
         let leases = vec![(web.clone(), Lease::Pid(42), 7)];
-        write(&path, &config, &leases, &[(web.clone(), 1000)]).unwrap();
-        let saved = read(&path).unwrap().unwrap();
+        write(&path, &config, &leases, &[(web.clone(), 1000)], "test").unwrap();
+        let saved = read(&path, |_| Caps::from_bits_retain(0x2f))
+            .unwrap()
+            .unwrap();
         assert_eq!(saved.uids, [(web.clone(), 1000)]);
         assert_eq!(
             saved.tables,
@@ -394,9 +483,11 @@ mod tests {
                 table: owned,
             }],
         };
-        write(&path, &config2, &[], &[]).unwrap();
-        let saved = read(&path).unwrap().unwrap();
-        assert_eq!(saved.tables[0].1[0].1, Some(web));
+        write(&path, &config2, &[], &[], "test").unwrap();
+        let saved = read(&path, |_| Caps::from_bits_retain(0x2f))
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved.tables[0].1[0].1, Some(web.clone()));
         // A version 1 file (the tables only) still reads.
         let mut v1 = MAGIC.to_vec();
         v1.extend(1u32.to_be_bytes());
@@ -404,13 +495,48 @@ mod tests {
             tables: vec![(PifId::HOST, rules.clone())],
         }));
         std::fs::write(&path, &v1).unwrap();
-        assert_eq!(read(&path).unwrap().unwrap().tables[0].1.len(), 1);
-        write(&path, &config, &leases, &[]).unwrap();
+        assert_eq!(
+            read(&path, |_| Caps::from_bits_retain(0x2f))
+                .unwrap()
+                .unwrap()
+                .tables[0]
+                .1
+                .len(),
+            1
+        );
+        // A binary file of the last version reads, leases included.
+        std::fs::write(&path, encode_binary(&config, &leases, &[])).unwrap();
+        assert_eq!(
+            read(&path, |_| Caps::from_bits_retain(0x2f))
+                .unwrap()
+                .unwrap()
+                .leases,
+            leases
+        );
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.truncate(bytes.len() - 3);
         std::fs::write(&path, &bytes).unwrap();
-        assert!(matches!(read(&path), Err(StateFileError::Corrupt { .. })));
+        assert!(matches!(
+            read(&path, |_| Caps::from_bits_retain(0x2f)),
+            Err(StateFileError::Corrupt { .. })
+        ));
         std::fs::write(&path, b"garbage").unwrap();
-        assert!(matches!(read(&path), Err(StateFileError::Corrupt { .. })));
+        assert!(matches!(
+            read(&path, |_| Caps::from_bits_retain(0x2f)),
+            Err(StateFileError::Corrupt { .. })
+        ));
+        // Text: a bad line is corrupt, with its line.
+        std::fs::write(&path, b"[[rule]]\ntcp = \"80:81\"\nbogus = 1\n").unwrap();
+        let e = read(&path, |_| Caps::from_bits_retain(0x2f)).unwrap_err();
+        assert!(e.to_string().contains("line 3"), "{e}");
+        // The text written is a configuration file, and reads back.
+        write(&path, &config, &leases, &[(web.clone(), 1000)], "a header").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# a header\n"), "{text}");
+        let saved = read(&path, |_| Caps::from_bits_retain(0x2f))
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved.leases, leases);
+        assert_eq!(saved.uids, [(web, 1000)]);
     }
 }

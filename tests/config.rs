@@ -291,3 +291,54 @@ fn listening_inode(pid: u32, port: u16) -> Option<u64> {
         (p == port && f.get(3) == Some(&"0A") && mine.contains(&inode)).then_some(inode)
     })
 }
+
+/// A binary state file of an earlier version is read, and the next commit
+/// writes it as text that reads as a configuration file.
+#[test]
+fn a_binary_state_file_is_upgraded_to_text() {
+    use pesto::rule::{Caps, PifId, Proto, Rule};
+    use pesto::table::{Config, PifTable, Table};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let p = free_ports(2);
+    let rule = Rule::new(Proto::Tcp, "127.0.0.1".parse().unwrap(), p, p, 9);
+    let web = pesto::owner::Owner::new("web").unwrap();
+    let table = Table::with_owned_rules(
+        Caps::from_bits_retain(0x2f),
+        vec![(rule, Some(web.clone()))],
+    )
+    .unwrap();
+    let config = Config {
+        pifs: vec![PifTable {
+            id: PifId::HOST,
+            name: "HOST".into(),
+            table,
+        }],
+    };
+    std::fs::write(
+        &state,
+        pesto::statefile::encode_binary(&config, &[], &[(web, 1000)]),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--state-file", state.to_str().unwrap()]);
+    let listing = text(&d.pesto(&[]).stdout);
+    assert!(
+        listing.contains(&format!("TCP [127.0.0.1]:{p}  =>  9  owner web")),
+        "{listing}"
+    );
+    // Written as text at start-up already (the file always holds what runs).
+    let out = d.pesto(&["-A", "-t", &format!("127.0.0.1/{}:9", p + 1)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(saved.starts_with("# pestod state file"), "{saved}");
+    assert!(
+        saved.contains(&format!("tcp = \"127.0.0.1/{p}:9\"\nowner = \"web\"")),
+        "{saved}"
+    );
+    assert!(
+        saved.contains("[[owner]]\nname = \"web\"\nuid = 1000"),
+        "{saved}"
+    );
+    let out = pestod(&["--check-config", state.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

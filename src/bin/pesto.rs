@@ -346,18 +346,26 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
                             (p.id, rules)
                         })
                         .collect();
-                    let leases = config
+                    let named: std::collections::BTreeSet<&pesto::owner::Owner> = config
                         .pifs
                         .iter()
                         .flat_map(|p| p.table.owners().iter().flatten())
-                        .filter_map(|o| session.lease(o).map(|l| (o.clone(), l)))
+                        .collect();
+                    let owners: Vec<pesto::config::OwnerEntry> = named
+                        .into_iter()
+                        .map(|o| pesto::config::OwnerEntry {
+                            owner: o.clone(),
+                            uid: session.owner_uid(o),
+                            lease: session.lease(o),
+                            pid_start: None,
+                        })
                         .collect();
                     let header = format!(
                         "pestod configuration, exported from {path} by pesto {}\n\
                          start a daemon from it with: pestod --config FILE",
                         env!("CARGO_PKG_VERSION")
                     );
-                    print!("{}", pesto::config::export(&header, &pifs, &leases));
+                    print!("{}", pesto::config::export(&header, &pifs, &owners));
                     Exit::Done
                 }
                 Err(e) => out.error(&e, Exit::Failed),

@@ -293,7 +293,13 @@ impl Reload {
     /// are never touched, and a file that does not validate changes nothing.
     async fn run(&mut self, daemon: &Daemon) {
         let (host, splice) = (self.host, self.splice);
-        let caps = move |opt: SpecOpt| if opt.is_namespace() { splice } else { host };
+        let caps = move |pif: pesto::rule::PifId| {
+            if pif == pesto::rule::PifId::SPLICE {
+                splice
+            } else {
+                host
+            }
+        };
         let rules =
             match ConfigFile::load(&self.path).and_then(|f| f.rules(caps, Ephemeral::probe())) {
                 Ok(r) => r,
@@ -505,10 +511,20 @@ fn options(
         }
     }
     let mut leases = std::collections::BTreeMap::new();
+    let mut uids = Vec::new();
     if let Some(file) = file {
         let (hc, sc) = (host.caps(), splice.caps());
         let rules = file
-            .rules(|opt| if opt.is_namespace() { sc } else { hc }, eph)
+            .rules(
+                |pif| {
+                    if pif == pesto::rule::PifId::SPLICE {
+                        sc
+                    } else {
+                        hc
+                    }
+                },
+                eph,
+            )
             .map_err(|e| e.to_string())?;
         for (pif, rules) in rules.tables {
             let table = if pif == pesto::rule::PifId::SPLICE {
@@ -524,6 +540,7 @@ fn options(
             }
         }
         leases = rules.leases;
+        uids = rules.uids.into_iter().collect();
     }
     if netns.is_none() && !splice.is_empty() {
         return Err("-T and -U forward out of a namespace: give it with --netns".to_owned());
@@ -566,6 +583,7 @@ fn options(
         state_file: args.state_file.clone(),
         metrics: args.metrics,
         leases,
+        uids,
         control_options: ControlOptions {
             max_clients: usize::try_from(args.max_clients).unwrap_or(usize::MAX),
             mode: control_mode(&args.control_mode)?,

@@ -488,7 +488,43 @@ impl Shared {
             return Ok(());
         };
         let committed = self.tables().committed();
-        crate::statefile::write(path, &committed, &self.saved_leases(), &self.uids())
+        let header = self.state_header();
+        crate::statefile::write(
+            path,
+            &committed,
+            &self.saved_leases(),
+            &self.uids(),
+            &header,
+        )
+    }
+
+    /// The state file's header: what it is, when it was written, and the
+    /// pifs' generations then.
+    fn state_header(&self) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let generations: Vec<String> = {
+            let t = self.tables();
+            t.config
+                .pifs
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} {}",
+                        p.name,
+                        t.generations.get(&p.id).copied().unwrap_or(0)
+                    )
+                })
+                .collect()
+        };
+        format!(
+            "pestod state file: the committed tables, written by pestod {} on every commit.\n\
+             Written at {now} (seconds since the Unix epoch); generations: {}.\n\
+             It reads as a configuration file (pestod --config).",
+            env!("CARGO_PKG_VERSION"),
+            generations.join(", ")
+        )
     }
 
     /// Says where `pif`'s sockets live and its targets are reached (the
@@ -1005,8 +1041,9 @@ impl Shared {
         let config = self.tables().committed();
         let leases = self.saved_leases();
         let uids = self.uids();
+        let header = self.state_header();
         let saved = tokio::task::spawn_blocking(move || {
-            crate::statefile::write(&path, &config, &leases, &uids)
+            crate::statefile::write(&path, &config, &leases, &uids, &header)
         })
         .await;
         match saved {
