@@ -9,6 +9,7 @@
 //! PESTO_BENCH_ARGS="--tcp-loopback-buffer 0" cargo bench --bench forward  # pestod options
 //! PESTO_BENCH_IDLE=1000 cargo bench --bench forward  # also pestod under control load
 //! PESTO_BENCH_CONNS=9000 cargo bench --bench forward # also pestod holding idle connections
+//! PESTO_BENCH_BASELINE=/tmp/old-pestod cargo bench --bench forward  # also another build
 //! ```
 //!
 //! With `PESTO_BENCH_CONNS=N`, a second pestod first takes N concurrent
@@ -61,6 +62,11 @@ fn main() {
 
     let mut paths: Vec<Path> = vec![Path::direct(&servers)];
     paths.push(Path::pestod(&servers));
+    // Another build of pestod, measured in the same run: what a change
+    // costs or gains (e.g. the per-rule counters).
+    if let Some(bin) = std::env::var_os("PESTO_BENCH_BASELINE") {
+        paths.push(Path::pestod_binary(&servers, "baseline".into(), &bin, &[]));
+    }
     let idle = std::env::var("PESTO_BENCH_IDLE")
         .ok()
         .and_then(|n| n.parse::<usize>().ok())
@@ -290,6 +296,17 @@ impl Path {
     }
 
     fn pestod_with(servers: &Servers, name: String, args: &[&std::ffi::OsStr]) -> Path {
+        let bin = std::ffi::OsStr::new(env!("CARGO_BIN_EXE_pestod"));
+        Path::pestod_binary(servers, name, bin, args)
+    }
+
+    /// `bin`, a pestod, with `args` and the bench's rules.
+    fn pestod_binary(
+        servers: &Servers,
+        name: String,
+        bin: &std::ffi::OsStr,
+        args: &[&std::ffi::OsStr],
+    ) -> Path {
         let Servers {
             sink,
             echo,
@@ -298,7 +315,7 @@ impl Path {
         } = *servers;
         let (s, e, u, ue) = (free_port(), free_port(), free_port(), free_port());
         let extra = std::env::var("PESTO_BENCH_ARGS").unwrap_or_default();
-        let child = Command::new(env!("CARGO_BIN_EXE_pestod"))
+        let child = Command::new(bin)
             .process_group(0)
             .args(extra.split_whitespace())
             .args(args)

@@ -238,6 +238,28 @@ impl ConfigFile {
         })
     }
 
+    /// The line where the top-level `key` is set, if it is.
+    pub fn key_line(&self, key: &str) -> Option<usize> {
+        self.text
+            .lines()
+            .position(|l| {
+                l.trim_start()
+                    .strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+            .map(|i| i + 1)
+    }
+
+    /// An error about the top-level option `key`: its line, its name.
+    pub fn option_error(&self, key: &str, message: String) -> ConfigError {
+        ConfigError {
+            path: self.path.clone(),
+            line: self.key_line(key),
+            key: Some(key.to_owned()),
+            message,
+        }
+    }
+
     /// An error about the key `key`, at byte `at` of the file.
     fn error(&self, at: usize, key: &str, message: String) -> ConfigError {
         ConfigError {

@@ -83,7 +83,9 @@ fn errors_name_the_file_and_line() {
             1,
             "owner",
         ),
-        ("max-clients = 0\n", 0, "max-clients"),
+        ("log-format = \"json\"\nmax-clients = 0\n", 2, "max-clients"),
+        ("\nstep-timeout = 0.0\n", 2, "step-timeout"),
+        ("control-mode = \"9999\"\n", 1, "control-mode"),
     ] {
         std::fs::write(&file, body).unwrap();
         let out = pestod(&["--check-config", f]);

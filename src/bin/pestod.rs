@@ -235,7 +235,7 @@ fn main() -> ExitCode {
     let opts = match options(&args, &specs, file.as_ref()) {
         Ok(o) => o,
         Err(msg) => {
-            error!("{msg}");
+            error!("{}", in_file(&msg, &matches, file.as_ref()));
             return ExitCode::from(1);
         }
     };
@@ -594,17 +594,32 @@ fn options(
     })
 }
 
+/// An error about an option (`--NAME: ...`) whose value came from the
+/// configuration file, said with the file, its line and the key.
+fn in_file(msg: &str, m: &ArgMatches, file: Option<&ConfigFile>) -> String {
+    use clap::parser::ValueSource;
+    let Some(file) = file else {
+        return msg.to_owned();
+    };
+    let Some(body) = msg.strip_prefix("--") else {
+        return msg.to_owned();
+    };
+    let name = body.split([' ', ':']).next().unwrap_or_default();
+    let rest = body.split_once(": ").map_or(body, |(_, r)| r);
+    let id = name.replace('-', "_");
+    let from_cli = m.value_source(&id) == Some(ValueSource::CommandLine);
+    match file.key_line(name) {
+        Some(_) if !from_cli => file.option_error(name, rest.to_owned()).to_string(),
+        _ => msg.to_owned(),
+    }
+}
+
 /// Takes the file's value of each option the command line did not give.
 fn merge_file(args: &mut Args, m: &ArgMatches, file: &ConfigFile) -> Result<(), ConfigError> {
     use clap::parser::ValueSource;
     let f = &file.options;
     let given = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
-    let bad = |key: &str, message: String| ConfigError {
-        path: file.path.clone(),
-        line: None,
-        key: Some(key.to_owned()),
-        message,
-    };
+    let bad = |key: &str, message: String| file.option_error(key, message);
     let range = |key: &str, v: u64, lo: u64, hi: u64| {
         if (lo..=hi).contains(&v) {
             Ok(v)
