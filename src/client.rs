@@ -281,9 +281,11 @@ impl Session {
         if opts.reserve && !opts.read_only && ext.features & features::RESERVE != 0 {
             flags |= RESERVE;
         }
-        // Health and moves whenever the server has them: extra messages a
-        // caller is free to ignore.
-        if ext.features & features::HEALTH != 0 {
+        // Health with a read-only listing (the server reads it under its
+        // socket registry, which a writer's listing should not wait for),
+        // and moves whenever the server has them: extra messages a caller
+        // is free to ignore.
+        if opts.read_only && ext.features & features::HEALTH != 0 {
             flags |= HEALTH;
         }
         if !opts.read_only && ext.features & features::MOVES != 0 {
@@ -450,7 +452,8 @@ impl Session {
     }
 
     /// Each listed rule's health and each pif's applied-uncommitted marker,
-    /// if the server has the HEALTH feature (version 3).
+    /// read with a read-only listing ([`Options::read_only`]) from a server
+    /// with the HEALTH feature.
     pub fn health(&self) -> Option<&[PifHealth]> {
         self.health.as_deref()
     }

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use crate::codec::{CodecError, DecodeError, Limits, Reader, Update, decode_from, encode_to_vec};
 use crate::lease::Lease;
 use crate::owner::Owner;
-use crate::rule::{Caps, PifId, Rule};
+use crate::rule::{Caps, PifId};
 use crate::table::Config;
 
 /// First bytes of a state file.
@@ -92,7 +92,7 @@ fn file_kind(m: &std::fs::Metadata) -> &'static str {
 }
 
 /// Saved tables: each pif with its rules and their owners.
-pub type Tables = Vec<(PifId, Vec<(Rule, Option<Owner>)>)>;
+pub type Tables = crate::table::OwnedTables;
 
 /// A saved lease: the owner, the lease, and for a pid lease the process's
 /// start time (see [`crate::lease::start_time`]).
@@ -317,18 +317,7 @@ pub fn write(
     uids: &[(Owner, u32)],
     header: &str,
 ) -> Result<(), StateFileError> {
-    let tables: Tables = config
-        .pifs
-        .iter()
-        .map(|p| {
-            let rules = p
-                .table
-                .owned_rules()
-                .map(|(r, o)| (r.clone(), o.cloned()))
-                .collect();
-            (p.id, rules)
-        })
-        .collect();
+    let tables: Tables = config.owned_tables();
     let mut owners: std::collections::BTreeMap<Owner, crate::config::OwnerEntry> =
         std::collections::BTreeMap::new();
     let entry = |o: &Owner| crate::config::OwnerEntry {
@@ -438,7 +427,7 @@ fn nonce() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rule::Proto;
+    use crate::rule::{Proto, Rule};
     use crate::table::{PifTable, Table};
 
     #[test]

@@ -490,6 +490,9 @@ pub struct PifTable {
     pub table: Table,
 }
 
+/// Each pif's id with its rules and their owners, in order.
+pub type OwnedTables = Vec<(PifId, Vec<(Rule, Option<Owner>)>)>;
+
 /// Every pif's table: what a listing carries and an update changes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Config {
@@ -516,6 +519,22 @@ impl Config {
     /// The pif with this id, to change.
     pub fn by_id_mut(&mut self, id: PifId) -> Option<&mut PifTable> {
         self.pifs.iter_mut().find(|p| p.id == id)
+    }
+
+    /// Each pif's id with its rules and their owners, in order: what a
+    /// state file or an export writes.
+    pub fn owned_tables(&self) -> OwnedTables {
+        self.pifs
+            .iter()
+            .map(|p| {
+                let rules = p
+                    .table
+                    .owned_rules()
+                    .map(|(r, o)| (r.clone(), o.cloned()))
+                    .collect();
+                (p.id, rules)
+            })
+            .collect()
     }
 }
 

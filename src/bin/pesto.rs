@@ -334,18 +334,7 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
         if args.export {
             return match session.config() {
                 Ok(config) => {
-                    let pifs: Vec<_> = config
-                        .pifs
-                        .iter()
-                        .map(|p| {
-                            let rules = p
-                                .table
-                                .owned_rules()
-                                .map(|(r, o)| (r.clone(), o.cloned()))
-                                .collect();
-                            (p.id, rules)
-                        })
-                        .collect();
+                    let pifs = config.owned_tables();
                     let named: std::collections::BTreeSet<&pesto::owner::Owner> = config
                         .pifs
                         .iter()

@@ -619,11 +619,7 @@ impl Shared {
                         .iter()
                         .enumerate()
                         .map(|(i, rule)| {
-                            // In table order; searched only if not.
-                            let found = synced
-                                .get(i)
-                                .filter(|(_, rr)| rr.rule == *rule)
-                                .or_else(|| synced.iter().find(|(_, rr)| rr.rule == *rule));
+                            let found = synced_rule(synced, i, rule);
                             // Not synced (its namespace is gone): nothing
                             // of it listens.
                             let wanted = if rule.is_scan() { 0 } else { rule.port_count() };
@@ -1513,10 +1509,7 @@ impl Shared {
                             .iter()
                             .enumerate()
                             .map(|(i, rule)| {
-                                synced
-                                    .get(i)
-                                    .filter(|(_, rr)| rr.rule == *rule)
-                                    .or_else(|| synced.iter().find(|(_, rr)| rr.rule == *rule))
+                                synced_rule(synced, i, rule)
                                     .map_or_else(RuleCounters::default, |(route, _)| {
                                         route.stats.snapshot()
                                     })
@@ -1638,6 +1631,20 @@ impl Shared {
             Err(e) => tracing::error!(%pif, "closing the sockets failed: {e}"),
         }
     }
+}
+
+/// The registry's entry of listed rule `i`, `rule`: at the same index (the
+/// registry syncs tables in their order), searched only if not there;
+/// `None` for a rule the registry does not hold (its namespace is gone).
+fn synced_rule<'a>(
+    synced: &'a [(Arc<Route>, crate::registry::RuleReport)],
+    i: usize,
+    rule: &Rule,
+) -> Option<&'a (Arc<Route>, crate::registry::RuleReport)> {
+    synced
+        .get(i)
+        .filter(|(_, rr)| rr.rule == *rule)
+        .or_else(|| synced.iter().find(|(_, rr)| rr.rule == *rule))
 }
 
 /// Adds `port` of `rule` to `moved`, merged with the range before it.
