@@ -141,10 +141,22 @@ fn udp_flow_sockets_never_exceed_the_limit() {
         p.send_to(b"hello", v4(port)).unwrap();
     }
     // The last peers' flows are made and answered: the burst went through.
+    // A datagram that came while every flow was busy closing is dropped
+    // (counted, documented): as any UDP client, a peer sends again.
     let mut buf = [0u8; 16];
     for p in peers.iter().rev().take(MAX / 2) {
-        p.set_read_timeout(Some(PATIENCE)).unwrap();
-        let n = p.recv(&mut buf).expect("the newest flows are answered");
+        p.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let n = loop {
+            match p.recv(&mut buf) {
+                Ok(n) => break n,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    p.send_to(b"hello", v4(port)).unwrap();
+                }
+                Err(e) => panic!("the newest flows are answered: {e}"),
+            }
+        };
         assert_eq!(&buf[..n], b"hello");
     }
     let peak = sampling.stop();
