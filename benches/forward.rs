@@ -10,6 +10,7 @@
 //! PESTO_BENCH_IDLE=1000 cargo bench --bench forward  # also pestod under control load
 //! PESTO_BENCH_CONNS=9000 cargo bench --bench forward # also pestod holding idle connections
 //! PESTO_BENCH_BASELINE=/tmp/old-pestod cargo bench --bench forward  # also another build
+//! PESTO_BENCH_ROUNDS=5 cargo bench --bench forward   # median of 5 interleaved runs
 //! ```
 //!
 //! With `PESTO_BENCH_CONNS=N`, a second pestod first takes N concurrent
@@ -139,12 +140,22 @@ fn main() {
     ];
 
     let only = std::env::var("PESTO_BENCH_ONLY").unwrap_or_default();
+    let rounds: usize = std::env::var("PESTO_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1);
     println!(
-        "{secs} s per measurement; ratio = rate / direct rate; CPU = forwarder, % of one core \
-         (and for bulk, per Gbit/s)"
+        "{secs} s per measurement{}; ratio = rate / direct rate; CPU = forwarder, % of one core \
+         (and for bulk, per Gbit/s; for connections, per connection)",
+        if rounds > 1 {
+            format!(", median of {rounds} rounds (the paths take turns)")
+        } else {
+            String::new()
+        }
     );
-    // Wide enough for "12.34 0.56x, 78% CPU, 1.2%/Gbit/s".
-    let width = 36;
+    // Wide enough for "12.34 0.56x, 78% CPU, 1.2%/Gbit/s" or "µs/conn".
+    let width = 40;
     print!("{:<30}", "load");
     for p in &paths {
         print!("{:>width$}", p.name);
@@ -152,17 +163,28 @@ fn main() {
     println!();
     for (name, unit, load) in loads.iter().filter(|l| l.0.contains(&only)) {
         print!("{name:<30}");
+        std::io::stdout().flush().ok();
+        // (rate, CPU %) of each round, per path; the paths take turns so
+        // that a slow spell of the machine hits them all.
+        let mut runs: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); paths.len()];
+        for _ in 0..rounds {
+            for (p, runs) in paths.iter().zip(&mut runs) {
+                // Let TIME_WAIT and socket buffers of the last load settle.
+                thread::sleep(Duration::from_millis(300));
+                let cpu0 = p.cpu_ticks();
+                let t0 = Instant::now();
+                let rate = load(p);
+                let cpu = p.cpu_ticks().zip(cpu0).map(|(b, a)| {
+                    (b - a) as f64 / clock_ticks() / t0.elapsed().as_secs_f64() * 100.0
+                });
+                runs.push((rate, cpu));
+            }
+        }
         let mut direct = 0.0;
-        for (i, p) in paths.iter().enumerate() {
-            // Let TIME_WAIT and socket buffers of the last load settle.
-            thread::sleep(Duration::from_millis(300));
-            let cpu0 = p.cpu_ticks();
-            let t0 = Instant::now();
-            let rate = load(p);
-            let cpu = p
-                .cpu_ticks()
-                .zip(cpu0)
-                .map(|(b, a)| (b - a) as f64 / clock_ticks() / t0.elapsed().as_secs_f64() * 100.0);
+        for (i, runs) in runs.iter_mut().enumerate() {
+            // The median round by rate, with its own CPU figure.
+            runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (rate, cpu) = runs[runs.len() / 2];
             if rate.is_nan() {
                 print!("{:>width$}", "-");
             } else if i == 0 {
@@ -170,15 +192,17 @@ fn main() {
                 print!("{:>width$}", format!("{rate:.2} {unit}"));
             } else {
                 let ratio = if direct > 0.0 { rate / direct } else { 0.0 };
-                // For bulk loads, the CPU a Gbit/s costs: what a faster
+                // The CPU a Gbit/s or a connection costs: what a faster
                 // forwarder's higher CPU share would hide.
                 let cpu = cpu.map_or(String::new(), |c| match *unit {
                     "Gbit/s" if rate > 0.0 => format!(", {c:.0}% CPU, {:.1}%/Gbit/s", c / rate),
+                    "conn/s" if rate > 0.0 => {
+                        format!(", {c:.0}% CPU, {:.0} µs/conn", c / 100.0 / rate * 1e6)
+                    }
                     _ => format!(", {c:.0}% CPU"),
                 });
                 print!("{:>width$}", format!("{rate:.2} {ratio:.2}x{cpu}"));
             }
-            std::io::stdout().flush().ok();
         }
         println!();
     }

@@ -58,6 +58,68 @@ fn half_close_passes_through() {
     assert_eq!(read_all(&mut s), b"got 5000 bytes");
 }
 
+/// Request and reply, thousands of times on one connection, at sizes on
+/// both sides of the copy/splice line (4 KiB) and with pauses: no burst is
+/// lost or kept back, whichever way the relay read it.
+#[test]
+fn small_exchanges_keep_flowing() {
+    let target = echo_server(v4(0));
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
+    let mut s = connect(v4(port));
+    let sizes = [1usize, 2, 100, 1400, 4095, 4096, 4097, 9000, 65_536];
+    for i in 0..2000u64 {
+        let msg = pattern(sizes[i as usize % sizes.len()], i + 1);
+        s.write_all(&msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).unwrap();
+        assert!(back == msg, "exchange {i} of {} bytes", msg.len());
+        if i % 97 == 0 {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut s), b"");
+}
+
+/// Whichever side closes first, each side sees the other's close as a
+/// clean EOF, never a reset: the relay's last FIN comes from a close when
+/// it skips the shutdown.
+#[test]
+fn closes_are_clean_either_way() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    // Answers, then closes first ("server") or waits for the client's EOF.
+    let target = tcp_server(v4(0), move |mut s| {
+        let mut req = [0u8; 6];
+        s.read_exact(&mut req).unwrap();
+        s.write_all(b"reply").unwrap();
+        if &req == b"client" {
+            let mut rest = Vec::new();
+            let end = s.read_to_end(&mut rest).map(|_| rest.len());
+            tx.lock().unwrap().send(end.map_err(|e| e.kind())).unwrap();
+        }
+    });
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
+    for _ in 0..50 {
+        // The client closes first: the server reads a clean EOF, and the
+        // client then reads one too.
+        let mut s = connect(v4(port));
+        s.write_all(b"client").unwrap();
+        let mut reply = [0u8; 5];
+        s.read_exact(&mut reply).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let end = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(end, Ok(0), "the server's view of the client's close");
+        assert_eq!(read_all(&mut s), b"");
+        // The server closes first.
+        let mut s = connect(v4(port));
+        s.write_all(b"server").unwrap();
+        assert_eq!(read_all(&mut s), b"reply");
+    }
+}
+
 #[test]
 fn two_hundred_concurrent_connections() {
     let target = echo_server(v4(0));

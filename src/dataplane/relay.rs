@@ -13,11 +13,11 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use rustix::io::Errno;
-use rustix::net::Shutdown;
+use rustix::net::{RecvFlags, Shutdown};
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -97,15 +97,25 @@ pub(super) async fn relay(
     a_to_b: &AtomicU64,
     b_to_a: &AtomicU64,
 ) -> io::Result<()> {
-    tokio::try_join!(one_way(a, b, pipes, a_to_b), one_way(b, a, pipes, b_to_a)).map(|_| ())
+    let first_done = AtomicBool::new(false);
+    tokio::try_join!(
+        one_way(a, b, pipes, a_to_b, &first_done),
+        one_way(b, a, pipes, b_to_a, &first_done)
+    )
+    .map(|_| ())
 }
 
-/// Moves `src` to `dst` until EOF, then shuts down `dst`'s write side.
+/// Moves `src` to `dst` until EOF, then shuts down `dst`'s write side,
+/// unless the other direction finished first (`first_done`): then both
+/// sockets are closed as soon as this returns, and the close sends the
+/// same FIN (`dst` has nothing left to read, so it is not a reset), one
+/// system call fewer per connection.
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
     pipes: &Pipes<'_>,
     count: &AtomicU64,
+    first_done: &AtomicBool,
 ) -> io::Result<u64> {
     let moved = match splice_loop(src, dst, pipes, count).await? {
         Spliced::Done(n) => n,
@@ -113,6 +123,9 @@ async fn one_way(
         // works, by copy.
         Spliced::Copy(n) => n + copy_loop(src, dst, count).await?,
     };
+    if first_done.swap(true, Ordering::Relaxed) {
+        return Ok(moved);
+    }
     match rustix::net::shutdown(dst, Shutdown::Write) {
         // The peer may be gone already; nothing is left to tell it.
         Ok(()) | Err(Errno::NOTCONN) => Ok(moved),
@@ -187,12 +200,12 @@ async fn splice_loop(
         tokio::task::coop::consume_budget().await;
         src.readable().await?;
         if !bulk {
-            let mut buf = vec![0u8; SMALL_BURST];
+            let mut buf = Vec::with_capacity(SMALL_BURST);
             match copy_once(src, dst, &mut buf, count).await? {
                 None => return Ok(Spliced::Done(moved)),
                 Some(n) => {
                     moved += n;
-                    bulk = n == SMALL_BURST as u64;
+                    bulk = n >= SMALL_BURST as u64;
                 }
             }
             continue;
@@ -200,7 +213,7 @@ async fn splice_loop(
         let Ok(mut pipe) = pool.take(pipes.cap) else {
             // No pipe to be had now (out of descriptors): this burst goes
             // by copy, the next one tries again.
-            let mut buf = vec![0u8; COPY_BUF];
+            let mut buf = Vec::with_capacity(COPY_BUF);
             match copy_once(src, dst, &mut buf, count).await? {
                 None => return Ok(Spliced::Done(moved)),
                 Some(n) => moved += n,
@@ -291,7 +304,7 @@ fn unsupported(e: &io::Error) -> bool {
 
 /// The copy direction, through one buffer for the whole connection.
 async fn copy_loop(src: &TcpStream, dst: &TcpStream, count: &AtomicU64) -> io::Result<u64> {
-    let mut buf = vec![0u8; COPY_BUF];
+    let mut buf = Vec::with_capacity(COPY_BUF);
     let mut moved: u64 = 0;
     loop {
         // As in the splice direction: yield now and then.
@@ -304,19 +317,43 @@ async fn copy_loop(src: &TcpStream, dst: &TcpStream, count: &AtomicU64) -> io::R
     }
 }
 
-/// One read of what `src` has (it was readable) through `buf`, written
-/// whole to `dst` (and added to `count`): the bytes moved, or `None` at EOF.
+/// One read of what `src` has (it was readable) into `buf`'s spare room
+/// (its capacity, never zeroed), written whole to `dst` (and added to
+/// `count`): the bytes moved, or `None` at EOF.
+///
+/// A read shorter than the room means the socket's queue is empty (a TCP
+/// read takes all it has, up to the length), so it clears the readiness
+/// there and then: the next wait goes straight to the event loop instead
+/// of through a read that fails with EAGAIN, one system call saved per
+/// burst. Nothing is lost: data arriving after the read brings a new event,
+/// which tokio's readiness tick keeps apart from the one cleared.
 async fn copy_once(
     src: &TcpStream,
     dst: &TcpStream,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
     count: &AtomicU64,
 ) -> io::Result<Option<u64>> {
-    let n = match src.try_read(buf) {
-        Ok(0) => return Ok(None),
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
-        Err(e) => return Err(e),
+    buf.clear();
+    let room = buf.capacity();
+    let mut short = None;
+    let read = src.try_io(Interest::READABLE, || {
+        let (got, _) = rustix::net::recv(
+            src,
+            rustix::buffer::spare_capacity(&mut *buf),
+            RecvFlags::empty(),
+        )?;
+        if got > 0 && got < room {
+            short = Some(got);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got)
+    });
+    let n = match (read, short) {
+        (_, Some(n)) => n,
+        (Ok(0), None) => return Ok(None),
+        (Ok(n), None) => n,
+        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
+        (Err(e), None) => return Err(e),
     };
     let mut done = 0;
     while let Some(rest) = buf.get(done..n).filter(|r| !r.is_empty()) {
