@@ -121,7 +121,7 @@ pub struct Daemon {
     targets: Targets,
     control: Option<ControlServer>,
     control_v2: Option<ControlServer>,
-    metrics: Option<crate::metrics::MetricsServer>,
+    metrics: Option<Metrics>,
     dp: Arc<DataPlane>,
     grace: Duration,
 }
@@ -347,9 +347,7 @@ impl Daemon {
             }
         };
         let metrics = match opts.metrics.map(|addr| {
-            std::net::TcpListener::bind(addr)
-                .and_then(|l| crate::metrics::MetricsServer::start(l, Arc::clone(&shared)))
-                .map_err(|error| StartError::Metrics { addr, error })
+            start_metrics(addr, &shared).map_err(|error| StartError::Metrics { addr, error })
         }) {
             None => None,
             Some(Ok(m)) => Some(m),
@@ -496,6 +494,42 @@ impl Daemon {
         self.shared.close_all().await;
         self.dp.shutdown(self.grace).await;
     }
+}
+
+/// The metrics endpoint of this build.
+#[cfg(feature = "metrics")]
+type Metrics = crate::metrics::MetricsServer;
+
+/// Serves the counters on `addr` (`--metrics`).
+#[cfg(feature = "metrics")]
+fn start_metrics(addr: std::net::SocketAddr, shared: &Arc<Shared>) -> std::io::Result<Metrics> {
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| crate::metrics::MetricsServer::start(l, Arc::clone(shared)))
+}
+
+/// A build without the `metrics` feature has no endpoint to run.
+#[cfg(not(feature = "metrics"))]
+#[derive(Debug)]
+enum Metrics {}
+
+#[cfg(not(feature = "metrics"))]
+impl Metrics {
+    fn addr(&self) -> std::net::SocketAddr {
+        match *self {}
+    }
+
+    async fn stop(self) {
+        match self {}
+    }
+}
+
+/// `--metrics` in a build without the endpoint: an error, not a silence.
+#[cfg(not(feature = "metrics"))]
+fn start_metrics(_: std::net::SocketAddr, _: &Arc<Shared>) -> std::io::Result<Metrics> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "this pestod was built without the `metrics` feature",
+    ))
 }
 
 /// What start-up binds: the tables and their placements.

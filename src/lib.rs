@@ -50,7 +50,9 @@ pub mod edit;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod lease;
+#[cfg(feature = "cli")]
 pub mod manual;
+#[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod netns;
 pub mod owner;
