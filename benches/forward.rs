@@ -147,7 +147,8 @@ fn main() {
         .unwrap_or(1);
     println!(
         "{secs} s per measurement{}; ratio = rate / direct rate; CPU = forwarder, % of one core \
-         (and for bulk, per Gbit/s; for connections, per connection)",
+         (and for bulk, per Gbit/s; for connections, per connection, and for the direct \
+         path the whole machine's CPU per connection)",
         if rounds > 1 {
             format!(", median of {rounds} rounds (the paths take turns)")
         } else {
@@ -166,30 +167,40 @@ fn main() {
         std::io::stdout().flush().ok();
         // (rate, CPU %) of each round, per path; the paths take turns so
         // that a slow spell of the machine hits them all.
-        let mut runs: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); paths.len()];
+        let mut runs: Vec<Vec<(f64, Option<f64>, Option<f64>)>> = vec![Vec::new(); paths.len()];
         for _ in 0..rounds {
             for (p, runs) in paths.iter().zip(&mut runs) {
                 // Let TIME_WAIT and socket buffers of the last load settle.
                 thread::sleep(Duration::from_millis(300));
-                let cpu0 = p.cpu_ticks();
+                let (cpu0, machine0) = (p.cpu_ticks(), machine_busy_ticks());
                 let t0 = Instant::now();
                 let rate = load(p);
-                let cpu = p.cpu_ticks().zip(cpu0).map(|(b, a)| {
-                    (b - a) as f64 / clock_ticks() / t0.elapsed().as_secs_f64() * 100.0
-                });
-                runs.push((rate, cpu));
+                let share = |b: u64, a: u64| {
+                    b.saturating_sub(a) as f64 / clock_ticks() / t0.elapsed().as_secs_f64() * 100.0
+                };
+                let cpu = p.cpu_ticks().zip(cpu0).map(|(b, a)| share(b, a));
+                let machine = machine_busy_ticks().zip(machine0).map(|(b, a)| share(b, a));
+                runs.push((rate, cpu, machine));
             }
         }
         let mut direct = 0.0;
         for (i, runs) in runs.iter_mut().enumerate() {
             // The median round by rate, with its own CPU figure.
             runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let (rate, cpu) = runs[runs.len() / 2];
+            let (rate, cpu, machine) = runs[runs.len() / 2];
             if rate.is_nan() {
                 print!("{:>width$}", "-");
             } else if i == 0 {
                 direct = rate;
-                print!("{:>width$}", format!("{rate:.2} {unit}"));
+                // What a connection costs the whole machine (client,
+                // server, kernel): the budget a forwarder adds to.
+                let machine = match machine {
+                    Some(m) if *unit == "conn/s" && rate > 0.0 => {
+                        format!(", {:.0} µs/conn all", m / 100.0 / rate * 1e6)
+                    }
+                    _ => String::new(),
+                };
+                print!("{:>width$}", format!("{rate:.2} {unit}{machine}"));
             } else {
                 let ratio = if direct > 0.0 { rate / direct } else { 0.0 };
                 // The CPU a Gbit/s or a connection costs: what a faster
@@ -550,6 +561,20 @@ impl Drop for ControlLoad {
             let _ = t.join();
         }
     }
+}
+
+/// CPU time the whole machine spent busy (every CPU), in clock ticks.
+fn machine_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    Some(f.get(..8)?.iter().sum::<u64>() - f[3] - f[4])
 }
 
 fn clock_ticks() -> f64 {
