@@ -167,7 +167,7 @@ fn main() {
         std::io::stdout().flush().ok();
         // (rate, CPU %) of each round, per path; the paths take turns so
         // that a slow spell of the machine hits them all.
-        let mut runs: Vec<Vec<(f64, Option<f64>, Option<f64>)>> = vec![Vec::new(); paths.len()];
+        let mut runs: Vec<Vec<Round>> = vec![Vec::new(); paths.len()];
         for _ in 0..rounds {
             for (p, runs) in paths.iter().zip(&mut runs) {
                 // Let TIME_WAIT and socket buffers of the last load settle.
@@ -218,6 +218,10 @@ fn main() {
         println!();
     }
 }
+
+/// One measurement: the rate, the forwarder's CPU and the whole machine's
+/// (% of one core).
+type Round = (f64, Option<f64>, Option<f64>);
 
 /// The servers the loads end at.
 #[derive(Clone, Copy)]
