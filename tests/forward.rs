@@ -686,3 +686,96 @@ fn loopback_connections_get_fixed_buffers() {
         }
     }
 }
+
+/// Urgent data (MSG_OOB, as telnet's Synch or FTP's ABOR send) in the middle
+/// of a burst: the relay's read stops at the urgent mark with in-band bytes
+/// still queued behind it; those must still reach the target without the
+/// client sending anything more.
+#[test]
+fn data_behind_an_urgent_mark_is_relayed() {
+    use rustix::net::{SendFlags, sockopt};
+    let target = echo_server(v4(0));
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
+    for round in 0..20 {
+        let mut s = connect(v4(port));
+        // Warm the connection up: the relay is then waiting for the next burst.
+        s.write_all(b"hi").unwrap();
+        let mut back = [0u8; 2];
+        s.read_exact(&mut back).unwrap();
+        // One segment: "abc", urgent "X", "def" (corked so that all of it
+        // is queued before the relay reads).
+        sockopt::set_tcp_cork(&s, true).unwrap();
+        rustix::net::send(&s, b"abc", SendFlags::empty()).unwrap();
+        rustix::net::send(&s, b"X", SendFlags::OOB).unwrap();
+        rustix::net::send(&s, b"def", SendFlags::empty()).unwrap();
+        sockopt::set_tcp_cork(&s, false).unwrap();
+        // The forwarder relays the in-band bytes (the urgent byte stays
+        // behind: it is out of band); the client waits for the echo only.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while got.len() < 6 {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => panic!(
+                    "round {round}: got {:?} then {e}",
+                    String::from_utf8_lossy(&got)
+                ),
+            }
+        }
+        assert_eq!(got, b"abcdef", "round {round}");
+    }
+}
+
+/// The same once the direction splices (after a full 64 KiB burst).
+#[test]
+fn data_behind_an_urgent_mark_is_relayed_in_bulk() {
+    use rustix::net::{SendFlags, sockopt};
+    let target = echo_server(v4(0));
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
+    let mut s = connect(v4(port));
+    let big = pattern(1 << 16, 3);
+    s.write_all(&big).unwrap();
+    let mut back = vec![0u8; big.len()];
+    s.read_exact(&mut back).unwrap();
+    sockopt::set_tcp_cork(&s, true).unwrap();
+    rustix::net::send(&s, b"abc", SendFlags::empty()).unwrap();
+    rustix::net::send(&s, b"X", SendFlags::OOB).unwrap();
+    rustix::net::send(&s, b"def", SendFlags::empty()).unwrap();
+    sockopt::set_tcp_cork(&s, false).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while got.len() < 6 {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("got {:?} then {e}", String::from_utf8_lossy(&got)),
+        }
+    }
+    assert_eq!(got, b"abcdef");
+}
+
+/// Urgent data right before the client's FIN, once the direction splices:
+/// the bytes after the mark are not taken for EOF's and lost, and the
+/// close that follows is clean.
+#[test]
+fn data_between_an_urgent_mark_and_eof_is_relayed() {
+    use rustix::net::{SendFlags, sockopt};
+    let target = echo_server(v4(0));
+    let port = free_ports(1);
+    let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
+    let mut s = connect(v4(port));
+    let big = pattern(1 << 16, 5);
+    s.write_all(&big).unwrap();
+    let mut back = vec![0u8; big.len()];
+    s.read_exact(&mut back).unwrap();
+    sockopt::set_tcp_cork(&s, true).unwrap();
+    rustix::net::send(&s, b"abc", SendFlags::empty()).unwrap();
+    rustix::net::send(&s, b"X", SendFlags::OOB).unwrap();
+    rustix::net::send(&s, b"def", SendFlags::empty()).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    sockopt::set_tcp_cork(&s, false).unwrap();
+    assert_eq!(read_all(&mut s), b"abcdef");
+}

@@ -220,52 +220,49 @@ async fn splice_loop(
             }
             continue;
         };
-        let res = src.try_io(Interest::READABLE, || {
-            rustix::pipe::splice(src, None, &pipe.write, None, pipe.size, flags).map_err(Into::into)
-        });
-        let in_pipe = match res {
-            Ok(0) => {
+        // Straight to splice(2), not through tokio's readiness: its EAGAIN
+        // or 0 can mean an urgent mark rather than an empty socket or EOF
+        // (see `confirm_empty`), so only the read after it may clear the
+        // readiness.
+        let in_pipe = match rustix::pipe::splice(src, None, &pipe.write, None, pipe.size, flags) {
+            Ok(n) if n > 0 => n,
+            Ok(_) | Err(Errno::AGAIN) => {
                 pool.put(pipe);
-                return Ok(Spliced::Done(moved));
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                pool.put(pipe);
+                match confirm_empty(src, dst, count).await? {
+                    None => return Ok(Spliced::Done(moved)),
+                    Some(n) => moved += n,
+                }
                 continue;
             }
-            Err(e) if unsupported(&e) => {
+            // The kernel cannot splice these sockets.
+            Err(Errno::INVAL | Errno::NOSYS) => {
                 pool.put(pipe);
                 return Ok(Spliced::Copy(moved));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         if in_pipe >= pipe.size / 2 {
             pipe.grow();
         }
-        let (n, eof) = drain(src, dst, &mut pipe, in_pipe, count).await?;
-        moved += n;
+        moved += drain(src, dst, &mut pipe, in_pipe, count).await?;
         // Drained: the pipe goes back for whoever has data next.
         pool.put(pipe);
-        if eof {
-            return Ok(Spliced::Done(moved));
-        }
     }
 }
 
 /// Moves the `in_pipe` bytes in `pipe` to `dst`, reading on from `src` into
-/// the room left while `dst` is slow. Returns the bytes moved and whether
-/// `src` reached EOF meanwhile; the pipe is empty after it. On an error
-/// the pipe may hold bytes: the caller drops it.
+/// the room left while `dst` is slow. Returns the bytes moved; the pipe is
+/// empty after it. On an error the pipe may hold bytes: the caller drops it.
 async fn drain(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: &mut Pipe,
     mut in_pipe: usize,
     count: &AtomicU64,
-) -> io::Result<(u64, bool)> {
+) -> io::Result<u64> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut moved: u64 = 0;
-    let mut eof = false;
+    let mut read_ahead = true;
     while in_pipe > 0 {
         dst.writable().await?;
         let res = dst.try_io(Interest::WRITABLE, || {
@@ -284,22 +281,19 @@ async fn drain(
         // pipe has. Straight to splice(2), not through tokio: an EAGAIN here
         // may mean a full pipe, and must not clear the socket's readiness
         // (data there would wait for an event that does not come).
-        if in_pipe > 0 && !eof && in_pipe < pipe.size {
+        if in_pipe > 0 && read_ahead && in_pipe < pipe.size {
             let room = pipe.size - in_pipe;
             match rustix::pipe::splice(src, None, &pipe.write, None, room, flags) {
-                Ok(0) => eof = true,
+                // EOF, or an urgent mark (see splice_loop): the caller's
+                // next splice and read tell which.
+                Ok(0) => read_ahead = false,
                 Ok(n) => in_pipe += n,
                 Err(Errno::AGAIN) => {}
                 Err(e) => return Err(e.into()),
             }
         }
     }
-    Ok((moved, eof))
-}
-
-/// The kernel cannot splice these descriptors.
-fn unsupported(e: &io::Error) -> bool {
-    Errno::from_io_error(e).is_some_and(|n| n == Errno::INVAL || n == Errno::NOSYS)
+    Ok(moved)
 }
 
 /// The copy direction, through one buffer for the whole connection.
@@ -320,43 +314,46 @@ async fn copy_loop(src: &TcpStream, dst: &TcpStream, count: &AtomicU64) -> io::R
 /// One read of what `src` has (it was readable) into `buf`'s spare room
 /// (its capacity, never zeroed), written whole to `dst` (and added to
 /// `count`): the bytes moved, or `None` at EOF.
-///
-/// A read shorter than the room means the socket's queue is empty (a TCP
-/// read takes all it has, up to the length), so it clears the readiness
-/// there and then: the next wait goes straight to the event loop instead
-/// of through a read that fails with EAGAIN, one system call saved per
-/// burst. Nothing is lost: data arriving after the read brings a new event,
-/// which tokio's readiness tick keeps apart from the one cleared.
 async fn copy_once(
     src: &TcpStream,
     dst: &TcpStream,
     buf: &mut Vec<u8>,
     count: &AtomicU64,
 ) -> io::Result<Option<u64>> {
+    match src.try_io(Interest::READABLE, || recv(src, buf)) {
+        Ok(0) => Ok(None),
+        Ok(n) => write_all(dst, &buf[..n], count).await.map(Some),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(0)),
+        Err(e) => Err(e),
+    }
+}
+
+/// After splice(2) from `src` found nothing or EOF: one read, through
+/// tokio's readiness, tells which, or finds the bytes behind an urgent mark
+/// (MSG_OOB), where splice(2) stops for good while a read goes past it (the
+/// urgent byte is out of band and stays behind). The bytes it finds go to
+/// `dst`; a read that finds none clears the readiness. In the common case
+/// it is one read that fails with EAGAIN per burst. `None` at EOF.
+async fn confirm_empty(
+    src: &TcpStream,
+    dst: &TcpStream,
+    count: &AtomicU64,
+) -> io::Result<Option<u64>> {
+    let mut buf = Vec::with_capacity(SMALL_BURST);
+    copy_once(src, dst, &mut buf, count).await
+}
+
+/// One recv(2) into `buf`'s spare room.
+fn recv(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     buf.clear();
-    let room = buf.capacity();
-    let mut short = None;
-    let read = src.try_io(Interest::READABLE, || {
-        let (got, _) = rustix::net::recv(
-            src,
-            rustix::buffer::spare_capacity(&mut *buf),
-            RecvFlags::empty(),
-        )?;
-        if got > 0 && got < room {
-            short = Some(got);
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(got)
-    });
-    let n = match (read, short) {
-        (_, Some(n)) => n,
-        (Ok(0), None) => return Ok(None),
-        (Ok(n), None) => n,
-        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
-        (Err(e), None) => return Err(e),
-    };
+    let spare = rustix::buffer::spare_capacity(buf);
+    Ok(rustix::net::recv(src, spare, RecvFlags::empty())?.0)
+}
+
+/// Writes all of `bytes` to `dst`, then adds them to `count`.
+async fn write_all(dst: &TcpStream, bytes: &[u8], count: &AtomicU64) -> io::Result<u64> {
     let mut done = 0;
-    while let Some(rest) = buf.get(done..n).filter(|r| !r.is_empty()) {
+    while let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
         dst.writable().await?;
         match dst.try_write(rest) {
             Ok(k) => done += k,
@@ -364,6 +361,6 @@ async fn copy_once(
             Err(e) => return Err(e),
         }
     }
-    crate::stats::add(count, n as u64);
-    Ok(Some(n as u64))
+    crate::stats::add(count, bytes.len() as u64);
+    Ok(bytes.len() as u64)
 }
