@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::codec::v3::{
-    ClientHello, ClientMsg, Code, OWNERS, RESERVE, ServerHello, ServerMsg, Status, VERSION_3,
+    ClientHello, ClientMsg, Code, HEALTH, MOVES, OWNERS, RESERVE, STATS, ServerHello, ServerMsg,
+    Status, VERSION_3,
 };
 use crate::codec::{HelloV2, Limits, ListingV2, Update, Wire, decode_from};
 use crate::control::serve_one;
@@ -73,10 +74,12 @@ impl Asked {
 
     /// The proposal of a client that may write (version 3, not READ_ONLY,
     /// no unknown flag; scopes only with OWNERS), sent
-    /// first, then APPLY: what the server may apply.
+    /// first, then APPLY: what the server may apply. HEALTH, MOVES and
+    /// STATS only ask for more messages; a client that sets them writes.
     fn applied(&self) -> Option<Proposal<'_>> {
         let hello = self.hello.as_ref()?;
-        if hello.version != VERSION_3 || hello.flags & !(OWNERS | RESERVE) != 0 {
+        let writers = OWNERS | RESERVE | HEALTH | MOVES | STATS;
+        if hello.version != VERSION_3 || hello.flags & !writers != 0 {
             return None;
         }
         match self.msgs.as_slice() {

@@ -8,7 +8,7 @@ mod common;
 use common::Ns;
 
 use pesto::codec::Update;
-use pesto::codec::v3::{ClientMsg, OWNERS, RESERVE};
+use pesto::codec::v3::{ClientMsg, HEALTH, MOVES, OWNERS, RESERVE, STATS};
 use pesto::codec::{encode_to_vec, v3::ClientHello};
 use pesto::fuzzing;
 use pesto::owner::Owner;
@@ -154,6 +154,12 @@ fn transactions_survive_the_corpus() {
         // through unless its generation is not the one listed (STALE).
         assert_eq!(fuzzing::transaction(&transcript_with(OWNERS, true)), 2);
         assert_eq!(fuzzing::transaction(&transcript_with(RESERVE, false)), 3);
+        // So do HEALTH, MOVES and STATS: they only ask for more messages
+        // (libFuzzer found the model refusing MOVES while the server wrote).
+        for flags in [HEALTH, MOVES, STATS, HEALTH | MOVES | STATS | OWNERS] {
+            assert_eq!(fuzzing::transaction(&transcript_with(flags, true)), 2);
+            assert_eq!(fuzzing::transaction(&transcript_with(flags, false)), 3);
+        }
         assert_eq!(fuzzing::transaction(&scoped_transcript(0)), 2);
         assert_eq!(fuzzing::transaction(&scoped_transcript(7)), 1);
         let seeds = seeds();
