@@ -104,6 +104,11 @@ pub fn bind(key: &SocketKey) -> io::Result<Bound> {
     if key.addr.is_ipv6() {
         socket.set_only_v6(!key.dual_stack)?;
     }
+    if key.proto == Proto::Udp && key.addr.is_unspecified() {
+        // Before bind(2): a datagram queued without its local address
+        // would be answered from the wrong one.
+        report_local_address(&socket, key);
+    }
     if let Some(ifname) = &key.ifname {
         socket.bind_device(Some(ifname.as_str().as_bytes()))?;
     }
@@ -115,6 +120,28 @@ pub fn bind(key: &SocketKey) -> io::Result<Bound> {
         }
         Proto::Udp => Bound::Udp(socket.into()),
     })
+}
+
+/// Asks a wildcard-bound UDP socket to report each datagram's local
+/// address, so that replies go out from the address the peer sent to (a
+/// host with several addresses would otherwise answer from its primary one,
+/// and a connected peer would drop the answer). Best effort: without it
+/// the kernel picks the source, as for any socket.
+fn report_local_address(socket: &Socket, key: &SocketKey) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    match key.addr {
+        IpAddr::V4(_) => {
+            let _ = setsockopt(socket, sockopt::Ipv4PacketInfo, &true);
+        }
+        IpAddr::V6(_) => {
+            // A dual-stack socket: IPv4 datagrams also report ipi_spec_dst,
+            // the address to answer a subnet broadcast from.
+            if key.dual_stack {
+                let _ = setsockopt(socket, sockopt::Ipv4PacketInfo, &true);
+            }
+            let _ = setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true);
+        }
+    }
 }
 
 /// An unconnected, non-blocking TCP socket of `target`'s family, to connect

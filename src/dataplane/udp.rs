@@ -193,7 +193,6 @@ pub(super) async fn serve(
     let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo, libc::in_pktinfo);
     let mut batch: Vec<(SocketAddr, Range<usize>)> = Vec::new();
     let mut locals: Vec<Option<IpAddr>> = Vec::new();
-    report_local_address(&socket);
     loop {
         // Readiness does not count against the task's budget: without this
         // a flood would keep the worker to itself.
@@ -351,31 +350,6 @@ fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     }
     a.as_sockaddr_in6()
         .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
-}
-
-/// Asks a wildcard-bound socket to report each datagram's local address,
-/// so that replies go out from the address the peer sent to (a host with
-/// several addresses would otherwise answer from its primary one, and a
-/// connected peer would drop the answer). Returns whether it is on.
-fn report_local_address(socket: &UdpSocket) -> bool {
-    let Ok(local) = socket.local_addr() else {
-        return false;
-    };
-    if !local.ip().is_unspecified() {
-        return false;
-    }
-    let on = match local {
-        SocketAddr::V4(_) => setsockopt(socket, sockopt::Ipv4PacketInfo, &true),
-        SocketAddr::V6(_) => {
-            // A dual-stack socket: IPv4 datagrams also report ipi_spec_dst,
-            // the address to answer a subnet broadcast from.
-            if !socket2::SockRef::from(socket).only_v6().unwrap_or(true) {
-                let _ = setsockopt(socket, sockopt::Ipv4PacketInfo, &true);
-            }
-            setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true)
-        }
-    };
-    on.is_ok()
 }
 
 /// Sends the datagrams at `places` of `buf` on the flow's connected socket.
