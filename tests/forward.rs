@@ -687,43 +687,59 @@ fn loopback_connections_get_fixed_buffers() {
     }
 }
 
-/// Urgent data (MSG_OOB, as telnet's Synch or FTP's ABOR send) in the middle
-/// of a burst: the relay's read stops at the urgent mark with in-band bytes
-/// still queued behind it; those must still reach the target without the
-/// client sending anything more.
+/// Sends `data` and reads its echo back.
+fn echo_exchange(s: &mut std::net::TcpStream, data: &[u8]) {
+    s.write_all(data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back).unwrap();
+    assert!(back == data, "echo of {} bytes", data.len());
+}
+
+/// Sends "abc", the urgent byte "X" (MSG_OOB, as telnet's Synch or FTP's
+/// ABOR send it) and "def" in one segment, then a FIN if `fin`: corked, so
+/// that all of it is queued before the relay reads.
+fn send_around_an_urgent_byte(s: &std::net::TcpStream, fin: bool) {
+    use rustix::net::{SendFlags, send, sockopt};
+    sockopt::set_tcp_cork(s, true).unwrap();
+    send(s, b"abc", SendFlags::empty()).unwrap();
+    send(s, b"X", SendFlags::OOB).unwrap();
+    send(s, b"def", SendFlags::empty()).unwrap();
+    if fin {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    sockopt::set_tcp_cork(s, false).unwrap();
+}
+
+/// Reads the echo of [`send_around_an_urgent_byte`]'s in-band bytes (the
+/// urgent byte stays behind: it is out of band), without sending anything
+/// more; what came, and the error that stopped it, if any.
+fn read_in_band(s: &mut std::net::TcpStream) -> Result<Vec<u8>, String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while got.len() < 6 {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("got {:?} then {e}", String::from_utf8_lossy(&got))),
+        }
+    }
+    Ok(got)
+}
+
+/// Urgent data in the middle of a burst: the relay's read stops at the
+/// urgent mark with in-band bytes still queued behind it; those must still
+/// reach the target without the client sending anything more.
 #[test]
 fn data_behind_an_urgent_mark_is_relayed() {
-    use rustix::net::{SendFlags, sockopt};
     let target = echo_server(v4(0));
     let port = free_ports(1);
     let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
     for round in 0..20 {
         let mut s = connect(v4(port));
         // Warm the connection up: the relay is then waiting for the next burst.
-        s.write_all(b"hi").unwrap();
-        let mut back = [0u8; 2];
-        s.read_exact(&mut back).unwrap();
-        // One segment: "abc", urgent "X", "def" (corked so that all of it
-        // is queued before the relay reads).
-        sockopt::set_tcp_cork(&s, true).unwrap();
-        rustix::net::send(&s, b"abc", SendFlags::empty()).unwrap();
-        rustix::net::send(&s, b"X", SendFlags::OOB).unwrap();
-        rustix::net::send(&s, b"def", SendFlags::empty()).unwrap();
-        sockopt::set_tcp_cork(&s, false).unwrap();
-        // The forwarder relays the in-band bytes (the urgent byte stays
-        // behind: it is out of band); the client waits for the echo only.
-        let mut got = Vec::new();
-        let mut buf = [0u8; 64];
-        while got.len() < 6 {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) => panic!(
-                    "round {round}: got {:?} then {e}",
-                    String::from_utf8_lossy(&got)
-                ),
-            }
-        }
+        echo_exchange(&mut s, b"hi");
+        send_around_an_urgent_byte(&s, false);
+        let got = read_in_band(&mut s).unwrap_or_else(|e| panic!("round {round}: {e}"));
         assert_eq!(got, b"abcdef", "round {round}");
     }
 }
@@ -731,30 +747,13 @@ fn data_behind_an_urgent_mark_is_relayed() {
 /// The same once the direction splices (after a full 64 KiB burst).
 #[test]
 fn data_behind_an_urgent_mark_is_relayed_in_bulk() {
-    use rustix::net::{SendFlags, sockopt};
     let target = echo_server(v4(0));
     let port = free_ports(1);
     let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
     let mut s = connect(v4(port));
-    let big = pattern(1 << 16, 3);
-    s.write_all(&big).unwrap();
-    let mut back = vec![0u8; big.len()];
-    s.read_exact(&mut back).unwrap();
-    sockopt::set_tcp_cork(&s, true).unwrap();
-    rustix::net::send(&s, b"abc", SendFlags::empty()).unwrap();
-    rustix::net::send(&s, b"X", SendFlags::OOB).unwrap();
-    rustix::net::send(&s, b"def", SendFlags::empty()).unwrap();
-    sockopt::set_tcp_cork(&s, false).unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    while got.len() < 6 {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) => panic!("got {:?} then {e}", String::from_utf8_lossy(&got)),
-        }
-    }
-    assert_eq!(got, b"abcdef");
+    echo_exchange(&mut s, &pattern(1 << 16, 3));
+    send_around_an_urgent_byte(&s, false);
+    assert_eq!(read_in_band(&mut s).unwrap(), b"abcdef");
 }
 
 /// Urgent data right before the client's FIN, once the direction splices:
@@ -762,20 +761,11 @@ fn data_behind_an_urgent_mark_is_relayed_in_bulk() {
 /// close that follows is clean.
 #[test]
 fn data_between_an_urgent_mark_and_eof_is_relayed() {
-    use rustix::net::{SendFlags, sockopt};
     let target = echo_server(v4(0));
     let port = free_ports(1);
     let _d = Pestod::start(&["-t", &format!("{port}:{}", target.port())]);
     let mut s = connect(v4(port));
-    let big = pattern(1 << 16, 5);
-    s.write_all(&big).unwrap();
-    let mut back = vec![0u8; big.len()];
-    s.read_exact(&mut back).unwrap();
-    sockopt::set_tcp_cork(&s, true).unwrap();
-    rustix::net::send(&s, b"abc", SendFlags::empty()).unwrap();
-    rustix::net::send(&s, b"X", SendFlags::OOB).unwrap();
-    rustix::net::send(&s, b"def", SendFlags::empty()).unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    sockopt::set_tcp_cork(&s, false).unwrap();
+    echo_exchange(&mut s, &pattern(1 << 16, 5));
+    send_around_an_urgent_byte(&s, true);
     assert_eq!(read_all(&mut s), b"abcdef");
 }
