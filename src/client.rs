@@ -829,9 +829,9 @@ where
                 tokio::time::sleep(pause).await;
                 attempt = attempt.saturating_add(1);
                 // Lost a race: this time, hold the slot from the listing on.
-                if e.code() == Some(Code::Stale) && t.reserve_on_retry {
-                    opts.reserve = true;
-                }
+                // Anything else (BUSY) asks again without: the server
+                // grants a reservation only right after a STALE.
+                opts.reserve = e.code() == Some(Code::Stale) && t.reserve_on_retry;
             }
             other => return other,
         }

@@ -104,6 +104,10 @@ pub struct FileOptions {
     pub commit_timeout: Option<f64>,
     /// `--max-clients`.
     pub max_clients: Option<u64>,
+    /// `--max-clients-per-uid`.
+    pub max_clients_per_uid: Option<u64>,
+    /// `--max-owners-per-uid`.
+    pub max_owners_per_uid: Option<u64>,
     /// `--hello-timeout`.
     pub hello_timeout: Option<f64>,
     /// `--control-mode`.

@@ -200,6 +200,17 @@ impl Daemon {
     ) -> Result<Daemon, StartError> {
         let mut leases = std::mem::take(&mut opts.leases);
         let mut uids = std::mem::take(&mut opts.uids);
+        // The start-up rules' owners (a configuration file's) are the
+        // operator's: pinned to the uid the file gives, else the daemon's,
+        // whatever a state file says.
+        let pins = pins(
+            opts.host
+                .owners()
+                .iter()
+                .chain(opts.splice.owners())
+                .flatten(),
+            &uids.iter().cloned().collect(),
+        );
         if let Some(path) = opts.state_file.clone() {
             let (hc, sc) = (opts.host.caps(), opts.splice.caps());
             let caps = |pif: PifId| if pif == PifId::SPLICE { sc } else { hc };
@@ -268,7 +279,8 @@ impl Daemon {
             }
         }
         let mut shared = Shared::new(config, registry, opts.targets, opts.timeouts)
-            .saving_to(opts.state_file.clone());
+            .saving_to(opts.state_file.clone())
+            .owner_cap(opts.control_options.max_owners_per_uid);
         for (id, place) in placements {
             shared = shared.placed(id, place);
         }
@@ -277,6 +289,7 @@ impl Daemon {
         // was down.
         shared.restore_leases(leases);
         shared.restore_uids(uids);
+        shared.pin_owners(pins);
         shared.watch_leases();
         // The file always holds what runs, from the start on.
         if let Err(e) = shared.save() {
@@ -467,10 +480,14 @@ impl Daemon {
                     .push(rule.clone());
             }
         }
-        self.shared
+        let summary = self
+            .shared
             .replace_owners(wanted, &rules.leases)
             .await
-            .map_err(|s| s.to_string())
+            .map_err(|s| s.to_string())?;
+        let named = rules.owners();
+        self.shared.pin_owners(pins(named.iter(), &rules.uids));
+        Ok(summary)
     }
 
     /// Listening sockets serving now.
@@ -601,6 +618,24 @@ fn bind_tables(
 }
 
 /// Puts the saved tables in place of the command line's.
+/// The uid of each owner the operator named: the one `uids` gives, else
+/// the daemon's own.
+fn pins<'a>(
+    owners: impl IntoIterator<Item = &'a Owner>,
+    uids: &BTreeMap<Owner, u32>,
+) -> BTreeMap<Owner, u32> {
+    owners
+        .into_iter()
+        .map(|o| {
+            let uid = uids
+                .get(o)
+                .copied()
+                .unwrap_or_else(crate::control::state::daemon_uid);
+            (o.clone(), uid)
+        })
+        .collect()
+}
+
 fn restore(
     opts: &mut Options,
     path: &std::path::Path,

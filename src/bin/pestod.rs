@@ -118,6 +118,18 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_clients: u64,
 
+    /// Most control connections at once from one uid other than root and
+    /// the daemon's own.
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_clients_per_uid: u64,
+
+    /// Most owners one uid other than root and the daemon's own may have;
+    /// past it, a transaction that makes another is refused (LIMIT).
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_owners_per_uid: u64,
+
     /// Seconds a new control connection has to send its client hello.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     hello_timeout: f64,
@@ -590,6 +602,8 @@ fn options(
             allow_uids: args.allow_uid.clone(),
             allow_gids: args.allow_gid.clone(),
             hello_timeout: secs("hello-timeout", args.hello_timeout, 0.001)?,
+            max_clients_per_uid: usize::try_from(args.max_clients_per_uid).unwrap_or(usize::MAX),
+            max_owners_per_uid: usize::try_from(args.max_owners_per_uid).unwrap_or(usize::MAX),
         },
     })
 }
@@ -672,6 +686,18 @@ fn merge_file(args: &mut Args, m: &ArgMatches, file: &ConfigFile) -> Result<(), 
         v,
         1,
         100_000
+    ));
+    take!(max_clients_per_uid, "max_clients_per_uid", |v| range(
+        "max-clients-per-uid",
+        v,
+        1,
+        100_000
+    ));
+    take!(max_owners_per_uid, "max_owners_per_uid", |v| range(
+        "max-owners-per-uid",
+        v,
+        1,
+        1_000_000
     ));
     take!(hello_timeout, "hello_timeout", same);
     take!(control_mode, "control_mode", same);

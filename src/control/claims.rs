@@ -155,6 +155,19 @@ pub struct Held {
     id: u64,
 }
 
+impl Held {
+    /// Holds `to` instead, which must lie within what is held (a
+    /// reservation down to the transaction's own claim): nothing can come
+    /// between, and those waiting for the rest go on at once.
+    pub fn narrow(&self, to: Claim) {
+        let mut s = self.claims.state();
+        if let Some(c) = s.granted.get_mut(&self.id) {
+            *c = to;
+        }
+        s.wake();
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         let mut s = self.claims.state();
@@ -234,6 +247,34 @@ mod tests {
         assert!(!later.is_finished(), "a scope ran while the pif was held");
         drop(whole);
         let _b = later.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_narrowed_reservation_frees_the_rest() {
+        let claims = Arc::new(Claims::default());
+        let all = claims.acquire(Claim::All).await;
+        assert!(
+            done(claims.acquire(scope(PifId::HOST, "b")))
+                .await
+                .is_none()
+        );
+        all.narrow(scope(PifId::HOST, "a"));
+        assert!(
+            done(claims.acquire(scope(PifId::HOST, "b")))
+                .await
+                .is_some()
+        );
+        assert!(
+            done(claims.acquire(scope(PifId::HOST, "a")))
+                .await
+                .is_none()
+        );
+        drop(all);
+        assert!(
+            done(claims.acquire(scope(PifId::HOST, "a")))
+                .await
+                .is_some()
+        );
     }
 
     #[tokio::test]

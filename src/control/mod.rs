@@ -9,6 +9,7 @@
 //!   built for upstream pesto.
 
 pub mod claims;
+pub mod fairness;
 pub mod leases;
 pub mod state;
 mod txn;
@@ -62,6 +63,11 @@ pub struct ControlOptions {
     pub allow_gids: Vec<u32>,
     /// How long a new connection may take to send its client hello.
     pub hello_timeout: std::time::Duration,
+    /// Most connections at once from one uid other than root and the
+    /// daemon's: no uid can take every slot.
+    pub max_clients_per_uid: usize,
+    /// Most owners of one uid other than root and the daemon's.
+    pub max_owners_per_uid: usize,
 }
 
 impl Default for ControlOptions {
@@ -72,6 +78,8 @@ impl Default for ControlOptions {
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             hello_timeout: std::time::Duration::from_secs(2),
+            max_clients_per_uid: 16,
+            max_owners_per_uid: state::DEFAULT_OWNERS_PER_UID,
         }
     }
 }
@@ -290,6 +298,7 @@ impl ControlServer {
         let server = Server {
             shared: Arc::clone(&shared),
             slots: Arc::new(Semaphore::new(opts.max_clients.max(1))),
+            per_uid: Arc::default(),
             waiting: Arc::new(Waiting::default()),
             opts,
             stop: stop.clone(),
@@ -402,6 +411,8 @@ enum Version {
 struct Server {
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
+    /// Connections held by each uid that has a share.
+    per_uid: Arc<UidSlots>,
     waiting: Arc<Waiting>,
     opts: ControlOptions,
     stop: CancellationToken,
@@ -453,6 +464,22 @@ impl Server {
             self.tasks.spawn(denied);
             return;
         }
+        let Some(share) = self.per_uid.take(peer.uid, self.opts.max_clients_per_uid) else {
+            warn!(%peer, "control connection refused: this uid holds its share of the slots");
+            if self.version == Version::V3 {
+                let busy = txn::turn_away(
+                    stream,
+                    peer,
+                    Arc::clone(&self.shared),
+                    step,
+                    Code::Busy,
+                    "this uid holds its share of the control slots (--max-clients-per-uid); \
+                     retry later",
+                );
+                self.tasks.spawn(busy);
+            }
+            return;
+        };
         let slot = Arc::clone(&self.slots).try_acquire_owned().ok();
         let pushed = slot.is_none() && self.waiting.evict_oldest();
         if slot.is_none() && !pushed {
@@ -488,6 +515,7 @@ impl Server {
         // The wait for the pushed-out connection's slot happens here, not in
         // the accept loop.
         self.tasks.spawn(async move {
+            let _share = share;
             let slot = match slot {
                 Some(s) => Some(s),
                 None => tokio::time::timeout(step, slots.acquire_owned())
@@ -511,6 +539,53 @@ impl Server {
                 None => conn.busy().await,
             }
         });
+    }
+}
+
+/// The control connections of each uid but root and the daemon's.
+#[derive(Debug, Default)]
+struct UidSlots(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+/// One connection's place in its uid's share; given back when dropped.
+struct UidSlot {
+    slots: Option<(Arc<UidSlots>, u32)>,
+}
+
+impl UidSlots {
+    /// A place for a connection of `uid`, if it holds fewer than `cap`.
+    fn take(self: &Arc<Self>, uid: u32, cap: usize) -> Option<UidSlot> {
+        if uid == 0 || uid == state::daemon_uid() {
+            return Some(UidSlot { slots: None });
+        }
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(uid).or_insert(0);
+        if *n >= cap.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            slots: Some((Arc::clone(self), uid)),
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        if let Some((slots, uid)) = self.slots.take() {
+            let mut m = slots
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = m.get_mut(&uid) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&uid);
+                }
+            }
+        }
     }
 }
 

@@ -40,6 +40,15 @@ const INLINE_RULES: usize = 1024;
 /// See [`INLINE_RULES`].
 const INLINE_PORTS: u64 = 256;
 
+/// How long a reservation lasts at most, from the listing to APPLY (or
+/// the step timeout, if shorter): a retrying client needs milliseconds.
+pub const RESERVE_HOLD: Duration = Duration::from_secs(2);
+/// How long a uid whose reservation lapsed may not reserve again.
+const RESERVE_BAR: Duration = Duration::from_secs(60);
+
+/// The default of `--max-owners-per-uid`.
+pub const DEFAULT_OWNERS_PER_UID: usize = 64;
+
 /// The server's timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -126,8 +135,17 @@ struct Tables {
     /// The uid that made each owner that has rules: only it (and root and
     /// the daemon's own uid) may change the owner's rules.
     owner_uids: BTreeMap<Owner, u32>,
+    /// Owners the operator named (a configuration file): their uid is this
+    /// one whatever a client or a state file says.
+    pinned: BTreeMap<Owner, u32>,
+    /// The most owners a uid other than root and the daemon's may have.
+    owner_cap: usize,
     /// Each owner's lease, if its rules have one.
     leases: BTreeMap<Owner, Lease>,
+    /// When each lease was set or last renewed, and for a pid lease the
+    /// process's start time when it was set (0: unknown): what an expiry
+    /// and the state file go by.
+    lease_marks: BTreeMap<Owner, (tokio::time::Instant, u64)>,
     /// The changes of each transaction applied and not yet committed.
     pending: BTreeMap<u64, Vec<Pending>>,
 }
@@ -147,16 +165,102 @@ enum Pending {
     },
 }
 
+/// The daemon's own uid: the uid of the operator's rules.
+pub fn daemon_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+/// Whether `uid` may tie a lease to process `pid`: never pid 1, which does
+/// not exit; for a uid but root and the daemon's, only its own processes.
+fn lease_allowed(pid: u32, uid: u32) -> Result<(), String> {
+    if pid == 1 {
+        return Err("process 1 never exits: a lease on it would never end".to_owned());
+    }
+    if is_exempt(uid) {
+        return Ok(());
+    }
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(format!("/proc/{pid}")) {
+        Ok(m) if m.uid() == uid => Ok(()),
+        Ok(m) => Err(format!(
+            "process {pid} belongs to uid {}, not to uid {uid}",
+            m.uid()
+        )),
+        // Gone: the caller says so.
+        Err(_) => Ok(()),
+    }
+}
+
+/// The start time of a pid lease's process now (0: gone, or a TTL).
+fn lease_start(lease: Lease) -> u64 {
+    match lease {
+        Lease::Pid(p) => crate::lease::start_time(p).unwrap_or(0),
+        Lease::Ttl(_) => 0,
+    }
+}
+
 /// Whether `uid` may change any owner's rules: root and the daemon's uid.
 fn is_exempt(uid: u32) -> bool {
-    uid == 0 || uid == rustix::process::getuid().as_raw()
+    uid == 0 || uid == daemon_uid()
 }
 
 impl Tables {
+    /// The uid `owner` belongs to: the operator's pin, else the uid that
+    /// made it. An owner with rules and neither (a state file from before
+    /// uids were kept) is the operator's: nobody else may take it.
+    fn uid_of(&self, owner: &Owner) -> Option<u32> {
+        if let Some(&u) = self
+            .pinned
+            .get(owner)
+            .or_else(|| self.owner_uids.get(owner))
+        {
+            return Some(u);
+        }
+        self.has_rules(owner).then(daemon_uid)
+    }
+
+    /// Whether `owner` has rules, now or in a change in flight.
+    fn has_rules(&self, owner: &Owner) -> bool {
+        self.scopes.keys().any(|(_, o)| o == owner) || self.live_owners().contains(owner)
+    }
+
+    /// LIMIT if `uid` (not root, not the daemon's) would have more owners
+    /// than the cap with `new` ones, owners of no uid yet.
+    fn check_owner_cap<'a>(
+        &self,
+        new: impl IntoIterator<Item = &'a Owner>,
+        uid: u32,
+    ) -> Result<(), Status> {
+        if is_exempt(uid) {
+            return Ok(());
+        }
+        let mut fresh: Vec<&Owner> = new
+            .into_iter()
+            .filter(|o| self.uid_of(o).is_none())
+            .collect();
+        fresh.sort();
+        fresh.dedup();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let has = self.owner_uids.values().filter(|u| **u == uid).count();
+        if has + fresh.len() > self.owner_cap {
+            return Err(Status::new(
+                Code::Limit,
+                format!(
+                    "uid {uid} has {has} owners and may have at most {} \
+                     (--max-owners-per-uid): owner '{}' is one too many",
+                    self.owner_cap, fresh[0]
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// DENIED if `owner` belongs to another uid than `uid`.
     fn check_owner(&self, owner: &Owner, uid: u32) -> Result<(), Status> {
-        match self.owner_uids.get(owner) {
-            Some(&made) if made != uid && !is_exempt(uid) => Err(Status::new(
+        match self.uid_of(owner) {
+            Some(made) if made != uid && !is_exempt(uid) => Err(Status::new(
                 Code::Denied,
                 format!(
                     "owner '{owner}' belongs to uid {made}; uid {uid} may not change its rules"
@@ -166,11 +270,17 @@ impl Tables {
         }
     }
 
-    /// Records `uid` as the maker of the owners in `scopes` that have none,
-    /// and forgets the owners that have no rules left.
-    fn settle_owners(&mut self, scopes: &[ScopeUpdate], uid: u32) {
-        for sc in scopes {
-            self.owner_uids.entry(sc.owner.clone()).or_insert(uid);
+    /// Records `uid` as the maker of the owners in `made` that have none,
+    /// puts the operator's pins back over anything else, and forgets the
+    /// owners that have no rules left.
+    fn settle_owners<'a>(&mut self, made: impl IntoIterator<Item = &'a Owner>, uid: u32) {
+        for o in made {
+            self.owner_uids.entry(o.clone()).or_insert(uid);
+        }
+        for (o, u) in &self.pinned {
+            if let Some(had) = self.owner_uids.get_mut(o) {
+                *had = *u;
+            }
         }
         // An owner whose rules a transaction in flight removed keeps its
         // uid: a rollback brings them back, still its.
@@ -267,6 +377,59 @@ impl Tables {
         out
     }
 
+    /// The scopes that remove every rule of `owner`: its scopes now, and
+    /// those a transaction in flight emptied (its rollback would bring the
+    /// rules back), claimed too so that the removal waits for it.
+    fn removal_scopes(&self, owner: &Owner) -> Vec<ScopeUpdate> {
+        let pending = self.pending.values().flatten().filter_map(|c| match c {
+            Pending::Scope { pif, owner: o, .. } if o == owner => Some(*pif),
+            _ => None,
+        });
+        let pifs: std::collections::BTreeSet<PifId> = self
+            .scopes
+            .keys()
+            .filter(|(_, o)| o == owner)
+            .map(|(pif, _)| *pif)
+            .chain(pending)
+            .collect();
+        pifs.into_iter()
+            .map(|pif| ScopeUpdate {
+                pif,
+                owner: owner.clone(),
+                generation: self.scope_generation(pif, owner),
+                rules: Vec::new(),
+                lease: None,
+            })
+            .collect()
+    }
+
+    /// Whether a transaction applied and not yet ended holds some of
+    /// `owner`'s rules: removing them must wait for it.
+    fn is_held(&self, owner: &Owner) -> bool {
+        self.pending.values().flatten().any(|c| match c {
+            Pending::Scope { owner: o, .. } => o == owner,
+            Pending::Whole { pif, old } => {
+                old.owners().iter().flatten().any(|o| o == owner)
+                    || self.scopes.contains_key(&(*pif, owner.clone()))
+            }
+        })
+    }
+
+    /// Whether the lease that `ended` names is still the owner's, and still
+    /// over: not replaced, and a TTL not renewed since.
+    fn is_due(&self, ended: &super::leases::Ended, now: tokio::time::Instant) -> bool {
+        if self.leases.get(&ended.owner) != Some(&ended.lease) {
+            return false;
+        }
+        match ended.lease {
+            Lease::Ttl(secs) => self
+                .lease_marks
+                .get(&ended.owner)
+                .is_none_or(|(at, _)| *at + crate::lease::ttl(secs) <= now),
+            Lease::Pid(_) => true,
+        }
+    }
+
     /// Whether a transaction in flight changed `pif`.
     fn is_pending(&self, pif: PifId) -> bool {
         self.pending.values().flatten().any(|c| match c {
@@ -341,6 +504,8 @@ pub struct Shared {
     /// Tells the lease watcher what commits changed (none until
     /// [`Shared::watch_leases`]).
     lease_events: Mutex<Option<mpsc::UnboundedSender<LeaseEvent>>>,
+    /// Who may RESERVE.
+    fairness: super::fairness::Fairness,
 }
 
 /// Validated new tables of one connection, not yet active.
@@ -455,7 +620,10 @@ impl Shared {
                 generations,
                 scopes,
                 owner_uids: BTreeMap::new(),
+                pinned: BTreeMap::new(),
+                owner_cap: DEFAULT_OWNERS_PER_UID,
                 leases: BTreeMap::new(),
+                lease_marks: BTreeMap::new(),
                 pending: BTreeMap::new(),
             }),
             registry: Arc::new(tokio::sync::Mutex::new(registry)),
@@ -473,7 +641,18 @@ impl Shared {
             state_file: None,
             scan_retry: Mutex::default(),
             lease_events: Mutex::default(),
+            fairness: super::fairness::Fairness::new(
+                (3 * timeouts.step).max(Duration::from_secs(10)),
+                RESERVE_BAR,
+            ),
         }
+    }
+
+    /// Caps the owners of each uid but root and the daemon's
+    /// (`--max-owners-per-uid`).
+    pub fn owner_cap(self, cap: usize) -> Shared {
+        self.tables().owner_cap = cap;
+        self
     }
 
     /// Saves the tables to `path` on every commit.
@@ -592,7 +771,7 @@ impl Shared {
                         owner: o.clone(),
                         generation: *g,
                         lease: t.leases.get(o).copied(),
-                        uid: t.owner_uids.get(o).copied().unwrap_or(NO_UID),
+                        uid: t.uid_of(o).unwrap_or(NO_UID),
                     })
                     .collect(),
             })
@@ -787,7 +966,19 @@ impl Shared {
         snapshot: &Snapshot,
     ) -> Result<Applied, Status> {
         let deadline = tokio::time::Instant::now() + self.timeouts.step;
-        self.apply_in(reserved.0, shadow, snapshot, deadline).await
+        let own = shadow.claim();
+        let applied = self
+            .apply_in(reserved.0, shadow, snapshot, deadline)
+            .await?;
+        // Applied, it cannot go STALE any more: from here to its end it
+        // holds only what it changes, as any transaction does.
+        applied.claim.narrow(own);
+        Ok(applied)
+    }
+
+    /// Who may RESERVE ([`super::fairness`]).
+    pub fn fairness(&self) -> &super::fairness::Fairness {
+        &self.fairness
     }
 
     async fn apply_in(
@@ -946,7 +1137,12 @@ impl Shared {
             .collect();
         // Every pif swaps under one lock: a reader sees all old or all new.
         let mut t = self.tables();
+        // Owners that a whole-table update brings in are its uid's.
+        let mut made: Vec<Owner> = scopes.iter().map(|s| s.owner.clone()).collect();
         for change in changes {
+            if !scoped {
+                made.extend(change.table.owners().iter().flatten().cloned());
+            }
             // Pifs never go away while the registry is held.
             let Some(old) = t.swap(change.id, change.table) else {
                 continue;
@@ -961,7 +1157,9 @@ impl Shared {
         if !pending.is_empty() {
             t.pending.insert(id, pending);
         }
-        t.settle_owners(&scopes, uid);
+        made.sort();
+        made.dedup();
+        t.settle_owners(&made, uid);
         drop(t);
         drop(registry);
         let mut leases: Vec<(Owner, Option<Lease>)> = Vec::new();
@@ -988,7 +1186,7 @@ impl Shared {
         {
             let mut t = self.tables();
             t.pending.remove(&id);
-            t.settle_owners(&[], 0);
+            t.settle_owners(None, 0);
         }
         self.settled.send_modify(|n| *n += 1);
         drop(claim);
@@ -1090,7 +1288,7 @@ impl Shared {
                 t.swap(change.id, change.table);
                 ids.push(change.id);
             }
-            t.settle_owners(&[], 0);
+            t.settle_owners(None, 0);
         }
         // The new rules' ports are free before anyone may bind them again:
         // closed under the registry.
@@ -1141,8 +1339,16 @@ impl Shared {
     /// ([`super::leases::run`]), with the leases the tables have now.
     pub fn watch_leases(self: &Arc<Self>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        for (o, l) in self.tables().leases.clone() {
-            let _ = tx.send(LeaseEvent::Set(o, l));
+        {
+            let t = self.tables();
+            for (o, l) in &t.leases {
+                let (at, start) = t
+                    .lease_marks
+                    .get(o)
+                    .copied()
+                    .unwrap_or((tokio::time::Instant::now(), 0));
+                let _ = tx.send(LeaseEvent::Set(o.clone(), *l, at, start));
+            }
         }
         *self
             .lease_events
@@ -1151,17 +1357,19 @@ impl Shared {
         tokio::spawn(super::leases::run(Arc::downgrade(self), rx));
     }
 
-    /// The leases as the state file keeps them: a pid lease with its
-    /// process's start time (0 if it is gone already).
+    /// The leases as the state file keeps them: a pid lease with the start
+    /// time its process had when the lease was set, never read again (the
+    /// pid may name another process by now).
     fn saved_leases(&self) -> Vec<crate::statefile::SavedLease> {
-        self.leases()
-            .into_iter()
+        let t = self.tables();
+        t.leases
+            .iter()
             .map(|(o, l)| {
                 let start = match l {
-                    Lease::Pid(p) => crate::lease::start_time(p).unwrap_or(0),
+                    Lease::Pid(_) => t.lease_marks.get(o).map_or(0, |m| m.1),
                     Lease::Ttl(_) => 0,
                 };
-                (o, l, start)
+                (o.clone(), *l, start)
             })
             .collect()
     }
@@ -1171,9 +1379,17 @@ impl Shared {
         self.tables().leases.clone()
     }
 
-    /// Sets leases (restored from the state file, before any transaction).
+    /// Sets leases (restored from the state file, or a configuration
+    /// file's, before any transaction). A pid lease is tied to the process
+    /// that has the pid now (start-up checked a saved one's start time).
     pub fn restore_leases(&self, leases: BTreeMap<Owner, Lease>) {
-        self.tables().leases = leases;
+        let now = tokio::time::Instant::now();
+        let mut t = self.tables();
+        t.lease_marks = leases
+            .iter()
+            .map(|(o, l)| (o.clone(), (now, lease_start(*l))))
+            .collect();
+        t.leases = leases;
     }
 
     /// Sets the owners' uids (restored from the state file, before any
@@ -1181,15 +1397,24 @@ impl Shared {
     pub fn restore_uids(&self, uids: impl IntoIterator<Item = (Owner, u32)>) {
         let mut t = self.tables();
         t.owner_uids = uids.into_iter().collect();
-        t.settle_owners(&[], 0);
+        t.settle_owners(None, 0);
+    }
+
+    /// Pins the owners the operator named (a configuration file, at start
+    /// and at each reload) to their uids: no client and no state file can
+    /// give them to another uid.
+    pub fn pin_owners(&self, pins: BTreeMap<Owner, u32>) {
+        let mut t = self.tables();
+        t.pinned = pins;
+        t.settle_owners(None, 0);
     }
 
     /// The uid each owner belongs to, for the state file.
     fn uids(&self) -> Vec<(Owner, u32)> {
-        self.tables()
-            .owner_uids
-            .iter()
-            .map(|(o, u)| (o.clone(), *u))
+        let t = self.tables();
+        t.live_owners()
+            .into_iter()
+            .filter_map(|o| t.uid_of(&o).map(|u| (o, u)))
             .collect()
     }
 
@@ -1197,20 +1422,34 @@ impl Shared {
     /// lease replaces the old, and any transaction renews a TTL.
     fn commit_leases(&self, owners: &[(Owner, Option<Lease>)]) {
         let mut events = Vec::new();
+        let now = tokio::time::Instant::now();
         {
             let mut t = self.tables();
             let live = t.live_owners();
             for (o, lease) in owners {
                 let has_rules = live.contains(o);
                 if !has_rules {
+                    t.lease_marks.remove(o);
                     if t.leases.remove(o).is_some() {
                         events.push(LeaseEvent::Drop(o.clone()));
                     }
                 } else if let Some(l) = lease {
+                    // The same pid again keeps the start time it was set
+                    // with: the process may have gone meanwhile.
+                    let start = match (t.leases.get(o), t.lease_marks.get(o)) {
+                        (Some(had), Some(m)) if had == l => m.1,
+                        _ => lease_start(*l),
+                    };
                     t.leases.insert(o.clone(), *l);
-                    events.push(LeaseEvent::Set(o.clone(), *l));
-                } else if t.leases.contains_key(o) {
-                    events.push(LeaseEvent::Renew(o.clone()));
+                    t.lease_marks.insert(o.clone(), (now, start));
+                    events.push(LeaseEvent::Set(o.clone(), *l, now, start));
+                } else if let Some(l) = t.leases.get(o).copied() {
+                    if let Some(m) = t.lease_marks.get_mut(o) {
+                        m.0 = now;
+                    }
+                    if let Lease::Ttl(secs) = l {
+                        events.push(LeaseEvent::Renew(o.clone(), secs, now));
+                    }
                 }
             }
         }
@@ -1225,63 +1464,117 @@ impl Shared {
         }
     }
 
-    /// Ends `owner`'s lease: removes its rules as a transaction of the
-    /// daemon's own ([`Shared::remove_owner`]), and says so in the log.
-    /// Tried again while a transaction of the owner is applied.
-    pub async fn expire(&self, owner: &Owner, why: &str) {
-        for attempt in 1..=5u32 {
-            match self.remove_owner(owner).await {
-                Ok(()) => {
-                    tracing::info!(%owner, "lease ended ({why}): the owner's rules are removed");
-                    return;
-                }
+    /// Ends the leases in `ended`: removes their owners' rules, those that
+    /// fall due together as one transaction of the daemon's own with one
+    /// save. An owner that a transaction in flight holds is retried on its
+    /// own until it is done, never given up, and holds up nobody else. An
+    /// owner whose lease was renewed or replaced meanwhile keeps its rules.
+    pub async fn expire(self: Arc<Self>, ended: Vec<super::leases::Ended>) {
+        let (held, free): (Vec<_>, Vec<_>) = {
+            let t = self.tables();
+            ended.into_iter().partition(|e| t.is_held(&e.owner))
+        };
+        let mut retry = Vec::new();
+        if !free.is_empty() {
+            if let Err(s) = self.expire_once(&free).await {
+                tracing::warn!(
+                    owners = free.len(),
+                    "leases ended but removing the rules failed: {s}; retrying each on its own"
+                );
+                retry = free;
+            }
+        }
+        for e in held.into_iter().chain(retry) {
+            let me = Arc::clone(&self);
+            tokio::spawn(async move { me.expire_alone(e).await });
+        }
+    }
+
+    /// One owner's expiry, tried again every second until it is done (or
+    /// moot), and the daemon is not shutting down.
+    async fn expire_alone(&self, e: super::leases::Ended) {
+        let mut attempt = 0u32;
+        loop {
+            match self.expire_once(std::slice::from_ref(&e)).await {
+                Ok(()) => return,
+                Err(_) if self.closed.load(Ordering::Relaxed) => return,
                 Err(s) => {
-                    tracing::warn!(%owner, attempt, "lease ended ({why}) but removing the rules failed: {s}");
+                    attempt += 1;
+                    // Said once, then quietly: it is still due.
+                    if attempt == 1 {
+                        tracing::warn!(owner = %e.owner, "lease ended ({}) but removing the rules must wait: {s}; retrying until done", e.why);
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
     }
 
-    /// Removes every rule of `owner`, and its lease, as one transaction:
-    /// socket continuity for the rest, generations moved, state saved. One
-    /// attempt: BUSY while a transaction of the owner is applied.
-    pub async fn remove_owner(&self, owner: &Owner) -> Result<(), Status> {
-        let scopes: Vec<ScopeUpdate> = {
-            let t = self.tables();
-            // Its scopes now, and those a transaction in flight emptied
-            // (its rollback would bring the rules back): claimed too, so
-            // this waits for it.
-            let pending = t.pending.values().flatten().filter_map(|c| match c {
-                Pending::Scope { pif, owner: o, .. } if o == owner => Some(*pif),
-                _ => None,
-            });
-            let pifs: std::collections::BTreeSet<PifId> = t
-                .scopes
-                .keys()
-                .filter(|(_, o)| o == owner)
-                .map(|(pif, _)| *pif)
-                .chain(pending)
-                .collect();
-            pifs.into_iter()
-                .map(|pif| ScopeUpdate {
-                    pif,
-                    owner: owner.clone(),
-                    generation: t.scope_generation(pif, owner),
-                    rules: Vec::new(),
-                    lease: None,
-                })
-                .collect()
+    /// Removes the rules of the owners whose lease in `ended` is still due,
+    /// as one transaction, judged under their claims: a renewal commits
+    /// under the same claim, so it either came before (and wins) or waits.
+    async fn expire_once(&self, ended: &[super::leases::Ended]) -> Result<(), Status> {
+        let owners: Vec<Owner> = ended.iter().map(|e| e.owner.clone()).collect();
+        let Some(shadow) = self.removal(&owners).await? else {
+            // No rules: only the leases go.
+            let gone: Vec<(Owner, Option<Lease>)> = owners.into_iter().map(|o| (o, None)).collect();
+            self.commit_leases(&gone);
+            return Ok(());
         };
-        if scopes.is_empty() {
-            // No rules: only the lease goes.
-            self.commit_leases(&[(owner.clone(), None)]);
+        let deadline = tokio::time::Instant::now() + self.timeouts.step;
+        let claim = self.claim(shadow.claim(), deadline).await?;
+        let mut shadow = shadow;
+        let due: Vec<&super::leases::Ended> = {
+            let t = self.tables();
+            let now = tokio::time::Instant::now();
+            ended.iter().filter(|e| t.is_due(e, now)).collect()
+        };
+        shadow
+            .scopes
+            .retain(|sc| due.iter().any(|e| e.owner == sc.owner));
+        if shadow.scopes.is_empty() {
             return Ok(());
         }
-        let shadow = self.validate_scoped(scopes, 0).await?;
-        let applied = self.apply(shadow, &Snapshot::new()).await?;
+        let applied = self
+            .apply_in(claim, shadow, &Snapshot::new(), deadline)
+            .await?;
         self.commit(applied).await;
+        match due.as_slice() {
+            [e] => {
+                tracing::info!(owner = %e.owner, "lease ended ({}): the owner's rules are removed", e.why);
+            }
+            many => {
+                let names: Vec<String> = many.iter().take(8).map(|e| e.owner.to_string()).collect();
+                for e in many {
+                    tracing::debug!(owner = %e.owner, "lease ended ({})", e.why);
+                }
+                tracing::info!(
+                    owners = many.len(),
+                    "leases ended ({}, ...): the owners' rules are removed in one transaction: {}{}",
+                    many[0].why,
+                    names.join(", "),
+                    if many.len() > names.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// A validated transaction of the daemon's own that removes every rule
+    /// of `owners` (None if they have none).
+    async fn removal(&self, owners: &[Owner]) -> Result<Option<Shadow>, Status> {
+        let scopes: Vec<ScopeUpdate> = {
+            let t = self.tables();
+            owners.iter().flat_map(|o| t.removal_scopes(o)).collect()
+        };
+        if scopes.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.validate_scoped(scopes, 0).await?))
     }
 
     /// Makes each (pif, owner) scope of `wanted` hold exactly its rules, as
@@ -1746,9 +2039,24 @@ fn check_generation(t: &Tables, id: PifId, snapshot: &Snapshot) -> Result<(), St
 /// STALE if a scope changed since the client read it; INVALID for a pif
 /// that does not exist.
 fn check_scopes(t: &Tables, scopes: &[ScopeUpdate], uid: u32) -> Result<(), Status> {
+    t.check_owner_cap(
+        scopes
+            .iter()
+            .filter(|s| !s.rules.is_empty())
+            .map(|s| &s.owner),
+        uid,
+    )?;
     for sc in scopes {
         t.check_owner(&sc.owner, uid)?;
         if let Some(Lease::Pid(pid)) = sc.lease {
+            if let Err(why) = lease_allowed(pid, uid) {
+                let mut s = Status::new(
+                    Code::Denied,
+                    format!("lease for owner '{}': {why}", sc.owner),
+                );
+                s.pif = Some(sc.pif);
+                return Err(s);
+            }
             if crate::lease::start_time(pid).is_none() {
                 let mut s = Status::new(
                     Code::Invalid,
@@ -1899,15 +2207,56 @@ fn check_whole(
     if is_exempt(uid) {
         return Ok(());
     }
-    // Owners carried over keep their rules; an owner whose rules are not
-    // all there any more loses some. Counted once, not once per owner.
-    let mut kept: std::collections::HashMap<&Owner, usize> = std::collections::HashMap::new();
-    for o in new.iter().filter_map(|(_, o)| o.as_ref()) {
-        *kept.entry(o).or_insert(0) += 1;
+    // A rule without an owner is the operator's (the command line's kind):
+    // only the operator may add, change or remove one.
+    let free_now: std::collections::HashSet<&Rule> = current
+        .owned_rules()
+        .filter_map(|(r, o)| o.is_none().then_some(r))
+        .collect();
+    let free_new: std::collections::HashSet<&Rule> = new
+        .iter()
+        .filter_map(|(r, o)| o.is_none().then_some(r))
+        .collect();
+    if free_now != free_new {
+        let what = free_now
+            .symmetric_difference(&free_new)
+            .next()
+            .map(|r| r.to_string().trim_end().to_owned())
+            .unwrap_or_default();
+        let mut s = Status::new(
+            Code::Denied,
+            format!(
+                "rules without an owner belong to the operator (uid {}); uid {uid} may not \
+                 add, change or remove one ({what}): give your rules an owner (--owner NAME)",
+                daemon_uid()
+            ),
+        );
+        s.pif = Some(pif);
+        return Err(s);
     }
-    for (o, n) in scope::owners(current) {
-        if kept.get(&o).copied().unwrap_or(0) != n {
-            t.check_owner(&o, uid).map_err(|mut s| {
+    // An owner whose rule set differs, gaining or losing a rule, is
+    // changed: it must be the client's.
+    type Sets<'a> = std::collections::HashMap<&'a Owner, std::collections::HashSet<&'a Rule>>;
+    let mut now: Sets<'_> = Sets::new();
+    for (r, o) in current.owned_rules() {
+        if let Some(o) = o {
+            now.entry(o).or_default().insert(r);
+        }
+    }
+    let mut then: Sets<'_> = Sets::new();
+    for (r, o) in new {
+        if let Some(o) = o {
+            then.entry(o).or_default().insert(r);
+        }
+    }
+    t.check_owner_cap(then.keys().copied(), uid)
+        .map_err(|mut s| {
+            s.pif = Some(pif);
+            s
+        })?;
+    for o in now.keys().chain(then.keys()) {
+        if now.get(o) != then.get(o) {
+            t.check_owner(o, uid).map_err(|mut s| {
                 s.pif = Some(pif);
                 s
             })?;

@@ -9,7 +9,7 @@ use tokio_util::codec::{Decoder, Framed};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::state::{Shared, Snapshot};
+use super::state::{RESERVE_HOLD, Shared, Snapshot};
 use super::{Waiter, Waiting};
 use crate::codec::v3::{
     ClientHello, ClientMsg, Code, HEALTH, HelloV3Ext, MOVES, OWNERS, READ_ONLY, RESERVE, STATS,
@@ -240,7 +240,14 @@ pub(super) async fn turn_away(
 
 /// Sends the error that ends the transaction; the connection closes after.
 async fn refuse<D>(conn: &mut Link<D>, shared: &Shared, peer: Peer, status: Status) {
-    info!(%peer, "transaction: {status}");
+    match status.code {
+        Code::Denied => warn!(%peer, "transaction: {status}"),
+        _ => info!(%peer, "transaction: {status}"),
+    }
+    if status.code == Code::Stale {
+        // Its retry may RESERVE.
+        shared.fairness().stale(peer.uid, std::time::Instant::now());
+    }
     shared.counters().refused(status.code);
     // The client may be gone already; nothing more to do then.
     let _ = send(conn, &ServerMsg::Status(status), shared.timeouts().step).await;
@@ -432,11 +439,31 @@ async fn transaction(
 ) -> Result<String, Fail> {
     let t = shared.timeouts();
     // A client that went STALE before claims every pif now, before it
-    // reads the tables: nothing else applies until it is done.
+    // reads the tables: nothing else applies until it is done, which must
+    // be soon ([`Reservation`]).
     let reserved = if client.flags & RESERVE != 0 && client.flags & READ_ONLY == 0 {
-        Some(shared.reserve().await?)
+        let now = std::time::Instant::now();
+        shared
+            .fairness()
+            .admit(peer.uid, now)
+            .map_err(|e| Status::new(Code::Busy, e.to_string()))?;
+        Some(Reservation {
+            held: Some(shared.reserve().await?),
+            until: tokio::time::Instant::now() + RESERVE_HOLD.min(t.step),
+            shared,
+            uid: peer.uid,
+        })
     } else {
         None
+    };
+    // The wait for each message before APPLY: the step timeout, or what is
+    // left of a reservation.
+    let before_apply = |r: &Option<Reservation>| {
+        r.as_ref().map_or(t.step, |r| {
+            r.until
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(t.step)
+        })
     };
     // Steps 3 and 4, read in one go so that they agree.
     let (pifs, rules, health) = if client.flags & HEALTH != 0 {
@@ -472,7 +499,7 @@ async fn transaction(
         return Ok("read only".to_owned());
     }
     // Step 5.
-    let update = match recv(conn, t.step, stop).await {
+    let update = match recv(conn, before_apply(&reserved), stop).await {
         Ok(ClientMsg::Update(u)) => Proposal::Whole(u),
         Ok(ClientMsg::UpdateScoped(s)) if owners => Proposal::Scoped(s),
         Ok(ClientMsg::UpdateScoped(_)) => {
@@ -495,7 +522,7 @@ async fn transaction(
         .await
         .map_err(unsent)?;
     // Step 7.
-    match recv(conn, t.step, stop).await {
+    match recv(conn, before_apply(&reserved), stop).await {
         Ok(ClientMsg::Apply) => {}
         Ok(other) => return Err(protocol(format!("expected APPLY, got {other:?}"))),
         Err(End::Closed) => return Ok("validated, not applied".to_owned()),
@@ -503,7 +530,10 @@ async fn transaction(
         Err(e) => return Err(ended(e, "APPLY")),
     }
     let applied = match reserved {
-        Some(r) => shared.apply_reserved(r, shadow, &snapshot).await?,
+        Some(mut r) => match r.held.take() {
+            Some(held) => shared.apply_reserved(held, shadow, &snapshot).await?,
+            None => shared.apply(shadow, &snapshot).await?,
+        },
         None => shared.apply(shadow, &snapshot).await?,
     };
     let verdict = if applied.report.ok { "ok" } else { "failed" };
@@ -563,6 +593,31 @@ async fn transaction(
                 }
                 gone => Err(gone),
             }
+        }
+    }
+}
+
+/// Every pif, held for a client that went STALE, from its listing to its
+/// APPLY and no longer than `until`. One that ends before APPLY (a
+/// timeout, a disconnect, a refusal) bars its uid from reserving for a
+/// while: the next stall costs only that uid.
+struct Reservation<'a> {
+    held: Option<super::state::Reserved>,
+    until: tokio::time::Instant,
+    shared: &'a Shared,
+    uid: u32,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.held.is_some() {
+            warn!(
+                uid = self.uid,
+                "a reservation ended before APPLY: this uid may not reserve for a while"
+            );
+            self.shared
+                .fairness()
+                .idled(self.uid, std::time::Instant::now());
         }
     }
 }
