@@ -20,6 +20,11 @@ use super::state::Shared;
 use crate::lease::{self, Lease};
 use crate::owner::Owner;
 
+/// A batch of expiries waits for more while they come this close together,
+const GATHER_GAP: std::time::Duration = std::time::Duration::from_millis(20);
+/// and no longer than this in all.
+const GATHER_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// What a commit changed about an owner's lease.
 #[derive(Debug)]
 pub enum LeaseEvent {
@@ -74,9 +79,13 @@ pub async fn run(shared: Weak<Shared>, mut events: mpsc::UnboundedReceiver<Lease
         if gone.is_empty() {
             continue;
         }
-        // Everything else that ended by now goes in the same batch: one
-        // transaction and one save for leases that fall due together.
-        while let Ok(done) = ended.try_recv() {
+        // Everything else that ends about now goes in the same batch: one
+        // transaction and one save for leases that fall due together (the
+        // pidfds of one process's leases wake one by one).
+        let gather = Instant::now() + GATHER_MAX;
+        while let Ok(Some(done)) =
+            tokio::time::timeout_at(gather.min(Instant::now() + GATHER_GAP), ended.recv()).await
+        {
             pids.remove(&done.owner);
             gone.push(done);
         }

@@ -1484,6 +1484,9 @@ impl Shared {
                 retry = free;
             }
         }
+        for e in &held {
+            tracing::warn!(owner = %e.owner, "lease ended ({}) but a transaction of the owner is in flight: removing the rules must wait for it", e.why);
+        }
         for e in held.into_iter().chain(retry) {
             let me = Arc::clone(&self);
             tokio::spawn(async move { me.expire_alone(e).await });
