@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::codec::v3::{
-    ClientHello, ClientMsg, Code, HEALTH, MOVES, OWNERS, RESERVE, STATS, ServerHello, ServerMsg,
+    ClientHello, ClientMsg, Code, HEALTH, MOVES, OWNERS, STATS, ServerHello, ServerMsg,
     Status, VERSION_3,
 };
 use crate::codec::{HelloV2, Limits, ListingV2, Update, Wire, decode_from};
@@ -73,12 +73,14 @@ impl Asked {
     }
 
     /// The proposal of a client that may write (version 3, not READ_ONLY,
-    /// no unknown flag; scopes only with OWNERS), sent
+    /// not RESERVE, no unknown flag; scopes only with OWNERS), sent
     /// first, then APPLY: what the server may apply. HEALTH, MOVES and
     /// STATS only ask for more messages; a client that sets them writes.
     fn applied(&self) -> Option<Proposal<'_>> {
         let hello = self.hello.as_ref()?;
-        let writers = OWNERS | RESERVE | HEALTH | MOVES | STATS;
+        let writers = OWNERS | HEALTH | MOVES | STATS;
+        // RESERVE is granted only after a STALE to the same uid, and every
+        // run starts afresh: a client that sets it is refused (BUSY).
         if hello.version != VERSION_3 || hello.flags & !writers != 0 {
             return None;
         }

@@ -1567,6 +1567,20 @@ impl Shared {
         Ok(())
     }
 
+    /// Removes every rule of `owner`, and its lease, as one transaction of
+    /// the daemon's own: socket continuity for the rest, generations moved,
+    /// state saved. One attempt: BUSY while a transaction of the owner is
+    /// applied.
+    pub async fn remove_owner(&self, owner: &Owner) -> Result<(), Status> {
+        let Some(shadow) = self.removal(std::slice::from_ref(owner)).await? else {
+            self.commit_leases(&[(owner.clone(), None)]);
+            return Ok(());
+        };
+        let applied = self.apply(shadow, &Snapshot::new()).await?;
+        self.commit(applied).await;
+        Ok(())
+    }
+
     /// A validated transaction of the daemon's own that removes every rule
     /// of `owners` (None if they have none).
     async fn removal(&self, owners: &[Owner]) -> Result<Option<Shadow>, Status> {
