@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::codec::v3::{
-    ClientHello, ClientMsg, Code, HEALTH, MOVES, OWNERS, STATS, ServerHello, ServerMsg,
-    Status, VERSION_3,
+    ClientHello, ClientMsg, Code, HEALTH, MOVES, OWNERS, STATS, ServerHello, ServerMsg, Status,
+    VERSION_3,
 };
 use crate::codec::{HelloV2, Limits, ListingV2, Update, Wire, decode_from};
 use crate::control::serve_one;

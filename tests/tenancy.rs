@@ -643,3 +643,51 @@ fn a_reused_pid_does_not_keep_a_lease_across_a_restart() {
     let _ = second.kill();
     let _ = second.wait();
 }
+
+/// One uid gets at most --max-clients-per-uid control connections at once:
+/// the next is BUSY, and root still gets in.
+#[test]
+fn one_uid_cannot_take_every_control_slot() {
+    if !is_root() {
+        skip("needs root to run a client as another uid");
+        return;
+    }
+    let open = Open::new();
+    let sock = open.path("c.sock");
+    let _d = Pestod::start(&[
+        "-c",
+        sock.to_str().unwrap(),
+        "--control-mode",
+        "0666",
+        "--max-clients-per-uid",
+        "2",
+        "--hello-timeout",
+        "60",
+    ]);
+    // Two connections of uid 65534 that never send their hello.
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let script = format!(
+        "import socket,sys,time\nk=[]\nfor i in range(2):\n s=socket.socket(socket.AF_UNIX)\n s.connect({:?})\n s.recv(64)\n k.append(s)\nprint('held',flush=True)\ntime.sleep(60)\n",
+        sock.to_str().unwrap()
+    );
+    let mut holder = Command::new("python3")
+        .args(["-c", &script])
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "held");
+    let (code, err) = open.pesto_as(65534, &sock, &[]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("share of the control slots"), "{err}");
+    let (code, err) = open.pesto_as(0, &sock, &[]);
+    assert_eq!(code, 0, "{err}");
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
