@@ -9,6 +9,9 @@
 //! quadratic cost shows once a message holds more than one table, and
 //! SPLICE needs a namespace, hence root (without it the test says so and
 //! skips, like the other namespace tests).
+//!
+//! A scoped update that declares more rules than its cap is refused once the
+//! count that crosses it arrives, not read whole.
 
 mod common;
 
@@ -66,17 +69,23 @@ impl Client {
 
     /// Steps 1 to 4: the pif ids with their rule counts.
     fn read_state(&mut self) -> Vec<(u8, u32)> {
+        self.read_state_with(0)
+    }
+
+    /// Steps 1 to 4 with these hello flags (OWNERS, 2, lists RULES_OWNED).
+    fn read_state_with(&mut self, flags: u32) -> Vec<(u8, u32)> {
         assert_eq!(&self.bytes(8), b"basil:s\0");
         self.bytes(12 + 24);
         let mut hello = b"basil:c\0".to_vec();
         hello.extend(3u32.to_be_bytes());
-        hello.extend(0u32.to_be_bytes());
+        hello.extend(flags.to_be_bytes());
         self.s.write_all(&hello).unwrap();
         assert_eq!(self.bytes(1), [0x01], "PIFS");
         while self.bytes(1)[0] != 0 {
             self.bytes(128 + 4);
         }
-        assert_eq!(self.bytes(1), [0x02], "RULES");
+        let owned = flags & 2 != 0;
+        assert_eq!(self.bytes(1), [if owned { 0x05 } else { 0x02 }], "RULES");
         let mut pifs = Vec::new();
         loop {
             let id = self.bytes(1)[0];
@@ -86,6 +95,13 @@ impl Client {
             self.bytes(8);
             let n = u32_at(&self.bytes(4));
             self.bytes(n as usize * 56);
+            if owned {
+                // The owners' and the scopes' sections, each its length first.
+                for _ in 0..2 {
+                    let len = u32_at(&self.bytes(4));
+                    self.bytes(len as usize);
+                }
+            }
             pifs.push((id, n));
         }
     }
@@ -195,4 +211,102 @@ fn dribbled_update_costs_the_daemon_a_bounded_cpu_time() {
         "the daemon spent {cpu} ms of CPU on {} bytes dribbled in (at most {MAX_CPU_MS})",
         update.len()
     );
+}
+
+/// Most rules in one pif's table, and in one UPDATE_SCOPED: every pif full.
+const MAX_RULES: usize = 16_384;
+const MAX_SCOPED_RULES: usize = 8 * MAX_RULES;
+
+/// A scope of UPDATE_SCOPED on HOST, owner `o000`..., up to its rule count.
+fn scope_head(i: usize, rules: usize) -> Vec<u8> {
+    let mut b = vec![1, 4];
+    b.extend(format!("o{i:03}").as_bytes());
+    b.extend(0u64.to_be_bytes());
+    b.extend([0; 5]);
+    b.extend((rules as u32).to_be_bytes());
+    b
+}
+
+#[test]
+fn a_scoped_update_past_its_cap_is_refused_before_it_is_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    // The step timeout is never what ends this: a refusal must come from
+    // the size, while the client is still sending.
+    let d = Pestod::start(&["-c", sock.to_str().unwrap(), "--step-timeout", "3600"]);
+    let mut c = Client {
+        s: UnixStream::connect(&sock).unwrap(),
+    };
+    c.s.set_read_timeout(Some(PATIENCE * 3)).unwrap();
+    assert_eq!(c.read_state_with(2), vec![(1, 0)], "HOST, empty");
+
+    // The most scopes, each with a full table: 234 MB declared, 32 times
+    // the cap. The ninth scope's count crosses it.
+    let scopes = 256;
+    let declared = 5 + scopes * (23 + MAX_RULES * 56);
+    let one_rule = rule(10_000, 10_001);
+    let table: Vec<u8> = one_rule.repeat(MAX_RULES);
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut w = c.s.try_clone().unwrap();
+    let counter = sent.clone();
+    let writer = std::thread::spawn(move || {
+        let mut send = |b: &[u8]| -> bool {
+            let ok = w.write_all(b).is_ok();
+            if ok {
+                counter.fetch_add(b.len(), std::sync::atomic::Ordering::SeqCst);
+            }
+            ok
+        };
+        let mut head = vec![0x14];
+        head.extend((scopes as u32).to_be_bytes());
+        if !send(&head) {
+            return;
+        }
+        for i in 0..scopes {
+            if !send(&scope_head(i, MAX_RULES)) {
+                return;
+            }
+            // After the cap, slowly: the rest would take hours.
+            let piece = if i * MAX_RULES < MAX_SCOPED_RULES {
+                table.len()
+            } else {
+                1024
+            };
+            for part in table.chunks(piece) {
+                if !send(part) {
+                    return;
+                }
+                if piece < table.len() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+    });
+
+    let (code, text) = c.status();
+    let when = sent.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(code, 1, "PROTOCOL: {text}");
+    assert!(
+        text.contains(&format!("exceeds the limit of {MAX_SCOPED_RULES}")),
+        "{text}"
+    );
+    let cap_bytes = 5 + 9 * 23 + MAX_SCOPED_RULES * 56;
+    let _ = writeln!(
+        std::io::stderr(),
+        "refused after {when} of {declared} declared bytes (cap reached at {cap_bytes})"
+    );
+    // Refused at the ninth count, give or take what the socket buffers and
+    // a few slow pieces hold: not at the end of the message.
+    assert!(
+        when < cap_bytes + 4 * 1024 * 1024 && when < declared / 16,
+        "refused after {when} of {declared} bytes"
+    );
+    // Then the connection ends, and the writer with it.
+    assert_eq!(
+        c.s.read(&mut [0; 1]).unwrap_or(0),
+        0,
+        "closed after the status"
+    );
+    writer.join().unwrap();
+    drop(d);
 }

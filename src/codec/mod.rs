@@ -10,6 +10,7 @@
 //! against [`Limits`] before anything is read or allocated, and a buffer that
 //! holds only part of a message is answered with "need more", not an error.
 
+mod scoped;
 pub mod v3;
 
 use std::marker::PhantomData;
@@ -135,6 +136,14 @@ impl Limits {
             ..Limits::default()
         }
     }
+
+    /// Most rules in one UPDATE_SCOPED, all its scopes together: those of
+    /// the largest whole-table UPDATE, every pif full. More could never be
+    /// applied (each pif holds at most `max_rules`), and without this bound
+    /// 256 scopes of `max_rules` each make a 224 MB message.
+    pub fn max_scoped_rules(&self) -> usize {
+        self.max_pifs.saturating_mul(self.max_rules)
+    }
 }
 
 /// A cursor over received bytes that reports running out as `Incomplete`.
@@ -166,6 +175,11 @@ impl<'a> Reader<'a> {
     /// number of times, not once per byte.
     pub fn wanted(&self) -> usize {
         self.wanted
+    }
+    /// Moves to `pos`, which a decode of the same buffer reached before;
+    /// at most the buffer's end.
+    fn seek(&mut self, pos: usize) {
+        self.pos = pos.min(self.buf.len());
     }
     /// Bytes left.
     pub fn remaining(&self) -> usize {
@@ -245,6 +259,36 @@ pub trait Wire: Sized {
     fn decode(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Self>;
     /// Appends the message's bytes to `out`.
     fn encode(&self, out: &mut BytesMut);
+    /// As [`Wire::decode`], for a buffer that only grew since the attempt
+    /// that left `resume`: a message of many parts goes on from the last
+    /// part it decoded whole instead of its first byte, and leaves in
+    /// `resume` how far it got when it runs out. The default parses from
+    /// the start, which costs a bounded number of parses for a message of
+    /// at most a few tables (each waited for whole, see [`Reader::wanted`]).
+    fn decode_resuming(
+        r: &mut Reader<'_>,
+        limits: &Limits,
+        resume: &mut Resume,
+    ) -> DecodeResult<Self> {
+        let _ = resume;
+        Self::decode(r, limits)
+    }
+}
+
+/// What earlier attempts decoded of a message that has not all arrived, so
+/// that the next attempt need not parse it again. Only UPDATE_SCOPED, whose
+/// scopes may be up to [`v3::MAX_SCOPES`], keeps anything.
+#[derive(Debug, Default)]
+pub struct Resume {
+    /// UPDATE_SCOPED: the scopes decoded whole so far.
+    pub(crate) scoped: Option<scoped::ScopedSoFar>,
+}
+
+impl Resume {
+    /// Where the next attempt starts reading (0: from the start).
+    fn at(&self) -> usize {
+        self.scoped.as_ref().map_or(0, |s| s.next)
+    }
 }
 
 /// Decodes one `T` from the start of `buf`, returning it and its length.
@@ -265,13 +309,20 @@ pub fn encode_to_vec<T: Wire>(msg: &T) -> Vec<u8> {
 ///
 /// It remembers how many bytes the message needs at least (the fixed fields,
 /// then each table once its count is read) and does not parse again until
-/// they are there: a message costs O(its length) to decode however it is
-/// split, instead of a parse from its first byte for every read.
+/// they are there, and what it decoded whole of a message of many parts
+/// ([`Resume`]): a message costs O(its length) to decode however it is
+/// split, instead of a parse from its first byte for every read or part.
+/// Between calls the buffer may only grow at its end, as `Framed`'s does.
 #[derive(Debug)]
 pub struct WireCodec<D> {
     limits: Limits,
     /// Bytes the buffer must hold before the next parse; 0 between messages.
     wanted: usize,
+    /// What the parses of the message so far decoded whole.
+    resume: Resume,
+    /// Bytes the parses went over, for the tests that prove them linear.
+    #[cfg(test)]
+    scanned: usize,
     _decodes: PhantomData<fn() -> D>,
 }
 
@@ -281,6 +332,9 @@ impl<D> WireCodec<D> {
         WireCodec {
             limits,
             wanted: 0,
+            resume: Resume::default(),
+            #[cfg(test)]
+            scanned: 0,
             _decodes: PhantomData,
         }
     }
@@ -305,11 +359,23 @@ impl<D: Wire> Decoder for WireCodec<D> {
             // A parse would stop where the last one did.
             return Ok(None);
         }
+        if self.resume.at() > src.len() {
+            // Not the buffer the last parse saw: start again.
+            self.resume = Resume::default();
+        }
         let mut r = Reader::new(src);
-        match D::decode(&mut r, &self.limits) {
+        #[cfg(test)]
+        let start = self.resume.at();
+        let decoded = D::decode_resuming(&mut r, &self.limits, &mut self.resume);
+        #[cfg(test)]
+        {
+            self.scanned += r.position().saturating_sub(start);
+        }
+        match decoded {
             Ok(msg) => {
                 let len = r.position();
                 self.wanted = 0;
+                self.resume = Resume::default();
                 src.advance(len);
                 Ok(Some(msg))
             }
@@ -323,6 +389,7 @@ impl<D: Wire> Decoder for WireCodec<D> {
             }
             Err(DecodeError::Bad(e)) => {
                 self.wanted = 0;
+                self.resume = Resume::default();
                 Err(e)
             }
         }
@@ -440,6 +507,13 @@ impl Wire for Rule {
 
 /// Reads a rule count and that many rules, checking the count first.
 fn get_rules(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<Rule>> {
+    let count = get_rule_count(r, limits)?;
+    get_rule_table(r, limits, count)
+}
+
+/// Reads a table's rule count, refused past the limit before anything waits
+/// for the rules.
+fn get_rule_count(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<usize> {
     let count = r.u32()?;
     if count as usize > limits.max_rules {
         return Err(CodecError::TooMany {
@@ -449,8 +523,13 @@ fn get_rules(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<Rule>> {
         }
         .into());
     }
+    Ok(count as usize)
+}
+
+/// Reads the `count` rules of a table whose count was checked.
+fn get_rule_table(r: &mut Reader<'_>, limits: &Limits, count: usize) -> DecodeResult<Vec<Rule>> {
     // Wait for the whole table before parsing any of it.
-    r.need(count as usize * RULE_SIZE)?;
+    r.need(count * RULE_SIZE)?;
     (0..count).map(|_| Rule::decode(r, limits)).collect()
 }
 

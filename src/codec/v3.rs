@@ -7,9 +7,10 @@
 
 use bytes::{BufMut, BytesMut};
 
+use super::scoped::{get_scoped, get_scoped_count, get_scoped_rest, put_scoped};
 use super::{
-    CLIENT_MAGIC, CodecError, DecodeResult, HelloV2, Limits, Reader, Update, Wire, get_pif_header,
-    get_pif_id, get_rules, put_pif_header, put_rules,
+    CLIENT_MAGIC, CodecError, DecodeError, DecodeResult, HelloV2, Limits, Reader, Resume, Update,
+    Wire, get_pif_header, get_pif_id, get_rules, put_pif_header, put_rules,
 };
 use crate::lease::Lease;
 use crate::owner::{MAX_OWNER, Owner};
@@ -851,13 +852,13 @@ fn put_pif_rules(out: &mut BytesMut, pifs: &[PifRules], owned: bool) {
 }
 
 /// An owner label: a length byte, then the bytes.
-fn get_owner(r: &mut Reader<'_>) -> DecodeResult<Owner> {
+pub(super) fn get_owner(r: &mut Reader<'_>) -> DecodeResult<Owner> {
     let len = usize::from(r.u8()?);
     let raw = r.bytes(len)?;
     Ok(Owner::from_bytes(raw).map_err(|e| CodecError::Malformed(e.to_string()))?)
 }
 
-fn put_owner(out: &mut BytesMut, o: &Owner) {
+pub(super) fn put_owner(out: &mut BytesMut, o: &Owner) {
     out.put_u8(o.as_str().len() as u8);
     out.put_slice(o.as_str().as_bytes());
 }
@@ -1113,6 +1114,32 @@ impl Wire for ClientMsg {
         }
     }
 
+    /// An UPDATE_SCOPED goes on from its last scope decoded whole: parsing
+    /// it again from its first byte as each of up to 256 scopes completes
+    /// costs time quadratic in its length.
+    fn decode_resuming(
+        r: &mut Reader<'_>,
+        limits: &Limits,
+        resume: &mut Resume,
+    ) -> DecodeResult<ClientMsg> {
+        let mut so_far = match resume.scoped.take() {
+            Some(so_far) => {
+                r.seek(so_far.next);
+                so_far
+            }
+            None if r.peek(1) == [msg::UPDATE_SCOPED] => {
+                r.u8()?;
+                get_scoped_count(r)?
+            }
+            None => return ClientMsg::decode(r, limits),
+        };
+        let scopes = get_scoped_rest(r, limits, &mut so_far);
+        if let Err(DecodeError::Incomplete) = scopes {
+            resume.scoped = Some(so_far);
+        }
+        scopes.map(ClientMsg::UpdateScoped)
+    }
+
     fn encode(&self, out: &mut BytesMut) {
         match self {
             ClientMsg::Update(u) => {
@@ -1127,67 +1154,10 @@ impl Wire for ClientMsg {
     }
 }
 
-/// UPDATE_SCOPED: a u32 scope count, then per scope the pif id, the
-/// owner, the u64 generation the client read and the scope's rules.
-fn get_scoped(r: &mut Reader<'_>, limits: &Limits) -> DecodeResult<Vec<ScopeUpdate>> {
-    let count = r.u32()? as usize;
-    if count > MAX_SCOPES {
-        return Err(CodecError::TooMany {
-            what: "scope",
-            count: count as u64,
-            max: MAX_SCOPES as u64,
-        }
-        .into());
-    }
-    let mut scopes = Vec::with_capacity(count);
-    for _ in 0..count {
-        let pif = match r.u8()? {
-            0 => return Err(CodecError::Malformed("scope of pif 0".into()).into()),
-            id => PifId(id),
-        };
-        let owner = get_owner(r)?;
-        let generation = r.u64()?;
-        let (kind, value) = (r.u8()?, r.u32()?);
-        let lease = Lease::from_wire(kind, value).map_err(CodecError::Malformed)?;
-        let rules = get_rules(r, limits)?;
-        if scopes
-            .iter()
-            .any(|s: &ScopeUpdate| s.pif == pif && s.owner == owner)
-        {
-            return Err(CodecError::Malformed(format!(
-                "scope of owner '{owner}' on pif {pif} given twice"
-            ))
-            .into());
-        }
-        scopes.push(ScopeUpdate {
-            pif,
-            owner,
-            generation,
-            rules,
-            lease,
-        });
-    }
-    Ok(scopes)
-}
-
-fn put_scoped(out: &mut BytesMut, scopes: &[ScopeUpdate]) {
-    out.put_u8(msg::UPDATE_SCOPED);
-    out.put_u32(scopes.len() as u32);
-    for sc in scopes {
-        out.put_u8(sc.pif.0);
-        put_owner(out, &sc.owner);
-        out.put_u64(sc.generation);
-        let (kind, value) = Lease::to_wire(sc.lease);
-        out.put_u8(kind);
-        out.put_u32(value);
-        put_rules(out, &sc.rules);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{DecodeError, decode_from, encode_to_vec};
+    use crate::codec::{decode_from, encode_to_vec};
     use crate::rule::Proto;
 
     fn round_trip<T: Wire + PartialEq + std::fmt::Debug>(m: &T) -> Vec<u8> {
