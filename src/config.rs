@@ -32,7 +32,9 @@ use crate::spec::{Ephemeral, SpecOpt, parse_rules, spec_of};
 /// The owner of rules that do not name one.
 pub const CONFIG_OWNER: &str = "config";
 
-/// Largest configuration file read.
+/// Largest configuration file read: `pesto --export` of full tables
+/// (8 pifs of 16,384 rules with their owners) takes about 10 MiB, and must
+/// start a daemon.
 pub const MAX_SIZE: u64 = 16 << 20;
 
 /// What is wrong with a configuration file.
@@ -209,21 +211,47 @@ impl FileRules {
 impl ConfigFile {
     /// Reads and parses `path`. Unknown keys and wrong types are errors,
     /// with their line.
+    ///
+    /// The file is opened once, non-blocking (a FIFO put at the path opens
+    /// at once instead of waiting for a writer), and what was opened is
+    /// checked: anything but a regular file is refused, and no more than
+    /// [`MAX_SIZE`] bytes are read, however large it is or grows. A check
+    /// of the path before opening it would judge another file than the one
+    /// read, if the path changed in between. A read may still wait on a
+    /// slow filesystem: SIGHUP calls this on a blocking thread.
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let err = |message: String| ConfigError {
             path: path.to_owned(),
             line: None,
             key: None,
             message,
         };
-        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+        let flags = rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            // std adds O_CLOEXEC itself.
+            .custom_flags(flags.bits() as i32)
+            .open(path)
+            .map_err(|e| err(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| err(e.to_string()))?;
         if !meta.is_file() {
-            return Err(err("not a regular file".into()));
+            let kind = crate::statefile::file_kind(&meta);
+            return Err(err(format!("it is {kind}: it must be a regular file")));
         }
+        let too_large = || {
+            err(format!(
+                "larger than {} MiB, the most a configuration file may take",
+                MAX_SIZE >> 20
+            ))
+        };
         if meta.len() > MAX_SIZE {
-            return Err(err(format!("larger than {MAX_SIZE} bytes")));
+            return Err(too_large());
         }
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let bytes = read_capped(file, meta.len())
+            .map_err(|e| err(e.to_string()))?
+            .ok_or_else(too_large)?;
+        let text = String::from_utf8(bytes).map_err(|_| err("it is not UTF-8 text".into()))?;
         ConfigFile::parse(path, text)
     }
 
@@ -409,6 +437,27 @@ impl ConfigFile {
             }
         }
         Ok(out)
+    }
+}
+
+/// Reads `file` to its end, `None` once it is past [`MAX_SIZE`] bytes,
+/// whatever its size said (`size`: a file in /proc says 0). Reads are of
+/// whole 64 KiB chunks, as some files (/proc/PID/pagemap) refuse reads of
+/// other lengths.
+fn read_capped(mut file: std::fs::File, size: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut bytes = Vec::with_capacity(usize::try_from(size.min(MAX_SIZE)).unwrap_or(0));
+    let mut chunk = vec![0; 64 << 10];
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => return Ok(Some(bytes)),
+            Ok(n) => bytes.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        if bytes.len() as u64 > MAX_SIZE {
+            return Ok(None);
+        }
     }
 }
 

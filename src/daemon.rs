@@ -453,12 +453,14 @@ impl Daemon {
     /// and of `before` (the owners it named when last read) what `rules`
     /// says, as one transaction on their scopes: other owners' rules are
     /// not touched, sockets that stay are kept, and if a port cannot be
-    /// bound nothing changes. Returns a summary for the log.
+    /// bound nothing changes. A file that says what runs already makes no
+    /// transaction at all (and so renews no TTL lease). Returns what it
+    /// did, for the log.
     pub async fn reload_owners(
         &self,
         rules: &crate::config::FileRules,
         before: &std::collections::BTreeSet<Owner>,
-    ) -> Result<String, String> {
+    ) -> Result<Reloaded, String> {
         let mut wanted: BTreeMap<(PifId, Owner), Vec<Rule>> = BTreeMap::new();
         let current = self.shared.config();
         for owner in before.iter().chain(rules.owners().iter()) {
@@ -480,14 +482,23 @@ impl Daemon {
                     .push(rule.clone());
             }
         }
-        let summary = self
-            .shared
+        // The file's owners are the operator's, whether their rules change
+        // or not (a uid a take-over recorded goes back).
+        let named = rules.owners();
+        let repinned = self.shared.pin_owners(pins(named.iter(), &rules.uids));
+        if unchanged(&current, &self.shared.leases(), &wanted, &rules.leases) {
+            if repinned {
+                self.shared.save().map_err(|e| e.to_string())?;
+            }
+            return Ok(Reloaded::Unchanged {
+                rules: wanted.values().map(Vec::len).sum(),
+            });
+        }
+        self.shared
             .replace_owners(wanted, &rules.leases)
             .await
-            .map_err(|s| s.to_string())?;
-        let named = rules.owners();
-        self.shared.pin_owners(pins(named.iter(), &rules.uids));
-        Ok(summary)
+            .map(Reloaded::Applied)
+            .map_err(|s| s.to_string())
     }
 
     /// Listening sockets serving now.
@@ -679,6 +690,44 @@ fn restore(
         *table = restored;
     }
     Ok(())
+}
+
+/// What [`Daemon::reload_owners`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The file says what runs already: no transaction was made.
+    Unchanged {
+        /// The rules of the file's owners, as they are.
+        rules: usize,
+    },
+    /// One transaction made the owners' rules what the file says; what
+    /// changed.
+    Applied(String),
+}
+
+/// Whether a reload that sets each scope of `wanted` to its rules, and
+/// `leases` for their owners, would change nothing in `current` and
+/// `leases_now`: the same rules in the same order, and each lease the file
+/// gives already the owner's (a scope without one keeps the owner's).
+fn unchanged(
+    current: &Config,
+    leases_now: &BTreeMap<Owner, Lease>,
+    wanted: &BTreeMap<(PifId, Owner), Vec<Rule>>,
+    leases: &BTreeMap<Owner, Lease>,
+) -> bool {
+    wanted.iter().all(|((pif, owner), rules)| {
+        let same_rules = current.by_id(*pif).is_some_and(|p| {
+            p.table
+                .owned_rules()
+                .filter(|(_, o)| *o == Some(owner))
+                .map(|(r, _)| r)
+                .eq(rules.iter())
+        });
+        same_rules
+            && leases
+                .get(owner)
+                .is_none_or(|l| leases_now.get(owner) == Some(l))
+    })
 }
 
 /// One info line of counters, for `what`.

@@ -6,6 +6,14 @@
 //! `[[owner]]` entry per owner with its uid and lease, under a comment with
 //! the time and the generations. People can read it, diff it and fix it.
 //!
+//! It is sealed ([`seal`]): a first line that says so, and an end line
+//! with the count of `[[rule]]` and `[[owner]]` lines and a checksum of
+//! every byte before it. A sealed file cut short, changed, or with anything
+//! after its end line is corrupt, naming the line. A text file of an
+//! earlier version (no seal, known by its first line) is read as it is,
+//! with a warning, and written sealed at the next save, which start-up
+//! makes.
+//!
 //! Files of earlier versions are binary, and still read (then written as
 //! text at the next commit). Their layout: the magic `pestost\0`, a big-endian u32 version (2), the tables
 //! exactly as a control-protocol table update (docs/protocol.md), then the
@@ -29,6 +37,8 @@ use crate::lease::Lease;
 use crate::owner::Owner;
 use crate::rule::{Caps, PifId};
 use crate::table::Config;
+
+pub mod seal;
 
 /// First bytes of a state file.
 pub const MAGIC: &[u8; 8] = b"pestost\0";
@@ -72,8 +82,8 @@ pub enum StateFileError {
     },
 }
 
-/// What kind of file `m` is, for a message.
-fn file_kind(m: &std::fs::Metadata) -> &'static str {
+/// What kind of file `m` is, for a message ("a FIFO").
+pub(crate) fn file_kind(m: &std::fs::Metadata) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     let t = m.file_type();
     if t.is_dir() {
@@ -231,6 +241,15 @@ fn read_text(
     };
     let text = String::from_utf8(bytes)
         .map_err(|_| corrupt("it is neither text nor a binary state file".into()))?;
+    match seal::check(&text).map_err(corrupt)? {
+        seal::Seal::Whole => {}
+        seal::Seal::Unsealed => tracing::warn!(
+            "state file {} was written by an earlier pestod, without the end line that \
+             proves it whole: read as it is (a cut in it cannot be found), and written \
+             sealed from now on",
+            path.display()
+        ),
+    }
     let rules = crate::config::ConfigFile::parse(path, text)
         .and_then(|f| f.rules(caps, crate::spec::Ephemeral::default()))
         .map_err(|e| {
@@ -306,7 +325,7 @@ fn read_owners(update: Update, tail: &[u8]) -> Result<Saved, DecodeError> {
 }
 
 /// Writes `config`'s tables with their owners, `leases` and `uids` to
-/// `path` as text, under a comment of `header` lines, atomically: a
+/// `path` as sealed text, under a comment of `header` lines, atomically: a
 /// temporary file in the same directory, fsync, rename over the old one,
 /// fsync of the directory. A crash at any point leaves the old file or the
 /// new one, whole.
@@ -337,7 +356,7 @@ pub fn write(
         }
     }
     let owners: Vec<_> = owners.into_values().collect();
-    let text = crate::config::export(header, &tables, &owners);
+    let text = seal::seal(&crate::config::export(header, &tables, &owners));
     write_atomic(path, text.as_bytes())
 }
 
@@ -514,14 +533,31 @@ mod tests {
             read(&path, |_| Caps::from_bits_retain(0x2f)),
             Err(StateFileError::Corrupt { .. })
         ));
-        // Text: a bad line is corrupt, with its line.
-        std::fs::write(&path, b"[[rule]]\ntcp = \"80:81\"\nbogus = 1\n").unwrap();
+        // Text: a bad line is corrupt, with its line (the seal's first
+        // line is line 1).
+        std::fs::write(&path, seal::seal("[[rule]]\ntcp = \"80:81\"\nbogus = 1\n")).unwrap();
         let e = read(&path, |_| Caps::from_bits_retain(0x2f)).unwrap_err();
-        assert!(e.to_string().contains("line 3"), "{e}");
+        assert!(e.to_string().contains("line 4"), "{e}");
+        // Unsealed text is refused, unless an earlier version wrote it.
+        std::fs::write(&path, b"[[rule]]\ntcp = \"80:81\"\n").unwrap();
+        let e = read(&path, |_| Caps::from_bits_retain(0x2f)).unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
+        let old = format!(
+            "{}0.1.0 on every commit.\n\n[[rule]]\ntcp = \"80:81\"\n",
+            seal::UNSEALED_FIRST_LINE
+        );
+        std::fs::write(&path, old).unwrap();
+        let saved = read(&path, |_| Caps::from_bits_retain(0x2f))
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved.tables[0].1.len(), 1);
         // The text written is a configuration file, and reads back.
         write(&path, &config, &leases, &[(web.clone(), 1000)], "a header").unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with("# a header\n"), "{text}");
+        assert!(
+            text.starts_with(&format!("{}\n# a header\n", seal::FIRST_LINE)),
+            "{text}"
+        );
         let saved = read(&path, |_| Caps::from_bits_retain(0x2f))
             .unwrap()
             .unwrap();

@@ -16,7 +16,7 @@ use tracing_subscriber::EnvFilter;
 use pesto::config::{ConfigError, ConfigFile};
 use pesto::control::ControlOptions;
 use pesto::control::state::Timeouts;
-use pesto::daemon::{Daemon, Options, raise_nofile_limit};
+use pesto::daemon::{Daemon, Options, Reloaded, raise_nofile_limit};
 use pesto::dataplane::{Settings, TcpSettings, UdpSettings};
 use pesto::netns::Netns;
 use pesto::rule::Caps;
@@ -286,7 +286,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(run(opts, activated, reload))
+    let code = runtime.block_on(run(opts, activated, reload));
+    // A read of the configuration file still waiting (on a slow
+    // filesystem) must not hold the exit up.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 /// What SIGHUP needs to read the configuration file's rules again.
@@ -299,35 +303,74 @@ struct Reload {
     owners: std::collections::BTreeSet<pesto::owner::Owner>,
 }
 
+/// The file's rules, read on a blocking thread ([`Reload::read`]).
+type Reading = tokio::task::JoinHandle<Result<pesto::config::FileRules, ConfigError>>;
+
 impl Reload {
-    /// Reads the file again and applies its rules, as one transaction on
-    /// the scopes of the owners it names (and named). Rules of other owners
-    /// are never touched, and a file that does not validate changes nothing.
-    async fn run(&mut self, daemon: &Daemon) {
-        let (host, splice) = (self.host, self.splice);
-        let caps = move |pif: pesto::rule::PifId| {
-            if pif == pesto::rule::PifId::SPLICE {
-                splice
-            } else {
-                host
-            }
-        };
-        let rules =
-            match ConfigFile::load(&self.path).and_then(|f| f.rules(caps, Ephemeral::probe())) {
-                Ok(r) => r,
-                Err(e) => {
-                    error!("SIGHUP: {e}; nothing changed");
-                    return;
+    /// Reads the file again and parses its rules, on a blocking thread: the
+    /// signal loop goes on meanwhile, whatever the path now names.
+    fn read(&self) -> Reading {
+        let (path, host, splice) = (self.path.clone(), self.host, self.splice);
+        tokio::task::spawn_blocking(move || {
+            let caps = move |pif: pesto::rule::PifId| {
+                if pif == pesto::rule::PifId::SPLICE {
+                    splice
+                } else {
+                    host
                 }
             };
+            ConfigFile::load(&path).and_then(|f| f.rules(caps, Ephemeral::probe()))
+        })
+    }
+
+    /// Applies what [`Reload::read`] read, as one transaction on the
+    /// scopes of the owners it names (and named). Rules of other owners are
+    /// never touched, a file that does not validate changes nothing, and
+    /// one that says what runs already makes no transaction.
+    async fn apply(
+        &mut self,
+        read: Result<Result<pesto::config::FileRules, ConfigError>, tokio::task::JoinError>,
+        daemon: &Daemon,
+    ) {
+        let rules = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                error!("SIGHUP: {e}; nothing changed");
+                return;
+            }
+            Err(e) => {
+                error!(
+                    "SIGHUP: reading {} failed: {e}; nothing changed",
+                    self.path.display()
+                );
+                return;
+            }
+        };
         let owners = rules.owners();
         match daemon.reload_owners(&rules, &self.owners).await {
-            Ok(summary) => {
+            Ok(Reloaded::Unchanged { rules }) => {
+                info!(
+                    "SIGHUP: {} unchanged: its {rules} rules are those running; no transaction",
+                    self.path.display()
+                );
+                self.owners = owners;
+            }
+            Ok(Reloaded::Applied(summary)) => {
                 info!("SIGHUP: {} applied: {summary}", self.path.display());
                 self.owners = owners;
             }
             Err(e) => error!("SIGHUP: {}: {e}; nothing changed", self.path.display()),
         }
+    }
+}
+
+/// Waits for the read in progress, if there is one; else never ends.
+async fn read_done(
+    reading: &mut Option<Reading>,
+) -> Result<Result<pesto::config::FileRules, ConfigError>, tokio::task::JoinError> {
+    match reading {
+        Some(r) => r.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -374,17 +417,34 @@ async fn run(
     info!(sockets, "ready");
     let status = format!("forwarding: {sockets} listening sockets");
     tell_systemd(&notifier, move |n| n.ready(&status)).await;
+    // One read of the file at a time, off this loop, so that SIGTERM is
+    // heard whatever the read waits on; a SIGHUP during a read asks for one
+    // more, after it.
+    let mut reading: Option<Reading> = None;
+    let mut again = false;
     let signal = loop {
-        match signals.next().await {
-            Signal::Stop(name) => break name,
-            Signal::Hangup => match reload.as_mut() {
-                Some(r) => r.run(&daemon).await,
-                None => info!(
-                    "SIGHUP: no --config to read again (the rules change through the \
-                     control socket); still running"
-                ),
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Stop(name) => break name,
+                Signal::Hangup => match reload.as_ref() {
+                    Some(_) if reading.is_some() => again = true,
+                    Some(r) => reading = Some(r.read()),
+                    None => info!(
+                        "SIGHUP: no --config to read again (the rules change through the \
+                         control socket); still running"
+                    ),
+                },
+                Signal::Stats => daemon.log_stats().await,
             },
-            Signal::Stats => daemon.log_stats().await,
+            read = read_done(&mut reading) => {
+                reading = None;
+                if let Some(r) = reload.as_mut() {
+                    r.apply(read, &daemon).await;
+                    if std::mem::take(&mut again) {
+                        reading = Some(r.read());
+                    }
+                }
+            }
         }
     };
     info!("{signal}: shutting down");
@@ -416,8 +476,8 @@ async fn tell_systemd(
 enum Signal {
     /// SIGTERM or SIGINT: shut down.
     Stop(&'static str),
-    /// SIGHUP: by default it would kill the process, as for a daemon that
-    /// lost its terminal; pestod has no terminal and nothing to reload.
+    /// SIGHUP: reads `--config` again (caught: by default it would kill
+    /// the process, as for a daemon that lost its terminal).
     Hangup,
     /// SIGUSR1: write the counters to the log.
     Stats,

@@ -1403,10 +1403,13 @@ impl Shared {
     /// Pins the owners the operator named (a configuration file, at start
     /// and at each reload) to their uids: no client and no state file can
     /// give them to another uid.
-    pub fn pin_owners(&self, pins: BTreeMap<Owner, u32>) {
+    /// Returns whether an owner's uid changed.
+    pub fn pin_owners(&self, pins: BTreeMap<Owner, u32>) -> bool {
         let mut t = self.tables();
+        let before = t.owner_uids.clone();
         t.pinned = pins;
         t.settle_owners(None, 0);
+        t.owner_uids != before
     }
 
     /// The uid each owner belongs to, for the state file.
