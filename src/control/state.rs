@@ -221,7 +221,11 @@ impl Tables {
 
     /// Whether `owner` has rules, now or in a change in flight.
     fn has_rules(&self, owner: &Owner) -> bool {
-        self.scopes.keys().any(|(_, o)| o == owner) || self.live_owners().contains(owner)
+        self.scopes.keys().any(|(_, o)| o == owner)
+            || self.pending.values().flatten().any(|c| match c {
+                Pending::Scope { owner: o, old, .. } => o == owner && !old.is_empty(),
+                Pending::Whole { old, .. } => old.owners().iter().flatten().any(|o| o == owner),
+            })
     }
 
     /// LIMIT if `uid` (not root, not the daemon's) would have more owners
