@@ -122,6 +122,8 @@ pub struct FileOptions {
     pub state_file: Option<PathBuf>,
     /// `--metrics`.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `--metrics-max-conns`.
+    pub metrics_max_conns: Option<u64>,
     /// `--log-format`.
     pub log_format: Option<String>,
     /// Rules with an owner, a lease or the best-effort flag.

@@ -54,6 +54,9 @@ pub struct Options {
     pub state_file: Option<PathBuf>,
     /// Where to serve the counters over HTTP (`--metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Most connections the metrics endpoint serves at once
+    /// (`--metrics-max-conns`).
+    pub metrics_max_conns: usize,
     /// Leases of the start-up rules' owners (from `--config`); a state
     /// file's win.
     pub leases: BTreeMap<Owner, Lease>,
@@ -360,7 +363,8 @@ impl Daemon {
             }
         };
         let metrics = match opts.metrics.map(|addr| {
-            start_metrics(addr, &shared).map_err(|error| StartError::Metrics { addr, error })
+            start_metrics(addr, &shared, &dp, opts.metrics_max_conns)
+                .map_err(|error| StartError::Metrics { addr, error })
         }) {
             None => None,
             Some(Ok(m)) => Some(m),
@@ -417,8 +421,9 @@ impl Daemon {
     /// Writes the counters to the log (`SIGUSR1`): the daemon's figures,
     /// each pif's totals, and each rule that has seen traffic.
     pub async fn log_stats(&self) {
-        let stats = self.shared.stats().await;
-        let config = self.shared.config();
+        // Counters and rules from one moment: a table changing meanwhile
+        // would log one rule's counters under another.
+        let crate::stats::Labelled { stats, pifs } = self.shared.labelled_stats().await;
         let d = &stats.daemon;
         info!(
             uptime = d.uptime,
@@ -433,19 +438,15 @@ impl Daemon {
             timed_out = d.timed_out,
             "stats: daemon"
         );
-        for (pif, counters) in config
-            .pifs
-            .iter()
-            .filter_map(|p| stats.pifs.iter().find(|s| s.id == p.id).map(|s| (p, s)))
-        {
+        for ((name, rules), counters) in pifs.iter().zip(&stats.pifs) {
             let mut total = crate::stats::RuleCounters::default();
-            for (rule, c) in pif.table.rules().iter().zip(&counters.rules) {
+            for (rule, c) in rules.iter().zip(&counters.rules) {
                 total.add(c);
                 if c.tcp_total + c.udp_total + c.dropped > 0 {
-                    log_counters(&format!("{} {}", pif.name, rule.to_string().trim_end()), c);
+                    log_counters(&format!("{name} {}", rule.to_string().trim_end()), c);
                 }
             }
-            log_counters(&format!("{} total", pif.name), &total);
+            log_counters(&format!("{name} total"), &total);
         }
     }
 
@@ -528,11 +529,22 @@ impl Daemon {
 #[cfg(feature = "metrics")]
 type Metrics = crate::metrics::MetricsServer;
 
-/// Serves the counters on `addr` (`--metrics`).
+/// Serves the counters on `addr` (`--metrics`), on descriptors of the data
+/// plane's share (`dp`'s ceiling), never the control plane's reserve.
 #[cfg(feature = "metrics")]
-fn start_metrics(addr: std::net::SocketAddr, shared: &Arc<Shared>) -> std::io::Result<Metrics> {
+fn start_metrics(
+    addr: std::net::SocketAddr,
+    shared: &Arc<Shared>,
+    dp: &DataPlane,
+    max_conns: usize,
+) -> std::io::Result<Metrics> {
+    let opts = crate::metrics::MetricsOptions {
+        max_conns,
+        ceiling: dp.descriptor_limits().1,
+        ..crate::metrics::MetricsOptions::default()
+    };
     std::net::TcpListener::bind(addr)
-        .and_then(|l| crate::metrics::MetricsServer::start(l, Arc::clone(shared)))
+        .and_then(|l| crate::metrics::MetricsServer::start(l, Arc::clone(shared), opts))
 }
 
 /// A build without the `metrics` feature has no endpoint to run.
@@ -553,7 +565,12 @@ impl Metrics {
 
 /// `--metrics` in a build without the endpoint: an error, not a silence.
 #[cfg(not(feature = "metrics"))]
-fn start_metrics(_: std::net::SocketAddr, _: &Arc<Shared>) -> std::io::Result<Metrics> {
+fn start_metrics(
+    _: std::net::SocketAddr,
+    _: &Arc<Shared>,
+    _: &DataPlane,
+    _: usize,
+) -> std::io::Result<Metrics> {
     Err(std::io::Error::new(
         std::io::ErrorKind::Unsupported,
         "this pestod was built without the `metrics` feature",

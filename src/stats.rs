@@ -161,6 +161,17 @@ pub struct DaemonCounters {
     pub protocol: u64,
 }
 
+/// The figures of [`crate::codec::v3::Stats`] with the rules they count,
+/// read at one moment: `pifs[i].1[j]` is the rule whose counters are
+/// `stats.pifs[i].rules[j]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labelled {
+    /// The daemon's figures and each rule's counters.
+    pub stats: crate::codec::v3::Stats,
+    /// Each pif's name and rules, in the order of `stats.pifs`.
+    pub pifs: Vec<(String, Vec<crate::rule::Rule>)>,
+}
+
 /// Descriptors the process has open now (entries of /proc/self/fd, less
 /// the one that reads it).
 pub fn open_fds() -> u64 {

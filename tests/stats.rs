@@ -102,24 +102,6 @@ fn stats_count_known_traffic() {
     assert!(line.contains("tcp_total=7"), "{line}");
 }
 
-/// A plain HTTP GET of `path` from `addr`: status line and body.
-fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    (
-        head.lines().next().unwrap_or_default().to_owned(),
-        body.to_owned(),
-    )
-}
-
 /// `--metrics` serves the same figures in the Prometheus text format.
 #[test]
 fn metrics_are_scraped_over_http() {

@@ -154,6 +154,12 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<std::net::SocketAddr>,
 
+    /// Most connections the metrics endpoint serves at once; more are
+    /// closed as soon as they are accepted.
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    metrics_max_conns: u64,
+
     /// Read options and rules from this TOML file (docs/pestod.md,
     /// "Configuration file"); options given here win over the file's.
     /// SIGHUP reads its rules again.
@@ -654,6 +660,7 @@ fn options(
         timeouts,
         state_file: args.state_file.clone(),
         metrics: args.metrics,
+        metrics_max_conns: usize::try_from(args.metrics_max_conns).unwrap_or(usize::MAX),
         leases,
         uids,
         control_options: ControlOptions {
@@ -765,6 +772,12 @@ fn merge_file(args: &mut Args, m: &ArgMatches, file: &ConfigFile) -> Result<(), 
     take!(allow_gid, "allow_gid", same);
     take!(state_file, "state_file", some);
     take!(metrics, "metrics", some);
+    take!(metrics_max_conns, "metrics_max_conns", |v| range(
+        "metrics-max-conns",
+        v,
+        1,
+        1024
+    ));
     take!(log_format, "log_format", |v: String| {
         <LogFormat as clap::ValueEnum>::from_str(&v, false)
             .map_err(|_| bad("log-format", format!("'{v}': give text or json")))

@@ -1806,19 +1806,26 @@ impl Shared {
     /// The daemon's figures and each listed rule's counters, in the
     /// listing's order (see [`Shared::listing`]).
     pub async fn stats(&self) -> crate::codec::v3::Stats {
+        self.labelled_stats().await.stats
+    }
+
+    /// [`Shared::stats`] with the rules they count, read under the same
+    /// locks: a table that changes meanwhile can never put one rule's
+    /// counters beside another rule (the metrics' labels, SIGUSR1's log).
+    pub async fn labelled_stats(&self) -> crate::stats::Labelled {
         use crate::codec::v3::{PifStats, Stats};
         use crate::stats::{DaemonCounters, RuleCounters};
         let registry = self.registry.lock().await;
         let (limit, _) = registry.data_plane().descriptor_limits();
         let refused = registry.data_plane().refused();
-        let pifs = {
+        let (pifs, labels) = {
             let t = self.tables();
             t.config
                 .pifs
                 .iter()
                 .map(|p| {
                     let synced = registry.health(p.id);
-                    PifStats {
+                    let stats = PifStats {
                         id: p.id,
                         rules: p
                             .table
@@ -1832,14 +1839,15 @@ impl Shared {
                                     })
                             })
                             .collect(),
-                    }
+                    };
+                    (stats, (p.name.clone(), p.table.rules().to_vec()))
                 })
-                .collect()
+                .unzip()
         };
         drop(registry);
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let c = &self.counters;
-        Stats {
+        let stats = Stats {
             daemon: DaemonCounters {
                 uptime: self.started.elapsed().as_secs(),
                 fds_open: crate::stats::open_fds(),
@@ -1855,6 +1863,10 @@ impl Shared {
                 protocol: n(&c.protocol),
             },
             pifs,
+        };
+        crate::stats::Labelled {
+            stats,
+            pifs: labels,
         }
     }
 

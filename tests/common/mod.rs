@@ -445,3 +445,42 @@ pub const UPSTREAM_UPDATES: &[(&str, u32, &[&str])] = &[
     ("on1-replace", 1, &["-t", "22,25:2025", "-u", "53"]),
     ("on1-clear", 1, &["-C", "HOST"]),
 ];
+
+/// A plain HTTP/1.1 GET of `path` from `addr`, one request on its own
+/// connection: the status line and the body (de-chunked). `None` if the
+/// server closed or reset the connection before a whole answer.
+pub fn try_http_get(addr: SocketAddr, path: &str) -> Option<(String, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(PATIENCE)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let raw = String::from_utf8(raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.lines().next()?.to_owned();
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    if !chunked {
+        return Some((status, body.to_owned()));
+    }
+    let (mut rest, mut out) = (body, String::new());
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.trim(), 16).ok()?;
+        if size == 0 {
+            return Some((status, out));
+        }
+        out.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+/// [`try_http_get`], failing the test if there is no whole answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    try_http_get(addr, path).unwrap_or_else(|| panic!("GET http://{addr}{path}: no answer"))
+}
