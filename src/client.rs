@@ -12,7 +12,9 @@
 //! its tables and takes one update, with no answer. [`Session::connect`]
 //! speaks to it too ([`Session::version`]); [`Session::send_v2`] sends the
 //! update as upstream pesto does, and [`transact`] then lists again to check
-//! that the new tables are active ([`ClientError::NotActive`] if not).
+//! that its change is active ([`OwnChange`]; [`ClientError::NotActive`] if
+//! not). The connect waits while a busy server's backlog is full, as
+//! upstream pesto's does.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), pesto::client::ClientError> {
@@ -53,6 +55,10 @@ use crate::rule::PifId;
 use crate::scope::ScopeUpdate;
 use crate::spec::Ephemeral;
 use crate::table::{Config, PifTable, RuleError, Table};
+
+mod v2;
+use v2::attempt_v2;
+pub use v2::{OwnChange, verify_v2};
 
 /// Client settings.
 #[derive(Debug, Clone, Copy)]
@@ -152,8 +158,41 @@ fn connect_reason(path: &Path, error: &std::io::Error) -> String {
         (ErrorKind::ConnectionRefused, _) => {
             "nobody is listening (a socket left by a daemon that exited?)".to_owned()
         }
+        (ErrorKind::WouldBlock, _) => "the server stayed busy: its listen backlog was full \
+             for the whole --timeout (it serves one client at a time)"
+            .to_owned(),
         _ => error.to_string(),
     }
+}
+
+/// Connects to `path`, waiting up to `wait` for room in a busy server's
+/// listen backlog. Upstream passt listens with a backlog of 0 and accepts
+/// one client at a time, so a non-blocking connect to it fails with EAGAIN
+/// while it serves another; upstream pesto's blocking connect waits for
+/// its turn, and so does this one (a blocking connect on a blocking
+/// thread, bounded by SO_SNDTIMEO), after the non-blocking try.
+async fn connect_waiting(path: &Path, wait: Duration) -> std::io::Result<UnixStream> {
+    match UnixStream::connect(path).await {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => return other,
+    }
+    let path = path.to_owned();
+    let blocking = move || -> std::io::Result<std::os::unix::net::UnixStream> {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        // A zero timeout would mean forever.
+        socket.set_write_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        socket.connect(&SockAddr::unix(&path)?)?;
+        socket.set_write_timeout(None)?;
+        socket.set_nonblocking(true)?;
+        Ok(std::os::unix::net::UnixStream::from(
+            std::os::fd::OwnedFd::from(socket),
+        ))
+    };
+    let connected = tokio::task::spawn_blocking(blocking)
+        .await
+        .map_err(|e| std::io::Error::other(format!("the connect thread failed: {e}")))?;
+    UnixStream::from_std(connected?)
 }
 
 impl ClientError {
@@ -251,13 +290,13 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Connects, exchanges hellos and reads the pifs, rules and generations.
     pub async fn connect(path: &Path, opts: Options) -> Result<Session, ClientError> {
-        let stream = UnixStream::connect(path)
+        let t = opts.step_timeout;
+        let stream = connect_waiting(path, t)
             .await
             .map_err(|error| ClientError::Connect {
                 path: path.to_owned(),
                 error,
             })?;
-        let t = opts.step_timeout;
         let mut hello_conn: Framed<UnixStream, WireCodec<ServerHello>> =
             Framed::new(stream, WireCodec::new(Limits::default()));
         let hello = match tokio::time::timeout(t, hello_conn.next()).await {
@@ -749,7 +788,7 @@ pub struct Transaction {
     /// The server's answer to COMMIT or ROLLBACK (none for a dry run).
     pub answer: Option<Status>,
     /// The server's protocol version: with 2 there is no report and no
-    /// answer, and `committed` means the tables were listed back as sent.
+    /// answer, and `committed` means its changes were listed back.
     pub version: u32,
 }
 
@@ -901,145 +940,6 @@ where
         answer: Some(answer),
         version: VERSION_3,
     })
-}
-
-/// One attempt against a version-2 server: the update computed, sent, and
-/// checked by listing again. There is nothing to retry: no generations.
-async fn attempt_v2<F>(
-    path: &Path,
-    opts: Options,
-    t: TransactOptions,
-    session: Session,
-    plan: &mut F,
-    attempt: u32,
-) -> Result<Transaction, ClientError>
-where
-    F: FnMut(&Session, u32) -> Result<Change, ClientError>,
-{
-    if t.keep_partial {
-        return Err(ClientError::NotInV2(
-            "keep a table whose ports did not all bind (--keep-partial): it never says what bound",
-        ));
-    }
-    let done = |ack: &str, committed| Transaction {
-        attempts: attempt,
-        unchanged: false,
-        ack: Status::ok(ack),
-        report: None,
-        moved: Vec::new(),
-        committed,
-        answer: None,
-        version: VERSION_2,
-    };
-    let update = match plan(&session, attempt)? {
-        Change::Whole(update) => update,
-        Change::Scoped(_) => return Err(ClientError::NotInV2("keep rule owners")),
-        Change::Nothing => {
-            return Ok(Transaction {
-                unchanged: true,
-                ..done("nothing to change", false)
-            });
-        }
-    };
-    // Upstream sends every pif, changed or not, in the server's order.
-    let update = Update {
-        tables: session
-            .pifs
-            .iter()
-            .map(|p| {
-                let rules = match update.tables.iter().find(|(id, _)| *id == p.id) {
-                    Some((_, rules)) => rules.clone(),
-                    None => session
-                        .rules
-                        .iter()
-                        .find(|r| r.id == p.id)
-                        .map(|r| r.rules.clone())
-                        .unwrap_or_default(),
-                };
-                (p.id, rules)
-            })
-            .collect(),
-    };
-    if t.dry_run {
-        // Version 2 has no validation without applying.
-        return Ok(done(
-            "valid here; the version-2 server was not asked",
-            false,
-        ));
-    }
-    session.send_v2(&update).await?;
-    // Upstream applies the update once the connection that sent it closes,
-    // and serves one client at a time; pestod's version-2 socket may wait
-    // its step timeout for a transaction in flight. As long as one step.
-    verify_v2(path, opts, &update, opts.step_timeout).await?;
-    Ok(done("sent, and listed back as sent", true))
-}
-
-/// Lists `path` until the tables of the pifs in `update` are what it holds,
-/// for at most `patience`; else [`ClientError::NotActive`] with the rules
-/// that differ.
-pub async fn verify_v2(
-    path: &Path,
-    opts: Options,
-    update: &Update,
-    patience: Duration,
-) -> Result<(), ClientError> {
-    let deadline = tokio::time::Instant::now() + patience;
-    let opts = Options {
-        read_only: true,
-        reserve: false,
-        ..opts
-    };
-    loop {
-        let session = Session::connect(path, opts).await?;
-        let diff = differences(&session, update);
-        if diff.is_empty() {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(ClientError::NotActive(format!(
-                "{} (listed for {patience:?}; the server may still apply it later)",
-                diff.join("; ")
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// How the listed tables differ from `update`'s, for people.
-fn differences(session: &Session, update: &Update) -> Vec<String> {
-    let mut out = Vec::new();
-    for (id, want) in &update.tables {
-        let name = session
-            .pifs
-            .iter()
-            .find(|p| p.id == *id)
-            .map_or_else(|| format!("pif {id}"), |p| p.name.clone());
-        let have: &[crate::rule::Rule] = session
-            .rules
-            .iter()
-            .find(|r| r.id == *id)
-            .map_or(&[], |r| &r.rules);
-        if have == want.as_slice() {
-            continue;
-        }
-        let missing: Vec<String> = want
-            .iter()
-            .filter(|r| !have.contains(r))
-            .map(|r| format!("missing {}", r.to_string().trim_end()))
-            .collect();
-        let extra: Vec<String> = have
-            .iter()
-            .filter(|r| !want.contains(r))
-            .map(|r| format!("not asked for {}", r.to_string().trim_end()))
-            .collect();
-        if missing.is_empty() && extra.is_empty() {
-            out.push(format!("{name}: the rules are in another order"));
-        } else {
-            out.push(format!("{name}: {}", [missing, extra].concat().join(", ")));
-        }
-    }
-    out
 }
 
 /// The longest pause before attempt `attempt + 1`.

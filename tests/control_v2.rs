@@ -138,6 +138,11 @@ fn set_host(sock: &Path, rules: Vec<Rule>) {
 /// A version-2 exchange: reads hello and listing, sends `bytes`, closes
 /// its side, and waits for the server to close. Returns the listing.
 fn exchange(sock: &Path, bytes: &[u8]) -> ListingV2 {
+    exchange_with(sock, |_| bytes.to_vec())
+}
+
+/// [`exchange`] of the bytes that `update` makes of the listing.
+fn exchange_with(sock: &Path, update: impl FnOnce(&ListingV2) -> Vec<u8>) -> ListingV2 {
     let mut c = UnixStream::connect(sock).unwrap();
     c.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut got = Vec::new();
@@ -155,7 +160,7 @@ fn exchange(sock: &Path, bytes: &[u8]) -> ListingV2 {
         }
     };
     // The server stops reading what no update is: the rest may not go.
-    let _ = c.write_all(bytes);
+    let _ = c.write_all(&update(&listing));
     let _ = c.shutdown(std::net::Shutdown::Write);
     let _ = c.read_to_end(&mut got);
     listing
@@ -203,25 +208,213 @@ fn upstream_updates_over_the_version_2_socket() {
 }
 
 #[test]
-fn a_stale_version_2_update_changes_nothing() {
+fn a_version_3_change_between_listing_and_update_is_kept_and_the_update_made_on_it() {
     let base = free_ports(23);
-    let mut d = start(&[]);
+    // The version-2 client holds its turn while the version-3 one works:
+    // time enough for that, however loaded the machine.
+    let mut d = start(&["--hello-timeout", "10"]);
     set_host(&d.v3, listing_rules(base));
     // The version-2 client reads the tables, a version-3 client changes
-    // them, then the version-2 update arrives.
+    // them, then the version-2 update arrives: it cannot hear STALE, so
+    // its change (one rule added) is made to the tables as they are.
     let mut c = UnixStream::connect(&d.v2).unwrap();
     let mut head = vec![0u8; 20];
     c.read_exact(&mut head).unwrap();
     let mut third = listing_rules(base);
     third.pop();
     set_host(&d.v3, third.clone());
-    let (_, bytes) = update("add", base);
+    let (want, bytes) = update("add", base);
     // Whatever of the listing is still unread stays so: the update goes.
     c.write_all(&bytes).unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();
+    let line = d.proc.wait_for("version-2 transaction:").unwrap();
+    assert!(line.contains("applied and committed"), "{line}");
+    assert!(line.contains("rebased: HOST changed"), "{line}");
+    let mut both = third.clone();
+    both.push(want.last().unwrap().clone());
+    assert_eq!(host(&d.v3).0, both);
+    assert_eq!(d.proc.log().matches("not applied").count(), 0);
+
+    // A real conflict: the rule the version-2 client adds overlaps one a
+    // version-3 client added meanwhile. Refused, and the tables stay.
+    set_host(&d.v3, listing_rules(base));
+    let mut c = UnixStream::connect(&d.v2).unwrap();
+    c.read_exact(&mut head).unwrap();
+    let mut theirs = listing_rules(base);
+    let mut clash = want.last().unwrap().clone();
+    clash.to = clash.to.wrapping_add(1);
+    theirs.push(clash);
+    set_host(&d.v3, theirs.clone());
+    c.write_all(&bytes).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
     let line = d.proc.wait_for("version-2 update not applied").unwrap();
-    assert!(line.contains("changed since it was listed"), "{line}");
-    assert_eq!(host(&d.v3).0, third);
+    assert!(line.contains("rebased"), "{line}");
+    assert!(!line.contains("STALE"), "{line}");
+    assert_eq!(host(&d.v3).0, theirs);
+}
+
+/// Upstream pesto's `-A -t PORT`, as it does it: a blocking connect, the
+/// listing read whole, every listed pif sent back with one rule appended to
+/// HOST, then a close. The rule is the one upstream sent for `-t 9000`
+/// (tests/data/upstream-v2/client-update-add.bin), on `port`.
+fn upstream_add(sock: &Path, port: u16) {
+    let template = {
+        let bytes = upstream_data("client-update-add.bin");
+        let (u, _) = decode_from::<Update>(&bytes, &Limits::v2()).unwrap();
+        host_of(&u).last().unwrap().clone()
+    };
+    exchange_with(sock, |listing| {
+        let mut rule = template.clone();
+        (rule.first, rule.last, rule.to) = (port, port, port);
+        upstream_update(listing, rule)
+    });
+}
+
+/// The update upstream pesto sends for `-A` of `rule` after `listing`.
+fn upstream_update(listing: &ListingV2, rule: Rule) -> Vec<u8> {
+    let tables = listing
+        .pifs
+        .iter()
+        .map(|p| {
+            let mut rules = p.rules.clone();
+            if p.id == PifId::HOST {
+                rules.push(rule.clone());
+            }
+            (p.id, rules)
+        })
+        .collect();
+    encode_to_vec(&Update { tables })
+}
+
+#[test]
+fn upstream_update_is_built_as_upstream_builds_it() {
+    // The captured case, byte for byte: listing 2, then `-A -t 9000`.
+    let bytes = upstream_data("server-listing-2.bin");
+    let lim = Limits::v2();
+    let (_, hlen) = decode_from::<HelloV2>(&bytes, &lim).unwrap();
+    let (list, _) = decode_from::<ListingV2>(&bytes[hlen..], &lim).unwrap();
+    let sent = upstream_data("client-update-add.bin");
+    let (u, _) = decode_from::<Update>(&sent, &lim).unwrap();
+    let rule = host_of(&u).last().unwrap().clone();
+    assert_eq!(rule.first, 9000);
+    assert_eq!(upstream_update(&list, rule), sent);
+}
+
+/// Six upstream pesto clients run `-A` at once, as podman does when it
+/// starts several containers: version 2 cannot say STALE, so each must be
+/// applied. Upstream passt serves them one at a time and applies 6 of 6.
+#[test]
+fn six_upstream_clients_adding_at_once_are_all_applied() {
+    let base = free_ports(6);
+    let mut d = start(&[]);
+    for round in 0..3u16 {
+        set_host(&d.v3, Vec::new());
+        let go = std::sync::Arc::new(std::sync::Barrier::new(6));
+        let clients: Vec<_> = (0..6u16)
+            .map(|i| {
+                let (sock, go) = (d.v2.clone(), std::sync::Arc::clone(&go));
+                std::thread::spawn(move || {
+                    go.wait();
+                    upstream_add(&sock, base + i);
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap();
+        }
+        // Each client's connection closed after its commit.
+        let mut ports: Vec<u16> = host(&d.v3).0.iter().map(|r| r.first).collect();
+        ports.sort_unstable();
+        assert_eq!(
+            ports,
+            (base..base + 6).collect::<Vec<_>>(),
+            "round {round}: {}",
+            d.proc.log()
+        );
+    }
+    assert!(!d.proc.log().contains("not applied"), "{}", d.proc.log());
+    assert!(d.proc.wait_for("committed").is_ok());
+}
+
+/// The same with our pesto on the version-2 socket: each exits 0, having
+/// checked that its own rule is active (not that the whole table is what
+/// it sent, which the others change).
+#[test]
+fn six_of_our_pesto_adding_at_once_on_the_version_2_socket_all_exit_0() {
+    let base = free_ports(6);
+    let d = start(&[]);
+    for round in 0..3u16 {
+        set_host(&d.v3, Vec::new());
+        let go = std::sync::Arc::new(std::sync::Barrier::new(6));
+        let clients: Vec<_> = (0..6u16)
+            .map(|i| {
+                let (sock, go) = (d.v2.clone(), std::sync::Arc::clone(&go));
+                std::thread::spawn(move || {
+                    let spec = format!("127.0.0.1/{}:9", base + i);
+                    go.wait();
+                    std::process::Command::new(env!("CARGO_BIN_EXE_pesto"))
+                        .args(["-A", "-t", &spec])
+                        .arg(&sock)
+                        .output()
+                        .unwrap()
+                })
+            })
+            .collect();
+        for c in clients {
+            let out = c.join().unwrap();
+            assert_eq!(out.status.code(), Some(0), "round {round}: {out:?}");
+        }
+        let mut ports: Vec<u16> = host(&d.v3).0.iter().map(|r| r.first).collect();
+        ports.sort_unstable();
+        assert_eq!(ports, (base..base + 6).collect::<Vec<_>>(), "round {round}");
+    }
+}
+
+/// A version-2 client that stalls after its listing holds the socket no
+/// longer than the hello timeout: the next one is served after it, and one
+/// that cannot get its turn within the step timeout is dropped unlisted.
+#[test]
+fn a_stalled_version_2_client_holds_the_socket_only_for_a_while() {
+    let base = free_ports(23);
+    let mut d = start(&["--hello-timeout", "1", "--step-timeout", "3"]);
+    set_host(&d.v3, listing_rules(base));
+    let mut stalled = UnixStream::connect(&d.v2).unwrap();
+    let mut head = vec![0u8; 20];
+    stalled.read_exact(&mut head).unwrap();
+    // Served after it: its update applies.
+    let (want, bytes) = update("add", base);
+    let next = {
+        let sock = d.v2.clone();
+        std::thread::spawn(move || exchange(&sock, &bytes))
+    };
+    let listed = next.join().unwrap();
+    assert_eq!(listed.pifs[0].rules, listing_rules(base));
+    d.proc
+        .wait_for("no update and no close within the hello timeout")
+        .unwrap();
+    d.proc.wait_for("applied and committed").unwrap();
+    assert_eq!(host(&d.v3).0, want);
+    drop(stalled);
+}
+
+#[test]
+fn a_version_2_client_that_waits_past_the_step_timeout_is_dropped_unlisted() {
+    let mut d = start(&["--hello-timeout", "30", "--step-timeout", "1"]);
+    let mut stalled = UnixStream::connect(&d.v2).unwrap();
+    let mut head = vec![0u8; 20];
+    stalled.read_exact(&mut head).unwrap();
+    // Its turn does not come within the step timeout: dropped, no listing.
+    let mut c = UnixStream::connect(&d.v2).unwrap();
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert!(got.is_empty(), "listed while another held the socket");
+    let line = d.proc.wait_for("version-2 update not applied").unwrap();
+    assert!(line.contains("held the socket"), "{line}");
+    drop(stalled);
+    // The next one is served.
+    exchange(&d.v2, &[]);
+    d.proc.wait_for("listed, no update").unwrap();
 }
 
 #[test]

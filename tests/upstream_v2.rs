@@ -31,6 +31,30 @@ impl V2Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("passt.sock");
         let listener = UnixListener::bind(&path).unwrap();
+        V2Server::serve(dir, path, listener, listing, ignore)
+    }
+
+    /// [`V2Server::start`] listening as upstream passt does, with a backlog
+    /// of 0: while it serves one client, one more waits in the backlog and
+    /// any other's non-blocking connect fails with EAGAIN.
+    fn start_backlog_0(listing: Vec<u8>) -> V2Server {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passt.sock");
+        let socket = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        socket.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        socket.listen(0).unwrap();
+        let listener = UnixListener::from(std::os::fd::OwnedFd::from(socket));
+        V2Server::serve(dir, path, listener, listing, false)
+    }
+
+    fn serve(
+        dir: tempfile::TempDir,
+        path: PathBuf,
+        listener: UnixListener,
+        listing: Vec<u8>,
+        ignore: bool,
+    ) -> V2Server {
         let updates = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&updates);
         std::thread::spawn(move || {
@@ -151,6 +175,75 @@ fn a_server_that_ignores_the_update_is_caught() {
         v["error"]["message"].as_str().unwrap().contains("9001"),
         "{v}"
     );
+}
+
+/// Whether process `pid` has a thread blocked in connect(2) on a UNIX
+/// socket whose listener's backlog is full.
+fn blocked_in_connect(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+        let syscall = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+        // connect(2) is syscall 42 on x86-64, 203 on aarch64.
+        let nr = if cfg!(target_arch = "x86_64") {
+            "42"
+        } else {
+            "203"
+        };
+        wchan == "unix_wait_for_peer" || syscall.split(' ').next() == Some(nr)
+    })
+}
+
+/// Upstream passt serves one client at a time with a backlog of 0: our
+/// pesto's connect waits for its turn, as upstream pesto's does, rather
+/// than failing at once with EAGAIN, and its update goes through.
+#[test]
+fn the_connect_waits_for_a_busy_server_with_a_backlog_of_0() {
+    let server = V2Server::start_backlog_0(data("server-listing-2.bin"));
+    // One client being served (its listing read: accepted), one more in
+    // the backlog: the backlog is full.
+    let mut served = std::os::unix::net::UnixStream::connect(&server.path).unwrap();
+    let mut listing = vec![0u8; data("server-listing-2.bin").len()];
+    served.read_exact(&mut listing).unwrap();
+    let queued = std::os::unix::net::UnixStream::connect(&server.path).unwrap();
+    let nonblocking =
+        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    nonblocking.set_nonblocking(true).unwrap();
+    let full = nonblocking.connect(&socket2::SockAddr::unix(&server.path).unwrap());
+    assert_eq!(
+        full.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock),
+        "the backlog is not full"
+    );
+    drop(nonblocking);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pesto"))
+        .args(["-A", "-t", "9000"])
+        .arg(&server.path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let end = std::time::Instant::now() + common::PATIENCE;
+    while !blocked_in_connect(pid) && child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < end,
+            "pesto neither waits nor ends"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "pesto gave up on a busy server: {:?}",
+        child.wait_with_output()
+    );
+    // The server is done with the others: pesto's turn.
+    drop((served, queued));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(server.updates(), [data("client-update-add.bin")]);
 }
 
 #[test]

@@ -37,14 +37,17 @@ Exit status:
   2  rejected: a rule is invalid or past a limit (nothing changed)
   3  rolled back: some ports could not be bound (nothing changed); or a
      version-2 server (upstream passt or pasta) did not list back the
-     tables it was sent
+     change it was sent
   4  connection or protocol failure, timeout, or still conflicting with
      other clients (or the daemon still busy) after --retry-for seconds
 
 Against a version-2 server (upstream passt or pasta) pesto speaks upstream's
-exchange: it sends the new tables as upstream pesto does, then lists again
-to check that they are active. Owners, --keep-partial and the rest that
-version 2 cannot do are refused; --dry-run checks the rules here only.";
+exchange: it sends the new tables as upstream pesto does (waiting, as
+upstream does, while the server serves another client), then lists again to
+check that its change is active: the rules it added are there and those it
+deleted are gone, whatever other clients changed around them. Owners,
+--keep-partial and the rest that version 2 cannot do are refused; --dry-run
+checks the rules here only.";
 
 /// Show or change the forwarding rules of a running pestod.
 #[derive(Debug, Parser)]
@@ -479,7 +482,7 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
     if tx.version == 2 {
         // Upstream's exchange: no report; the listing after it is the truth.
         out.outcome(if tx.committed {
-            "sent to the version-2 server, and listed back as sent"
+            "sent to the version-2 server, and its changes listed back"
         } else {
             "valid here; dry run: the version-2 server was not asked"
         });

@@ -304,6 +304,7 @@ impl ControlServer {
             stop: stop.clone(),
             tasks: tasks.clone(),
             version,
+            v2_turn: Arc::default(),
         };
         tasks.spawn(server.accept_loop(listener));
         // Without a file there is nothing to watch (an abstract socket).
@@ -418,6 +419,9 @@ struct Server {
     stop: CancellationToken,
     tasks: TaskTracker,
     version: Version,
+    /// Version 2: held by the one connection served, from its listing to
+    /// its commit (`v2`), as upstream serves one client at a time.
+    v2_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Server {
@@ -512,6 +516,7 @@ impl Server {
         };
         let slots = Arc::clone(&self.slots);
         let v2 = self.version == Version::V2;
+        let turn = Arc::clone(&self.v2_turn);
         // The wait for the pushed-out connection's slot happens here, not in
         // the accept loop.
         self.tasks.spawn(async move {
@@ -525,7 +530,7 @@ impl Server {
             };
             match slot {
                 Some(slot) if v2 => {
-                    v2::run(conn).await;
+                    v2::run(conn, turn).await;
                     drop(slot);
                 }
                 None if v2 => {

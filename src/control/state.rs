@@ -962,6 +962,19 @@ impl Shared {
         Ok(Reserved(self.claim(Claim::All, deadline).await?))
     }
 
+    /// Takes `pifs` whole, waiting no longer than the step timeout (BUSY),
+    /// for an update that is known before the tables it builds on are read
+    /// (the version-2 socket rebases onto them): until
+    /// [`Shared::apply_reserved`]'s transaction ends, nothing else changes
+    /// those pifs, so it cannot go STALE.
+    pub async fn hold_pifs(
+        &self,
+        pifs: std::collections::BTreeSet<PifId>,
+    ) -> Result<Reserved, Status> {
+        let deadline = tokio::time::Instant::now() + self.timeouts.step;
+        Ok(Reserved(self.claim(Claim::Pifs(pifs), deadline).await?))
+    }
+
     /// Step 7 with every pif reserved at the listing.
     pub async fn apply_reserved(
         &self,
