@@ -488,7 +488,7 @@ fn a_thousand_pid_leases_ending_together_are_one_transaction() {
 /// renewed by commits well within it never expires.
 #[test]
 fn leases_are_enforced_on_time_whatever_else_is_stuck() {
-    let mut d = Daemon::start(&["--commit-timeout", "60"]);
+    let d = Daemon::start(&["--commit-timeout", "60"]);
     let base = free_ports(4);
     let (mut a, mut b) = (sleeper(), sleeper());
     let rt = rt();
