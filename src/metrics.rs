@@ -1,5 +1,6 @@
-//! `--metrics ADDR:PORT`: the figures of `pesto --stats` over HTTP, in the
-//! Prometheus (OpenMetrics) text format, at `/metrics`.
+//! `--metrics ADDR:PORT`: the figures of `pesto --stats` over HTTP, at
+//! `/metrics`, in Prometheus' text format 0.0.4, or OpenMetrics to a
+//! scraper whose `Accept` header asks for it.
 //!
 //! Each scrape takes one snapshot of the counters with the rules they count
 //! ([`Shared::labelled_stats`]), so a label never names another rule's
@@ -37,10 +38,7 @@ use tracing::{debug, info, warn};
 use crate::control::state::Shared;
 use crate::stats::add;
 use crate::throttle::{Throttle, more};
-use text::{EndpointCounters, Text};
-
-/// The content type of the OpenMetrics text format, which Prometheus reads.
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use text::{EndpointCounters, Format, Text};
 
 /// Bytes hyper may hold for one connection, reading or writing (its least
 /// is 8 KiB): with [`text::CHUNK`], what a peer that stops reading pins.
@@ -300,9 +298,18 @@ async fn answer(req: Request<Incoming>, shared: &Shared, counters: &Counters) ->
             "text/plain",
         );
     }
+    let accept = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = Format::from_accept(accept);
     let snapshot = shared.labelled_stats().await;
-    let text = Text::new(snapshot, counters.now());
-    reply(StatusCode::OK, Reply::Metrics(Box::new(text)), CONTENT_TYPE)
+    let text = Text::new(snapshot, counters.now(), format);
+    reply(
+        StatusCode::OK,
+        Reply::Metrics(Box::new(text)),
+        format.content_type(),
+    )
 }
 
 /// A response body: a short fixed text, or the metrics made a chunk at a

@@ -120,8 +120,9 @@ fn metrics_are_scraped_over_http() {
         let mut b = [0u8; 3];
         s.read_exact(&mut b).unwrap();
     }
-    let rule = format!("TCP [127.0.0.1]:{p}  =>  {echo}");
-    let series = format!("pestod_tcp_connections_total{{pif=\"HOST\",rule=\"{rule}\"}} 4");
+    let series = format!(
+        "pestod_tcp_connections_total{{pif=\"HOST\",proto=\"tcp\",listen=\"127.0.0.1\",ports=\"{p}\"}} 4"
+    );
     let mut body = String::new();
     wait_until(Duration::from_secs(5), "four connections counted", || {
         let (status, b) = http_get(v4(m), "/metrics");
@@ -129,8 +130,10 @@ fn metrics_are_scraped_over_http() {
         body = b;
         body.contains(&series)
     });
+    // By default, Prometheus' text format 0.0.4: a counter's family is
+    // named as its samples are, and there is no `# EOF`.
     assert!(
-        body.contains("# TYPE pestod_received_bytes counter"),
+        body.contains("# TYPE pestod_received_bytes_total counter"),
         "{body}"
     );
     assert!(
@@ -138,8 +141,72 @@ fn metrics_are_scraped_over_http() {
         "{body}"
     );
     assert!(body.contains("pestod_open_files_limit "), "{body}");
-    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    assert!(!body.contains("# EOF"), "{body}");
+    assert!(!body.contains("pestod_udp_flows_open{"), "{body}");
+    let (head, _) = try_http_get_with(v4(m), "/metrics", "Accept: text/plain;version=0.0.4\r\n")
+        .expect("an answer");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    promtool_accepts(&body);
+    // OpenMetrics to a scraper that asks for it, as Prometheus does.
+    let (head, open) = try_http_get_with(
+        v4(m),
+        "/metrics",
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n",
+    )
+    .expect("an answer");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(
+        open.contains("# TYPE pestod_received_bytes counter"),
+        "{open}"
+    );
+    assert!(open.trim_end().ends_with("# EOF"), "{open}");
     let (status, _) = http_get(v4(m), "/other");
     assert!(status.contains("404"), "{status}");
     drop(d);
+}
+
+/// `promtool check metrics` (Prometheus' own linter) passes on `body`.
+/// Skipped with a message where promtool is missing, a failure under CI.
+fn promtool_accepts(body: &str) {
+    use std::process::{Command, Stdio};
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                !under_ci(),
+                "promtool is missing (apt-get install prometheus)"
+            );
+            eprintln!("SKIPPED promtool check: promtool is not installed");
+            return;
+        }
+        Err(e) => panic!("promtool: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

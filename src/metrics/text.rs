@@ -1,13 +1,21 @@
-//! The OpenMetrics text of one snapshot, made a chunk at a time: a scrape
+//! The metrics text of one snapshot, made a chunk at a time: a scrape
 //! holds its snapshot and at most one chunk, never the whole text (14 MB
 //! for 16,000 rules), and the next chunk is made only when the connection
 //! has taken the last one.
+//!
+//! Two formats, chosen by the scraper's `Accept` header: Prometheus' text
+//! format 0.0.4 by default, OpenMetrics 1.0 when asked for. They differ in
+//! what a counter's family is called (`x_total` in 0.0.4, `x` in
+//! OpenMetrics) and in the closing `# EOF`. Written here rather than with
+//! a metrics library because the text is streamed from one snapshot in
+//! bounded chunks, which the libraries' encoders, writing the whole
+//! registry at once, do not do.
 
 use std::fmt::Write as _;
 
 use hyper::body::Bytes;
 
-use crate::rule::Rule;
+use crate::rule::{Flags, Proto, Rule};
 use crate::stats::{DaemonCounters, Labelled, RuleCounters};
 
 /// About how many bytes a chunk holds: a chunk ends after the first line
@@ -35,11 +43,55 @@ pub struct EndpointCounters {
 /// A figure of one rule.
 type Field = fn(&RuleCounters) -> u64;
 
+/// The text format of a scrape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus' text exposition format, version 0.0.4.
+    Prometheus,
+    /// OpenMetrics 1.0 text.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for: OpenMetrics only when it
+    /// names it, as Prometheus does when it prefers it; anything else
+    /// (none, `text/plain`, `*/*`) gets the 0.0.4 text every parser reads.
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        let wants = |a: &str| {
+            a.split(',').any(|part| {
+                let mut fields = part.split(';');
+                let kind = fields.next().unwrap_or("").trim();
+                let refused = fields.any(|f| {
+                    let f = f.trim();
+                    f.strip_prefix("q=")
+                        .is_some_and(|q| q.trim().parse::<f32>() == Ok(0.0))
+                });
+                kind.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+            })
+        };
+        if accept.is_some_and(wants) {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
+        }
+    }
+
+    /// The `Content-Type` of a reply in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
 /// What a per-rule family is.
 struct Family {
     name: &'static str,
     help: &'static str,
     counter: bool,
+    /// The protocol whose rules have this family; `None`: every rule.
+    proto: Option<Proto>,
     field: Field,
 }
 
@@ -48,54 +100,63 @@ const FAMILIES: [Family; 9] = [
     Family {
         name: "tcp_connections_open",
         help: "TCP connections open now",
+        proto: Some(Proto::Tcp),
         counter: false,
         field: |c| c.tcp_active,
     },
     Family {
         name: "udp_flows_open",
         help: "UDP flows open now",
+        proto: Some(Proto::Udp),
         counter: false,
         field: |c| c.udp_active,
     },
     Family {
         name: "tcp_connections",
         help: "TCP connections accepted",
+        proto: Some(Proto::Tcp),
         counter: true,
         field: |c| c.tcp_total,
     },
     Family {
         name: "received_bytes",
         help: "Bytes from clients to the target",
+        proto: None,
         counter: true,
         field: |c| c.bytes_in,
     },
     Family {
         name: "sent_bytes",
         help: "Bytes from the target back to clients",
+        proto: None,
         counter: true,
         field: |c| c.bytes_out,
     },
     Family {
         name: "udp_flows",
         help: "UDP flows opened",
+        proto: Some(Proto::Udp),
         counter: true,
         field: |c| c.udp_total,
     },
     Family {
         name: "received_datagrams",
         help: "Datagrams from peers to the target",
+        proto: Some(Proto::Udp),
         counter: true,
         field: |c| c.datagrams_in,
     },
     Family {
         name: "sent_datagrams",
         help: "Datagrams from the target to peers",
+        proto: Some(Proto::Udp),
         counter: true,
         field: |c| c.datagrams_out,
     },
     Family {
         name: "dropped_datagrams",
         help: "Datagrams dropped: no flow could be opened",
+        proto: Some(Proto::Udp),
         counter: true,
         field: |c| c.dropped,
     },
@@ -131,13 +192,14 @@ pub struct Text {
     endpoint: EndpointCounters,
     pifs: Vec<String>,
     rows: Vec<Row>,
+    format: Format,
     step: Step,
 }
 
 impl Text {
     /// The text of `snapshot` (counters and labels of one moment) and of
-    /// the endpoint's `endpoint` figures.
-    pub fn new(snapshot: Labelled, endpoint: EndpointCounters) -> Text {
+    /// the endpoint's `endpoint` figures, in `format`.
+    pub fn new(snapshot: Labelled, endpoint: EndpointCounters, format: Format) -> Text {
         let mut pifs = Vec::with_capacity(snapshot.pifs.len());
         let mut rows = Vec::new();
         for (i, ((name, rules), stats)) in snapshot
@@ -163,6 +225,7 @@ impl Text {
             endpoint,
             pifs,
             rows,
+            format,
             step: Step::Head,
         }
     }
@@ -202,7 +265,7 @@ impl Text {
                     return Step::Failures { row: 0 };
                 };
                 if row == 0 {
-                    header(out, f.name, f.help, f.counter);
+                    header(out, self.format, f.name, f.help, f.counter);
                 }
                 let Some(r) = self.rows.get(row) else {
                     return Step::Rules {
@@ -210,13 +273,15 @@ impl Text {
                         row: 0,
                     };
                 };
-                sample(
-                    out,
-                    f.name,
-                    f.counter,
-                    &self.labels(r),
-                    (f.field)(&r.counters),
-                );
+                if f.proto.is_none_or(|p| p == r.rule.proto) {
+                    sample(
+                        out,
+                        f.name,
+                        f.counter,
+                        &self.labels(r),
+                        (f.field)(&r.counters),
+                    );
+                }
                 Step::Rules {
                     family,
                     row: row + 1,
@@ -226,6 +291,7 @@ impl Text {
                 if row == 0 {
                     header(
                         out,
+                        self.format,
                         "connect_failures",
                         "Failed connects to the target, by errno",
                         true,
@@ -244,30 +310,41 @@ impl Text {
                 Step::Failures { row: row + 1 }
             }
             Step::Eof => {
-                out.push_str("# EOF\n");
+                if self.format == Format::OpenMetrics {
+                    out.push_str("# EOF\n");
+                }
                 Step::Done
             }
             Step::Done => Step::Done,
         }
     }
 
-    /// `pif="...",rule="..."` of a row.
+    /// The labels of a row: `pif`, `proto`, `listen` and `ports`, which
+    /// name a rule uniquely (rules of a pif never overlap).
     fn labels(&self, r: &Row) -> String {
-        let mut s = String::from("pif=\"");
-        escape(&mut s, self.pifs.get(r.pif).map_or("", String::as_str));
-        s.push_str("\",rule=\"");
-        escape(&mut s, r.rule.to_string().trim_end());
-        s.push('"');
-        s
+        rule_labels(self.pifs.get(r.pif).map_or("", String::as_str), &r.rule)
     }
 
     /// The daemon's figures, then the endpoint's.
     fn head(&self, out: &mut String) {
         let d = &self.daemon;
+        let format = self.format;
+        let header =
+            |out: &mut String, name, help, counter| header(out, format, name, help, counter);
         let one = |out: &mut String, name, help, counter, v| {
             header(out, name, help, counter);
             sample(out, name, counter, "", v);
         };
+        header(
+            out,
+            "build_info",
+            "The pestod build serving this endpoint",
+            false,
+        );
+        let mut version = String::from("version=\"");
+        escape(&mut version, env!("CARGO_PKG_VERSION"));
+        version.push('"');
+        sample(out, "build_info", false, &version, 1);
         one(
             out,
             "uptime_seconds",
@@ -367,12 +444,45 @@ impl Text {
     }
 }
 
-/// The `# HELP` and `# TYPE` lines of family `name`.
-fn header(out: &mut String, name: &str, help: &str, counter: bool) {
+/// The labels that name `rule` of pif `pif`, escaped.
+fn rule_labels(pif: &str, rule: &Rule) -> String {
+    let mut s = String::from("pif=\"");
+    escape(&mut s, pif);
+    let proto = match rule.proto {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+    };
+    let _ = write!(s, "\",proto=\"{proto}\",listen=\"");
+    if rule.flags.contains(Flags::DUAL_STACK_ANY) {
+        s.push('*');
+    } else {
+        let _ = write!(s, "{}", rule.addr);
+    }
+    if let Some(ifname) = &rule.ifname {
+        s.push('%');
+        escape(&mut s, ifname.as_str());
+    }
+    let _ = if rule.first == rule.last {
+        write!(s, "\",ports=\"{}\"", rule.first)
+    } else {
+        write!(s, "\",ports=\"{}-{}\"", rule.first, rule.last)
+    };
+    s
+}
+
+/// The `# HELP` and `# TYPE` lines of family `name`: in 0.0.4 a counter's
+/// family is named as its samples are, with `_total`; in OpenMetrics
+/// without it.
+fn header(out: &mut String, format: Format, name: &str, help: &str, counter: bool) {
     let kind = if counter { "counter" } else { "gauge" };
+    let suffix = if counter && format == Format::Prometheus {
+        "_total"
+    } else {
+        ""
+    };
     let _ = write!(
         out,
-        "# HELP pestod_{name} {help}.\n# TYPE pestod_{name} {kind}\n"
+        "# HELP pestod_{name}{suffix} {help}.\n# TYPE pestod_{name}{suffix} {kind}\n"
     );
 }
 
@@ -440,9 +550,18 @@ mod tests {
         (s, chunks)
     }
 
+    const ZERO: EndpointCounters = EndpointCounters {
+        open: 0,
+        accepted: 0,
+        refused_max_conns: 0,
+        refused_descriptors: 0,
+        timed_out_header: 0,
+        timed_out_idle: 0,
+    };
+
     #[test]
     fn every_family_once_then_eof() {
-        let (s, chunks) = whole(Text::new(snapshot(3), EndpointCounters::default()));
+        let (s, chunks) = whole(Text::new(snapshot(3), ZERO, Format::OpenMetrics));
         assert_eq!(chunks, 1);
         assert!(s.ends_with("# EOF\n"), "{s}");
         assert_eq!(
@@ -451,14 +570,17 @@ mod tests {
         );
         assert!(
             s.contains(
-                "pestod_tcp_connections_total{pif=\"HOST\",rule=\"TCP [127.0.0.1]:20002  =>  80\"} 2\n"
+                "pestod_tcp_connections_total{pif=\"HOST\",proto=\"tcp\",listen=\"127.0.0.1\",ports=\"20002\"} 2\n"
             ),
             "{s}"
         );
         assert!(
-            s.contains("pestod_connect_failures_total{pif=\"HOST\",rule=\"TCP [127.0.0.1]:20001  =>  80\",errno=\"111\"} 2\n"),
+            s.contains("pestod_connect_failures_total{pif=\"HOST\",proto=\"tcp\",listen=\"127.0.0.1\",ports=\"20001\",errno=\"111\"} 2\n"),
             "{s}"
         );
+        // TCP rules have no UDP series.
+        assert!(!s.contains("pestod_udp_flows_open{"), "{s}");
+        assert!(s.contains("# TYPE pestod_udp_flows_open gauge\n"), "{s}");
         assert!(
             s.contains("pestod_metrics_refused_total{reason=\"max_conns\"} 0\n"),
             "{s}"
@@ -467,12 +589,64 @@ mod tests {
 
     #[test]
     fn a_large_table_comes_in_bounded_chunks() {
-        let (s, chunks) = whole(Text::new(snapshot(2000), EndpointCounters::default()));
+        let (s, chunks) = whole(Text::new(snapshot(2000), ZERO, Format::Prometheus));
         assert!(chunks > 10, "{chunks} chunks");
         // Each family's lines stay together, under their one header.
-        assert_eq!(s.matches("# TYPE pestod_sent_bytes counter").count(), 1);
+        assert_eq!(
+            s.matches("# TYPE pestod_sent_bytes_total counter").count(),
+            1
+        );
         assert_eq!(s.matches("pestod_sent_bytes_total{").count(), 2000);
-        assert!(s.ends_with("# EOF\n"));
+        assert!(!s.contains("# EOF"));
+    }
+
+    #[test]
+    fn the_classic_format_names_each_family_as_its_samples() {
+        let (s, _) = whole(Text::new(snapshot(2), ZERO, Format::Prometheus));
+        // Every sample's name has its HELP and TYPE, under that very name.
+        for line in s.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            assert!(s.contains(&format!("# HELP {name} ")), "no HELP for {name}");
+            assert!(s.contains(&format!("# TYPE {name} ")), "no TYPE for {name}");
+        }
+        assert!(s.contains(&format!(
+            "pestod_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
+    #[test]
+    fn the_accept_header_picks_the_format() {
+        use Format::*;
+        for (accept, want) in [
+            (None, Prometheus),
+            (Some("text/plain;version=0.0.4"), Prometheus),
+            (Some("*/*"), Prometheus),
+            (
+                Some("application/openmetrics-text;version=1.0.0"),
+                OpenMetrics,
+            ),
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                ),
+                OpenMetrics,
+            ),
+            (Some("Application/OpenMetrics-Text; q=0"), Prometheus),
+        ] {
+            assert_eq!(Format::from_accept(accept), want, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn labels_name_interface_ranges_and_every_address() {
+        let mut r = Rule::new(Proto::Udp, "::".parse().expect("addr"), 53, 60, 53);
+        r.flags = Flags::DUAL_STACK_ANY;
+        r.ifname = Some(crate::rule::IfName::new("eth0").expect("ifname"));
+        assert_eq!(
+            rule_labels("HOST", &r),
+            "pif=\"HOST\",proto=\"udp\",listen=\"*%eth0\",ports=\"53-60\""
+        );
     }
 
     #[test]

@@ -450,18 +450,26 @@ pub const UPSTREAM_UPDATES: &[(&str, u32, &[&str])] = &[
 /// connection: the status line and the body (de-chunked). `None` if the
 /// server closed or reset the connection before a whole answer.
 pub fn try_http_get(addr: SocketAddr, path: &str) -> Option<(String, String)> {
+    let (head, body) = try_http_get_with(addr, path, "")?;
+    Some((head.lines().next()?.to_owned(), body))
+}
+
+/// A GET with `extra` header lines (each ending in `\r\n`): the response's
+/// head (status line and headers) and its body, de-chunked.
+#[allow(dead_code)]
+pub fn try_http_get_with(addr: SocketAddr, path: &str, extra: &str) -> Option<(String, String)> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(PATIENCE)).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
     let raw = String::from_utf8(raw).ok()?;
     let (head, body) = raw.split_once("\r\n\r\n")?;
-    let status = head.lines().next()?.to_owned();
+    let status = head.to_owned();
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
