@@ -108,3 +108,32 @@ fn man_pages_and_completions_are_generated() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// A reader that goes early (`pesto SOCK | head`) ends pesto quietly with
+/// a non-zero status, for every kind of output: no panic, no backtrace.
+#[test]
+fn a_closed_output_pipe_ends_pesto_quietly() {
+    let p = free_ports(1);
+    let d = Daemon::start(&["-t", &format!("127.0.0.1/{p}:9")]);
+    for args in [
+        &[][..],
+        &["--stats"],
+        &["--json"],
+        &["--export"],
+        &["--owners"],
+    ] {
+        // The pipe's reader is gone before pesto writes a byte.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_pesto"))
+            .args(args)
+            .arg(&d.sock)
+            .stdout(writer)
+            .output()
+            .expect("run pesto");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+}

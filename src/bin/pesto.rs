@@ -39,7 +39,9 @@ Exit status:
      version-2 server (upstream passt or pasta) did not list back the
      change it was sent
   4  connection or protocol failure, timeout, or still conflicting with
-     other clients (or the daemon still busy) after --retry-for seconds
+     other clients (or the daemon still busy) after --retry-for seconds;
+     or standard output closed before pesto had written all of it
+     (`pesto --stats SOCK | head`: quietly, with no message)
 
 Against a version-2 server (upstream passt or pasta) pesto speaks upstream's
 exchange: it sends the new tables as upstream pesto does (waiting, as
@@ -181,6 +183,29 @@ enum Exit {
     Rejected = 2,
     RolledBack = 3,
     Failed = 4,
+}
+
+/// `print!` to standard output, ending pesto at once if it cannot be
+/// written: std's `print!` panics when the reader has gone (`| head`).
+macro_rules! out {
+    ($($t:tt)*) => { emit(format_args!($($t)*)) };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    ($($t:tt)*) => { emit(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// Writes `args` to standard output; see [`out!`].
+fn emit(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        // A reader that has gone asked for no more: no message for it.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("pesto: standard output: {e}");
+        }
+        std::process::exit(Exit::Failed as i32);
+    }
 }
 
 fn main() -> ExitCode {
@@ -357,7 +382,7 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
                          start a daemon from it with: pestod --config FILE",
                         env!("CARGO_PKG_VERSION")
                     );
-                    print!("{}", pesto::config::export(&header, &pifs, &owners));
+                    out!("{}", pesto::config::export(&header, &pifs, &owners));
                     Exit::Done
                 }
                 Err(e) => out.error(&e, Exit::Failed),
@@ -543,7 +568,7 @@ impl Output {
 
     fn text(&mut self, s: &str) {
         if self.json.is_none() {
-            print!("{s}");
+            out!("{s}");
         }
     }
 
@@ -644,15 +669,15 @@ impl Output {
             );
             return;
         }
-        println!("pestod statistics ({})", path.display());
-        println!(
+        outln!("pestod statistics ({})", path.display());
+        outln!(
             "  up {}, {} of {} open files, {} connections and flows refused for want of them",
             duration_text(d.uptime),
             grouped(d.fds_open),
             grouped(d.fds_limit),
             grouped(d.refused)
         );
-        println!(
+        outln!(
             "  transactions: {} committed, {} rolled back, {} stale, {} busy, {} denied, \
              {} timed out, {} invalid, {} protocol errors",
             d.committed,
@@ -665,9 +690,9 @@ impl Output {
             d.protocol
         );
         for (name, rows, total) in &per_pif {
-            println!("  {name}");
+            outln!("  {name}");
             let width = rows.iter().map(|(t, _)| t.len()).max().unwrap_or(0).max(5);
-            println!(
+            outln!(
                 "    {:width$}  {:>6} {:>8} {:>6} {:>12} {:>12} {:>6} {:>8} {:>10} {:>10} {:>8}",
                 "rule",
                 "conns",
@@ -687,7 +712,7 @@ impl Output {
                 .map(|(t, c)| (t, *c))
                 .chain([(&total_row.0, total_row.1)])
             {
-                println!(
+                outln!(
                     "    {text:width$}  {:>6} {:>8} {:>6} {:>12} {:>12} {:>6} {:>8} {:>10} {:>10} {:>8}",
                     grouped(c.tcp_active),
                     grouped(c.tcp_total),
@@ -746,17 +771,21 @@ impl Output {
             return;
         }
         if rows.is_empty() {
-            println!("no owned rules");
+            outln!("no owned rules");
             return;
         }
-        println!(
+        outln!(
             "{:<32} {:<8} {:>6} {:>10} {:>6}  LEASE",
-            "OWNER", "PIF", "RULES", "GENERATION", "UID"
+            "OWNER",
+            "PIF",
+            "RULES",
+            "GENERATION",
+            "UID"
         );
         for r in rows {
             let lease = r.lease.unwrap_or_else(|| "-".into());
             let uid = r.uid.map_or_else(|| "-".into(), |u| u.to_string());
-            println!(
+            outln!(
                 "{:<32} {:<8} {:>6} {:>10} {uid:>6}  {lease}",
                 r.owner.as_str(),
                 r.pif,
@@ -906,7 +935,7 @@ impl Output {
     fn finish(self, exit: Exit) {
         if let Some(mut m) = self.json {
             m.insert("exit".into(), json!(exit as u8));
-            println!("{}", Value::Object(m));
+            outln!("{}", Value::Object(m));
         }
     }
 }
