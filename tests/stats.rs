@@ -75,6 +75,12 @@ fn stats_count_known_traffic() {
     );
     assert_eq!(udp["datagrams_in"], 3, "{j}");
     assert_eq!(udp["datagrams_out"], 3, "{j}");
+    // Three "ping"s each way: UDP bytes count as TCP bytes do.
+    assert_eq!(
+        (udp["bytes_in"].as_u64(), udp["bytes_out"].as_u64()),
+        (Some(12), Some(12)),
+        "{j}"
+    );
     let refused = &rules[2];
     assert_eq!(refused["tcp_total"], 2, "{j}");
     assert_eq!(refused["connect_failed"][0]["errno"], 111, "{j}");

@@ -237,6 +237,8 @@ pub(super) async fn serve(
                         continue;
                     };
                     crate::stats::add(&stats.datagrams_in, run as u64);
+                    let bytes: usize = now.iter().map(|(_, r)| r.len()).sum();
+                    crate::stats::add(&stats.bytes_in, bytes as u64);
                     flow.shared.touch(dp.now_ms());
                     send_batch(flow, &flow_socket.socket, &buf, now, peer, target).await;
                 }
@@ -755,6 +757,7 @@ async fn replies(
             continue;
         }
         crate::stats::add(&stats.datagrams_out, lens.len() as u64);
+        crate::stats::add(&stats.bytes_out, used as u64);
         shared.touch(dp.now_ms());
         let data = buf.get(..used).unwrap_or_default();
         // An eviction must not wait for a peer that does not read.
