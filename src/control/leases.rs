@@ -1,6 +1,8 @@
 //! The daemon's side of leases: one task that watches every owner's lease
 //! (a pidfd per pid lease, a deadline per TTL lease) and, when leases end,
-//! hands them to [`Shared::expire`] in one batch.
+//! reports them in one batch over a channel. It knows nothing of the
+//! tables: whoever reads the channel removes the owners' rules (the daemon's
+//! state, through `Shared::expire`).
 //!
 //! The watcher never waits for an expiry: each batch runs in a task of its
 //! own, so a transaction that stalls one owner's removal holds up neither
@@ -10,13 +12,11 @@
 //! late; the expiry itself checks again under the owner's claim.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Weak;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::state::Shared;
 use crate::lease::{self, Lease};
 use crate::owner::Owner;
 
@@ -51,8 +51,12 @@ pub struct Ended {
     pub why: String,
 }
 
-/// Watches leases until the daemon's shared state is gone.
-pub async fn run(shared: Weak<Shared>, mut events: mpsc::UnboundedReceiver<LeaseEvent>) {
+/// Watches leases and sends each batch of ended ones to `expired`, until
+/// `events` closes (the daemon's state is gone) or nobody reads `expired`.
+pub async fn run(
+    mut events: mpsc::UnboundedReceiver<LeaseEvent>,
+    expired: mpsc::UnboundedSender<Vec<Ended>>,
+) {
     let (ended_tx, mut ended) = mpsc::unbounded_channel::<Ended>();
     let mut ttls: BTreeMap<Owner, (u32, Instant)> = BTreeMap::new();
     let mut pids: HashMap<Owner, CancellationToken> = HashMap::new();
@@ -90,10 +94,9 @@ pub async fn run(shared: Weak<Shared>, mut events: mpsc::UnboundedReceiver<Lease
             gone.push(done);
         }
         gone.extend(due_ttls(&mut ttls, Instant::now()));
-        let Some(shared) = shared.upgrade() else {
+        if expired.send(gone).is_err() {
             return;
-        };
-        tokio::spawn(async move { shared.expire(gone).await });
+        }
     }
 }
 

@@ -1371,7 +1371,17 @@ impl Shared {
             .lease_events
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(tx);
-        tokio::spawn(super::leases::run(Arc::downgrade(self), rx));
+        let (expired_tx, mut expired) = mpsc::unbounded_channel();
+        tokio::spawn(super::leases::run(rx, expired_tx));
+        // Each batch in a task of its own: an expiry that waits for a
+        // transaction holds up neither the watcher nor the next batch.
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(batch) = expired.recv().await {
+                let Some(shared) = me.upgrade() else { return };
+                tokio::spawn(shared.expire(batch));
+            }
+        });
     }
 
     /// The leases as the state file keeps them: a pid lease with the start
