@@ -11,6 +11,7 @@
 pub mod claims;
 pub mod fairness;
 pub mod leases;
+pub mod persist;
 pub mod state;
 mod txn;
 mod v2;

@@ -18,6 +18,7 @@ use tokio::sync::{OwnedMutexGuard, mpsc, watch};
 
 use super::claims::{Claim, Claims, Held};
 use super::leases::LeaseEvent;
+use super::persist::{Committed, Persist};
 use crate::codec::Update;
 use crate::codec::v3::{
     Code, FailedPorts, MovedPorts, NO_UID, PifHealth, PifInfo, PifReport, PifRules, PortsDown,
@@ -493,16 +494,14 @@ pub struct Shared {
     next_txn: AtomicU64,
     /// Taken by [`Shared::close_all`] for good: nothing applies after it.
     shutdown: Mutex<Option<Held>>,
-    /// Saves take turns, each writing the tables committed when it starts.
-    save_turn: tokio::sync::Mutex<()>,
     targets: Targets,
     timeouts: Timeouts,
     counters: Counters,
     placements: BTreeMap<PifId, Placement>,
     /// Set for good by [`Shared::close_all`]: nothing binds after it.
     closed: AtomicBool,
-    /// Where committed tables are saved.
-    state_file: Option<std::path::PathBuf>,
+    /// Where committed tables are saved, one save at a time.
+    persist: Persist,
     /// Pifs whose last `auto` round left ports unbound.
     scan_retry: Mutex<std::collections::BTreeSet<PifId>>,
     /// Tells the lease watcher what commits changed (none until
@@ -635,14 +634,13 @@ impl Shared {
             settled: watch::Sender::new(0),
             next_txn: AtomicU64::new(1),
             shutdown: Mutex::default(),
-            save_turn: tokio::sync::Mutex::const_new(()),
             targets,
             timeouts,
             counters: Counters::default(),
             started: std::time::Instant::now(),
             placements: BTreeMap::new(),
             closed: AtomicBool::new(false),
-            state_file: None,
+            persist: Persist::default(),
             scan_retry: Mutex::default(),
             lease_events: Mutex::default(),
             fairness: super::fairness::Fairness::new(
@@ -661,53 +659,39 @@ impl Shared {
 
     /// Saves the tables to `path` on every commit.
     pub fn saving_to(mut self, path: Option<std::path::PathBuf>) -> Shared {
-        self.state_file = path;
+        self.persist = Persist::new(path);
         self
     }
 
     /// Writes the committed tables to the state file, if there is one.
     pub fn save(&self) -> Result<(), crate::statefile::StateFileError> {
-        let Some(path) = &self.state_file else {
+        if !self.persist.is_on() {
             return Ok(());
-        };
-        let committed = self.tables().committed();
-        let header = self.state_header();
-        crate::statefile::write(
-            path,
-            &committed,
-            &self.saved_leases(),
-            &self.uids(),
-            &header,
-        )
+        }
+        self.persist.write(&self.committed_state())
     }
 
-    /// The state file's header: what it is, when it was written, and the
-    /// pifs' generations then.
-    fn state_header(&self) -> String {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let generations: Vec<String> = {
+    /// What the state file keeps, now: the committed tables, the owners'
+    /// leases and uids, and the generations.
+    fn committed_state(&self) -> Committed {
+        let config = self.tables().committed();
+        let generations = {
             let t = self.tables();
             t.config
                 .pifs
                 .iter()
                 .map(|p| {
-                    format!(
-                        "{} {}",
-                        p.name,
-                        t.generations.get(&p.id).copied().unwrap_or(0)
-                    )
+                    let g = t.generations.get(&p.id).copied().unwrap_or(0);
+                    (p.name.clone(), g)
                 })
                 .collect()
         };
-        format!(
-            "pestod state file: the committed tables, written by pestod {} on every commit.\n\
-             Written at {now} (seconds since the Unix epoch); generations: {}.\n\
-             It reads as a configuration file (pestod --config).",
-            env!("CARGO_PKG_VERSION"),
-            generations.join(", ")
-        )
+        Committed {
+            config,
+            leases: self.saved_leases(),
+            uids: self.uids(),
+            generations,
+        }
     }
 
     /// Says where `pif`'s sockets live and its targets are reached (the
@@ -1242,26 +1226,10 @@ impl Shared {
         warning
     }
 
-    /// Saves the committed tables, if there is a state file. Saves take
-    /// turns, each writing what is committed when its turn comes, so the
-    /// last one written is the newest; on a blocking thread, as fsync may
-    /// take long.
+    /// Saves the committed tables, if there is a state file
+    /// ([`Persist::save`]: in turn, each with what is committed then).
     async fn save_committed(&self) -> Option<String> {
-        let path = self.state_file.clone()?;
-        let _turn = self.save_turn.lock().await;
-        let config = self.tables().committed();
-        let leases = self.saved_leases();
-        let uids = self.uids();
-        let header = self.state_header();
-        let saved = tokio::task::spawn_blocking(move || {
-            crate::statefile::write(&path, &config, &leases, &uids, &header)
-        })
-        .await;
-        match saved {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(format!("saving the state failed: {e}")),
-        }
+        self.persist.save(|| self.committed_state()).await
     }
 
     /// Step 9, ROLLBACK (also after a disconnect or a timeout): puts back
