@@ -775,21 +775,87 @@ pub enum Change {
 pub struct Transaction {
     /// Attempts it took (1 if the first one went through).
     pub attempts: u32,
-    /// Nothing was to change: no update was sent.
-    pub unchanged: bool,
     /// The server's acknowledgement of the last attempt.
     pub ack: Status,
-    /// What the apply bound (none for a dry run).
-    pub report: Option<Report>,
     /// The ports that moved by close-and-rebind at the apply.
     pub moved: Vec<MovedPorts>,
-    /// Whether the new tables were committed.
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Whether the new tables are in force: [`Outcome::is_committed`],
+    /// kept as a field for the callers that only ask that.
     pub committed: bool,
-    /// The server's answer to COMMIT or ROLLBACK (none for a dry run).
-    pub answer: Option<Status>,
-    /// The server's protocol version: with 2 there is no report and no
-    /// answer, and `committed` means its changes were listed back.
+    /// The server's protocol version.
     pub version: u32,
+}
+
+impl Transaction {
+    /// A transaction of `attempts` that ended in `outcome`.
+    fn ended(attempts: u32, ack: Status, version: u32, outcome: Outcome) -> Transaction {
+        Transaction {
+            attempts,
+            ack,
+            moved: Vec::new(),
+            committed: outcome.is_committed(),
+            outcome,
+            version,
+        }
+    }
+}
+
+/// How a transaction ended, one case per way the protocol can end it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing was to change: no update was sent.
+    Unchanged,
+    /// A dry run the server validated: nothing was applied.
+    Validated,
+    /// A dry run against a version-2 server, which cannot validate without
+    /// applying: the rules were checked here only.
+    CheckedHere,
+    /// Version 2: the update was sent and its change listed back (there is
+    /// no report nor answer in that exchange).
+    ListedBack,
+    /// Applied and committed: every rule bound its ports, or the report
+    /// said otherwise and `keep_partial` asked to keep it.
+    Committed {
+        /// What the apply bound.
+        report: Report,
+        /// What the server said beyond the plain acknowledgement (e.g. that
+        /// its state file could not be saved).
+        note: Option<String>,
+    },
+    /// Applied, then rolled back: some ports could not be bound.
+    RolledBack {
+        /// What the apply bound.
+        report: Report,
+        /// The server's answer to ROLLBACK.
+        answer: Status,
+    },
+}
+
+impl Outcome {
+    /// Whether the new tables are in force.
+    pub fn is_committed(&self) -> bool {
+        matches!(self, Outcome::ListedBack | Outcome::Committed { .. })
+    }
+
+    /// What the apply bound, if there was an apply.
+    pub fn report(&self) -> Option<&Report> {
+        match self {
+            Outcome::Committed { report, .. } | Outcome::RolledBack { report, .. } => Some(report),
+            _ => None,
+        }
+    }
+}
+
+/// The message of pestod's answer to COMMIT when it has nothing to add
+/// (control/txn.rs): the protocol gives such notes no code of their own, so
+/// this is where its plain acknowledgement is told from a note.
+const COMMITTED: &str = "committed";
+
+/// The note in a COMMIT answer, if it carries one.
+fn commit_note(answer: Status) -> Option<String> {
+    (answer.message != COMMITTED).then_some(answer.message)
 }
 
 /// Reads the state, lets `plan` compute the update from it, proposes,
@@ -896,49 +962,36 @@ where
         Change::Scoped(scopes) => session.propose_scoped(&scopes).await?,
         // Leaving after the listing changes nothing, by protocol.
         Change::Nothing => {
-            return Ok(Transaction {
-                attempts: attempt,
-                unchanged: true,
-                ack: Status::ok("nothing to change"),
-                report: None,
-                moved: Vec::new(),
-                committed: false,
-                answer: None,
-                version: VERSION_3,
-            });
+            return Ok(Transaction::ended(
+                attempt,
+                Status::ok("nothing to change"),
+                VERSION_3,
+                Outcome::Unchanged,
+            ));
         }
     };
     let ack = proposed.ack().clone();
     if t.dry_run {
-        return Ok(Transaction {
-            attempts: attempt,
-            unchanged: false,
+        return Ok(Transaction::ended(
+            attempt,
             ack,
-            report: None,
-            moved: Vec::new(),
-            committed: false,
-            answer: None,
-            version: VERSION_3,
-        });
+            VERSION_3,
+            Outcome::Validated,
+        ));
     }
     let applied = proposed.apply().await?;
     let report = applied.report().clone();
     let moved = applied.moved().to_vec();
-    let committed = report.ok || t.keep_partial;
-    let answer = if committed {
-        applied.commit().await?
+    let outcome = if report.ok || t.keep_partial {
+        let note = commit_note(applied.commit().await?);
+        Outcome::Committed { report, note }
     } else {
-        applied.rollback().await?
+        let answer = applied.rollback().await?;
+        Outcome::RolledBack { report, answer }
     };
     Ok(Transaction {
-        attempts: attempt,
-        unchanged: false,
-        ack,
-        report: Some(report),
         moved,
-        committed,
-        answer: Some(answer),
-        version: VERSION_3,
+        ..Transaction::ended(attempt, ack, VERSION_3, outcome)
     })
 }
 

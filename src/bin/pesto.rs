@@ -12,7 +12,8 @@ use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser};
 use serde_json::{Value, json};
 
 use pesto::client::{
-    Change, ClientError, Options, Session, TransactOptions, connect_retrying, transact_change,
+    Change, ClientError, Options, Outcome, Session, TransactOptions, connect_retrying,
+    transact_change,
 };
 use pesto::codec::v3::{Code, MovedPorts, PifHealth, Report, RuleHealth, Stats, Status};
 use pesto::edit::{EditError, Op, OwnerMode};
@@ -495,51 +496,58 @@ async fn run(args: &Args, ops: &[Op], out: &mut Output) -> Exit {
     let Some((_, after)) = tables else {
         return Exit::Failed;
     };
-    if tx.unchanged {
-        out.outcome("nothing to change: the owner's rules are as asked already");
+    let show = |out: &mut Output, what: &str| {
         if args.show {
-            out.text(&format!("Configuration ({path})\n{after}"));
+            out.text(&format!("{what} ({path})\n{after}"));
         }
-        return Exit::Done;
-    }
+    };
+    let (report, note) = match &tx.outcome {
+        Outcome::Unchanged => {
+            out.outcome("nothing to change: the owner's rules are as asked already");
+            show(out, "Configuration");
+            return Exit::Done;
+        }
+        Outcome::Validated | Outcome::CheckedHere | Outcome::ListedBack => {
+            out.ack(&tx.ack);
+            out.attempts(tx.attempts);
+            // Upstream's exchange has no report: the listing after it is the
+            // truth.
+            let (what, shown) = match tx.outcome {
+                Outcome::ListedBack => (
+                    "sent to the version-2 server, and its changes listed back",
+                    "Updated configuration",
+                ),
+                Outcome::CheckedHere => (
+                    "valid here; dry run: the version-2 server was not asked",
+                    "Proposed configuration",
+                ),
+                _ => ("valid; dry run, nothing changed", "Proposed configuration"),
+            };
+            out.outcome(what);
+            show(out, shown);
+            return Exit::Done;
+        }
+        Outcome::RolledBack { report, .. } => {
+            out.ack(&tx.ack);
+            out.attempts(tx.attempts);
+            out.report(report, &tx.moved, &after);
+            out.outcome("rolled back: some ports could not be bound; nothing changed");
+            return Exit::RolledBack;
+        }
+        Outcome::Committed { report, note } => (report, note),
+    };
     out.ack(&tx.ack);
     out.attempts(tx.attempts);
-    if tx.version == 2 {
-        // Upstream's exchange: no report; the listing after it is the truth.
-        out.outcome(if tx.committed {
-            "sent to the version-2 server, and its changes listed back"
-        } else {
-            "valid here; dry run: the version-2 server was not asked"
-        });
-        if args.show {
-            let what = if tx.committed { "Updated" } else { "Proposed" };
-            out.text(&format!("{what} configuration ({path})\n{after}"));
-        }
-        return Exit::Done;
-    }
-    let Some(report) = &tx.report else {
-        out.outcome("valid; dry run, nothing changed");
-        if args.show {
-            out.text(&format!("Proposed configuration ({path})\n{after}"));
-        }
-        return Exit::Done;
-    };
     out.report(report, &tx.moved, &after);
-    if !tx.committed {
-        out.outcome("rolled back: some ports could not be bound; nothing changed");
-        return Exit::RolledBack;
-    }
     out.outcome(if report.ok {
         "committed"
     } else {
         "committed with ports missing (--keep-partial)"
     });
-    if let Some(answer) = tx.answer.as_ref().filter(|a| a.message != "committed") {
-        out.text_err(&format!("pesto: server: {}", answer.message));
+    if let Some(note) = note {
+        out.text_err(&format!("pesto: server: {note}"));
     }
-    if args.show {
-        out.text(&format!("Updated configuration ({path})\n{after}"));
-    }
+    show(out, "Updated configuration");
     Exit::Done
 }
 
