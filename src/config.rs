@@ -496,6 +496,49 @@ pub struct OwnerEntry {
     pub pid_start: Option<u64>,
 }
 
+impl OwnerEntry {
+    /// One entry per owner with a uid or a lease (a pid lease with its
+    /// process's start time, if known), in owner order: the owners
+    /// [`export`] writes after the rules.
+    pub fn collect(
+        uids: impl IntoIterator<Item = (Owner, u32)>,
+        leases: impl IntoIterator<Item = (Owner, Lease, Option<u64>)>,
+    ) -> Vec<OwnerEntry> {
+        let mut owners: BTreeMap<Owner, OwnerEntry> = BTreeMap::new();
+        let entry = |o: Owner| OwnerEntry {
+            owner: o,
+            uid: None,
+            lease: None,
+            pid_start: None,
+        };
+        for (o, uid) in uids {
+            owners.entry(o.clone()).or_insert_with(|| entry(o)).uid = Some(uid);
+        }
+        for (o, lease, start) in leases {
+            let e = owners.entry(o.clone()).or_insert_with(|| entry(o));
+            e.lease = Some(lease);
+            e.pid_start = start;
+        }
+        owners.into_values().collect()
+    }
+}
+
+/// [`export`] of `config`'s tables with the owners of `uids` and `leases`
+/// ([`OwnerEntry::collect`]): what `pesto --export` prints and the state
+/// file holds.
+pub fn export_config(
+    header: &str,
+    config: &crate::table::Config,
+    uids: impl IntoIterator<Item = (Owner, u32)>,
+    leases: impl IntoIterator<Item = (Owner, Lease, Option<u64>)>,
+) -> String {
+    export(
+        header,
+        &config.owned_tables(),
+        &OwnerEntry::collect(uids, leases),
+    )
+}
+
 /// Live tables as a configuration file that `pestod --config` takes: one
 /// `[[rule]]` per rule with its owner, then one `[[owner]]` per owner with
 /// a uid or a lease. `header` becomes a comment at the top. The same text

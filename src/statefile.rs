@@ -336,27 +336,12 @@ pub fn write(
     uids: &[(Owner, u32)],
     header: &str,
 ) -> Result<(), StateFileError> {
-    let tables: Tables = config.owned_tables();
-    let mut owners: std::collections::BTreeMap<Owner, crate::config::OwnerEntry> =
-        std::collections::BTreeMap::new();
-    let entry = |o: &Owner| crate::config::OwnerEntry {
-        owner: o.clone(),
-        uid: None,
-        lease: None,
-        pid_start: None,
-    };
-    for (o, uid) in uids {
-        owners.entry(o.clone()).or_insert_with(|| entry(o)).uid = Some(*uid);
-    }
-    for (o, lease, start) in leases {
-        let e = owners.entry(o.clone()).or_insert_with(|| entry(o));
-        e.lease = Some(*lease);
-        if matches!(lease, Lease::Pid(_)) {
-            e.pid_start = Some(*start);
-        }
-    }
-    let owners: Vec<_> = owners.into_values().collect();
-    let text = seal::seal(&crate::config::export(header, &tables, &owners));
+    let leases = leases.iter().map(|(o, lease, start)| {
+        let start = matches!(lease, Lease::Pid(_)).then_some(*start);
+        (o.clone(), *lease, start)
+    });
+    let text = crate::config::export_config(header, config, uids.iter().cloned(), leases);
+    let text = seal::seal(&text);
     write_atomic(path, text.as_bytes())
 }
 
