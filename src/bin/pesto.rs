@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser};
 
+use pesto::cli::PortArgs;
 use pesto::client::render::Output;
 use pesto::client::{
     ClientError, Options, Outcome, Request, TransactOptions, Transaction, connect_retrying,
@@ -19,7 +20,7 @@ use pesto::codec::v3::Code;
 use pesto::edit::{EditError, Op, OwnerMode};
 use pesto::lease::Lease;
 use pesto::owner::Owner;
-use pesto::spec::{PortSpec, SpecOpt};
+use pesto::spec::PortSpec;
 use pesto::table::Config;
 
 const EXIT_CODES: &str = "\
@@ -69,21 +70,9 @@ struct Args {
     #[arg(short = 'C', long = "clear", value_name = "PIF")]
     clear: Vec<String>,
 
-    /// TCP ports the daemon listens on (HOST table); see docs/port-spec.md.
-    #[arg(short = 't', long = "tcp-ports", value_name = "SPEC")]
-    tcp: Vec<String>,
-
-    /// UDP ports the daemon listens on (HOST table).
-    #[arg(short = 'u', long = "udp-ports", value_name = "SPEC")]
-    udp: Vec<String>,
-
-    /// TCP ports forwarded from the namespace to the host (SPLICE table).
-    #[arg(short = 'T', long = "tcp-ns", value_name = "SPEC")]
-    tcp_ns: Vec<String>,
-
-    /// UDP ports forwarded from the namespace to the host (SPLICE table).
-    #[arg(short = 'U', long = "udp-ns", value_name = "SPEC")]
-    udp_ns: Vec<String>,
+    /// The specs: -t/-u/-T/-U.
+    #[command(flatten)]
+    ports: PortArgs,
 
     /// Show the configuration before and after.
     #[arg(short = 's', long = "show")]
@@ -201,11 +190,16 @@ fn emit(args: std::fmt::Arguments<'_>) {
     }
 }
 
+/// pesto's command line, with its own texts for -t/-u/-T/-U.
+fn command() -> clap::Command {
+    PortArgs::client_help(Args::command())
+}
+
 fn main() -> ExitCode {
-    if let Some(code) = pesto::manual::generate_if_asked(Args::command(), "1") {
+    if let Some(code) = pesto::manual::generate_if_asked(command(), "1") {
         return code;
     }
-    let matches = match Args::command().try_get_matches() {
+    let matches = match command().try_get_matches() {
         Ok(m) => m,
         Err(e) => {
             // --help and --version are not errors.
@@ -270,14 +264,8 @@ fn ordered_ops(m: &ArgMatches) -> Vec<Op> {
         }
     };
     ops.extend(valued("clear").into_iter().map(|(i, v)| (i, Op::Clear(v))));
-    for (id, opt) in [
-        ("tcp", SpecOpt::Tcp),
-        ("udp", SpecOpt::Udp),
-        ("tcp_ns", SpecOpt::TcpNs),
-        ("udp_ns", SpecOpt::UdpNs),
-    ] {
-        ops.extend(valued(id).into_iter().map(|(i, v)| (i, Op::Spec(opt, v))));
-    }
+    let specs = PortArgs::indexed(m).into_iter();
+    ops.extend(specs.map(|(i, opt, v)| (i, Op::Spec(opt, v))));
     ops.sort_by_key(|(i, _)| *i);
     ops.into_iter().map(|(_, op)| op).collect()
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{ArgMatches, Parser};
 
+use super::PortArgs;
 use crate::config::{ConfigError, ConfigFile};
 use crate::control::ControlOptions;
 use crate::control::state::Timeouts;
@@ -32,22 +33,9 @@ pub struct DaemonArgs {
     #[arg(long = "control-v2", value_name = "PATH")]
     pub control_v2: Option<PathBuf>,
 
-    /// TCP ports to forward (see docs/port-spec.md); repeatable.
-    #[arg(short = 't', long = "tcp-ports", value_name = "SPEC")]
-    pub tcp: Vec<String>,
-
-    /// UDP ports to forward; repeatable.
-    #[arg(short = 'u', long = "udp-ports", value_name = "SPEC")]
-    pub udp: Vec<String>,
-
-    /// TCP ports to forward from the namespace's loopback to the host's
-    /// (needs --netns); repeatable.
-    #[arg(short = 'T', long = "tcp-ns", value_name = "SPEC")]
-    pub tcp_ns: Vec<String>,
-
-    /// UDP ports to forward from the namespace's loopback to the host's.
-    #[arg(short = 'U', long = "udp-ns", value_name = "SPEC")]
-    pub udp_ns: Vec<String>,
+    /// The rules to forward: -t/-u/-T/-U.
+    #[command(flatten)]
+    pub ports: PortArgs,
 
     /// Attach this network namespace (e.g. /run/netns/NAME,
     /// /proc/PID/ns/net): -t/-u rules then connect into it, -T/-U rules
@@ -201,18 +189,7 @@ default targets) is refused: map it to another port or give a target.";
 /// The port specs in command-line order, as upstream adds them: `-u 53
 /// -t 80` makes the UDP rule first.
 pub fn ordered_specs(m: &ArgMatches) -> Vec<(SpecOpt, String)> {
-    let mut specs: Vec<(usize, SpecOpt, String)> = Vec::new();
-    for (id, opt) in [
-        ("tcp", SpecOpt::Tcp),
-        ("udp", SpecOpt::Udp),
-        ("tcp_ns", SpecOpt::TcpNs),
-        ("udp_ns", SpecOpt::UdpNs),
-    ] {
-        let (Some(at), Some(texts)) = (m.indices_of(id), m.get_many::<String>(id)) else {
-            continue;
-        };
-        specs.extend(at.zip(texts).map(|(i, t)| (i, opt, t.clone())));
-    }
+    let mut specs = PortArgs::indexed(m);
     specs.sort_by_key(|(i, _, _)| *i);
     specs.into_iter().map(|(_, o, t)| (o, t)).collect()
 }
@@ -239,7 +216,7 @@ pub fn options(
         Some(path) => Some(Netns::open(path).map_err(|e| e.to_string())?),
         None => None,
     };
-    if netns.is_none() && !(args.tcp_ns.is_empty() && args.udp_ns.is_empty()) {
+    if netns.is_none() && !(args.ports.tcp_ns.is_empty() && args.ports.udp_ns.is_empty()) {
         return Err(OptionError(
             "-T and -U forward out of a namespace: give it with --netns".to_owned(),
         ));
