@@ -33,6 +33,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::codec::{CodecError, DecodeError, Limits, Reader, Update, decode_from, encode_to_vec};
+use crate::config::file_kind;
 use crate::lease::Lease;
 use crate::owner::Owner;
 use crate::rule::{Caps, PifId};
@@ -80,25 +81,6 @@ pub enum StateFileError {
         /// What is wrong.
         problem: String,
     },
-}
-
-/// What kind of file `m` is, for a message ("a FIFO").
-pub(crate) fn file_kind(m: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = m.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
 }
 
 /// Saved tables: each pif with its rules and their owners.
