@@ -56,11 +56,10 @@ use crate::scope::ScopeUpdate;
 use crate::spec::Ephemeral;
 use crate::table::{Config, PifTable, RuleError, Table};
 
-mod plan;
+pub mod plan;
 #[cfg(feature = "cli")]
 pub mod render;
 mod v2;
-pub use plan::{Plan, Request, predict};
 use v2::attempt_v2;
 pub use v2::{OwnChange, verify_v2};
 

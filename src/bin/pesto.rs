@@ -11,10 +11,10 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser};
 
 use pesto::cli::PortArgs;
+use pesto::client::plan::Request;
 use pesto::client::render::Output;
 use pesto::client::{
-    ClientError, Options, Outcome, Request, TransactOptions, Transaction, connect_retrying,
-    transact_change,
+    ClientError, Options, Outcome, TransactOptions, Transaction, connect_retrying, transact_change,
 };
 use pesto::codec::v3::Code;
 use pesto::edit::{EditError, Op, OwnerMode};

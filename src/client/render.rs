@@ -106,62 +106,9 @@ impl Output {
     /// total row.
     pub fn stats(&mut self, stats: &Stats, config: &Config, path: &Path) {
         let d = &stats.daemon;
-        let per_pif: Vec<PifRows<'_>> = config
-            .pifs
-            .iter()
-            .map(|p| {
-                let counters = stats.pifs.iter().find(|s| s.id == p.id);
-                let rows: Vec<(String, &RuleCounters)> = p
-                    .table
-                    .rules()
-                    .iter()
-                    .zip(counters.map(|c| c.rules.as_slice()).unwrap_or_default())
-                    .map(|(r, c)| (r.to_string().trim_end().to_owned(), c))
-                    .collect();
-                let mut total = RuleCounters::default();
-                for (_, c) in &rows {
-                    total.add(c);
-                }
-                (p.name.as_str(), rows, total)
-            })
-            .collect();
+        let per_pif = pif_rows(stats, config);
         if let Some(m) = &mut self.json {
-            let pifs: Vec<Value> = per_pif
-                .iter()
-                .zip(&config.pifs)
-                .map(|((name, rows, total), p)| {
-                    json!({
-                        "id": p.id.0,
-                        "name": name,
-                        "total": counters_json(total),
-                        "rules": rows.iter().map(|(text, c)| {
-                            let mut v = counters_json(c);
-                            v["rule"] = json!(text);
-                            v
-                        }).collect::<Vec<_>>(),
-                    })
-                })
-                .collect();
-            m.insert(
-                "stats".into(),
-                json!({
-                    "uptime": d.uptime,
-                    "fds_open": d.fds_open,
-                    "fds_limit": d.fds_limit,
-                    "refused": d.refused,
-                    "control": {
-                        "committed": d.committed,
-                        "rolled_back": d.rolled_back,
-                        "stale": d.stale,
-                        "busy": d.busy,
-                        "denied": d.denied,
-                        "timed_out": d.timed_out,
-                        "invalid": d.invalid,
-                        "protocol": d.protocol,
-                    },
-                    "pifs": pifs,
-                }),
-            );
+            m.insert("stats".into(), stats_json(stats, config, &per_pif));
             return;
         }
         outln!(self, "pestod statistics ({})", path.display());
@@ -447,6 +394,67 @@ impl Output {
             outln!(self, "{}", Value::Object(m));
         }
     }
+}
+
+/// Each pif's rules with their counters, and its totals.
+fn pif_rows<'a>(stats: &'a Stats, config: &'a Config) -> Vec<PifRows<'a>> {
+    config
+        .pifs
+        .iter()
+        .map(|p| {
+            let counters = stats.pifs.iter().find(|s| s.id == p.id);
+            let rows: Vec<(String, &RuleCounters)> = p
+                .table
+                .rules()
+                .iter()
+                .zip(counters.map(|c| c.rules.as_slice()).unwrap_or_default())
+                .map(|(r, c)| (r.to_string().trim_end().to_owned(), c))
+                .collect();
+            let mut total = RuleCounters::default();
+            for (_, c) in &rows {
+                total.add(c);
+            }
+            (p.name.as_str(), rows, total)
+        })
+        .collect()
+}
+
+/// `--stats` for scripts.
+fn stats_json(stats: &Stats, config: &Config, per_pif: &[PifRows<'_>]) -> Value {
+    let d = &stats.daemon;
+    let pifs: Vec<Value> = per_pif
+        .iter()
+        .zip(&config.pifs)
+        .map(|((name, rows, total), p)| {
+            json!({
+                "id": p.id.0,
+                "name": name,
+                "total": counters_json(total),
+                "rules": rows.iter().map(|(text, c)| {
+                    let mut v = counters_json(c);
+                    v["rule"] = json!(text);
+                    v
+                }).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "uptime": d.uptime,
+        "fds_open": d.fds_open,
+        "fds_limit": d.fds_limit,
+        "refused": d.refused,
+        "control": {
+            "committed": d.committed,
+            "rolled_back": d.rolled_back,
+            "stale": d.stale,
+            "busy": d.busy,
+            "denied": d.denied,
+            "timed_out": d.timed_out,
+            "invalid": d.invalid,
+            "protocol": d.protocol,
+        },
+        "pifs": pifs,
+    })
 }
 
 fn rule_json(r: &Rule) -> Value {
