@@ -56,10 +56,13 @@ use crate::scope::ScopeUpdate;
 use crate::spec::Ephemeral;
 use crate::table::{Config, PifTable, RuleError, Table};
 
+mod outcome;
 pub mod plan;
 #[cfg(feature = "cli")]
 pub mod render;
 mod v2;
+pub use outcome::Outcome;
+use outcome::commit_note;
 use v2::attempt_v2;
 pub use v2::{OwnChange, verify_v2};
 
@@ -803,62 +806,6 @@ impl Transaction {
             version,
         }
     }
-}
-
-/// How a transaction ended, one case per way the protocol can end it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Nothing was to change: no update was sent.
-    Unchanged,
-    /// A dry run the server validated: nothing was applied.
-    Validated,
-    /// A dry run against a version-2 server, which cannot validate without
-    /// applying: the rules were checked here only.
-    CheckedHere,
-    /// Version 2: the update was sent and its change listed back (there is
-    /// no report nor answer in that exchange).
-    ListedBack,
-    /// Applied and committed: every rule bound its ports, or the report
-    /// said otherwise and `keep_partial` asked to keep it.
-    Committed {
-        /// What the apply bound.
-        report: Report,
-        /// What the server said beyond the plain acknowledgement (e.g. that
-        /// its state file could not be saved).
-        note: Option<String>,
-    },
-    /// Applied, then rolled back: some ports could not be bound.
-    RolledBack {
-        /// What the apply bound.
-        report: Report,
-        /// The server's answer to ROLLBACK.
-        answer: Status,
-    },
-}
-
-impl Outcome {
-    /// Whether the new tables are in force.
-    pub fn is_committed(&self) -> bool {
-        matches!(self, Outcome::ListedBack | Outcome::Committed { .. })
-    }
-
-    /// What the apply bound, if there was an apply.
-    pub fn report(&self) -> Option<&Report> {
-        match self {
-            Outcome::Committed { report, .. } | Outcome::RolledBack { report, .. } => Some(report),
-            _ => None,
-        }
-    }
-}
-
-/// The message of pestod's answer to COMMIT when it has nothing to add
-/// (control/txn.rs): the protocol gives such notes no code of their own, so
-/// this is where its plain acknowledgement is told from a note.
-const COMMITTED: &str = "committed";
-
-/// The note in a COMMIT answer, if it carries one.
-fn commit_note(answer: Status) -> Option<String> {
-    (answer.message != COMMITTED).then_some(answer.message)
 }
 
 /// Reads the state, lets `plan` compute the update from it, proposes,
