@@ -56,7 +56,13 @@ use crate::scope::ScopeUpdate;
 use crate::spec::Ephemeral;
 use crate::table::{Config, PifTable, RuleError, Table};
 
+mod outcome;
+pub mod plan;
+#[cfg(feature = "cli")]
+pub mod render;
 mod v2;
+pub use outcome::Outcome;
+use outcome::commit_note;
 use v2::attempt_v2;
 pub use v2::{OwnChange, verify_v2};
 
@@ -775,21 +781,31 @@ pub enum Change {
 pub struct Transaction {
     /// Attempts it took (1 if the first one went through).
     pub attempts: u32,
-    /// Nothing was to change: no update was sent.
-    pub unchanged: bool,
     /// The server's acknowledgement of the last attempt.
     pub ack: Status,
-    /// What the apply bound (none for a dry run).
-    pub report: Option<Report>,
     /// The ports that moved by close-and-rebind at the apply.
     pub moved: Vec<MovedPorts>,
-    /// Whether the new tables were committed.
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Whether the new tables are in force: [`Outcome::is_committed`],
+    /// kept as a field for the callers that only ask that.
     pub committed: bool,
-    /// The server's answer to COMMIT or ROLLBACK (none for a dry run).
-    pub answer: Option<Status>,
-    /// The server's protocol version: with 2 there is no report and no
-    /// answer, and `committed` means its changes were listed back.
+    /// The server's protocol version.
     pub version: u32,
+}
+
+impl Transaction {
+    /// A transaction of `attempts` that ended in `outcome`.
+    fn ended(attempts: u32, ack: Status, version: u32, outcome: Outcome) -> Transaction {
+        Transaction {
+            attempts,
+            ack,
+            moved: Vec::new(),
+            committed: outcome.is_committed(),
+            outcome,
+            version,
+        }
+    }
 }
 
 /// Reads the state, lets `plan` compute the update from it, proposes,
@@ -896,49 +912,36 @@ where
         Change::Scoped(scopes) => session.propose_scoped(&scopes).await?,
         // Leaving after the listing changes nothing, by protocol.
         Change::Nothing => {
-            return Ok(Transaction {
-                attempts: attempt,
-                unchanged: true,
-                ack: Status::ok("nothing to change"),
-                report: None,
-                moved: Vec::new(),
-                committed: false,
-                answer: None,
-                version: VERSION_3,
-            });
+            return Ok(Transaction::ended(
+                attempt,
+                Status::ok("nothing to change"),
+                VERSION_3,
+                Outcome::Unchanged,
+            ));
         }
     };
     let ack = proposed.ack().clone();
     if t.dry_run {
-        return Ok(Transaction {
-            attempts: attempt,
-            unchanged: false,
+        return Ok(Transaction::ended(
+            attempt,
             ack,
-            report: None,
-            moved: Vec::new(),
-            committed: false,
-            answer: None,
-            version: VERSION_3,
-        });
+            VERSION_3,
+            Outcome::Validated,
+        ));
     }
     let applied = proposed.apply().await?;
     let report = applied.report().clone();
     let moved = applied.moved().to_vec();
-    let committed = report.ok || t.keep_partial;
-    let answer = if committed {
-        applied.commit().await?
+    let outcome = if report.ok || t.keep_partial {
+        let note = commit_note(applied.commit().await?);
+        Outcome::Committed { report, note }
     } else {
-        applied.rollback().await?
+        let answer = applied.rollback().await?;
+        Outcome::RolledBack { report, answer }
     };
     Ok(Transaction {
-        attempts: attempt,
-        unchanged: false,
-        ack,
-        report: Some(report),
         moved,
-        committed,
-        answer: Some(answer),
-        version: VERSION_3,
+        ..Transaction::ended(attempt, ack, VERSION_3, outcome)
     })
 }
 

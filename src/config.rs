@@ -28,6 +28,7 @@ use crate::lease::Lease;
 use crate::owner::Owner;
 use crate::rule::{Caps, Flags, PifId, Rule};
 use crate::spec::{Ephemeral, SpecOpt, parse_rules, spec_of};
+use crate::table::{Config, OwnedTables};
 
 /// The owner of rules that do not name one.
 pub const CONFIG_OWNER: &str = "config";
@@ -238,7 +239,7 @@ impl ConfigFile {
             .map_err(|e| err(e.to_string()))?;
         let meta = file.metadata().map_err(|e| err(e.to_string()))?;
         if !meta.is_file() {
-            let kind = crate::statefile::file_kind(&meta);
+            let kind = file_kind(&meta);
             return Err(err(format!("it is {kind}: it must be a regular file")));
         }
         let too_large = || {
@@ -478,6 +479,26 @@ fn line_of(text: &str, at: usize) -> usize {
         .map_or(1, |t| t.bytes().filter(|b| *b == b'\n').count() + 1)
 }
 
+/// What kind of file `m` is, for a message ("a FIFO"): the state file
+/// says it too.
+pub(crate) fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// A TOML string, quoted and escaped.
 fn quoted(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
@@ -496,11 +517,54 @@ pub struct OwnerEntry {
     pub pid_start: Option<u64>,
 }
 
+impl OwnerEntry {
+    /// One entry per owner with a uid or a lease (a pid lease with its
+    /// process's start time, if known), in owner order: the owners
+    /// [`export`] writes after the rules.
+    pub fn collect(
+        uids: impl IntoIterator<Item = (Owner, u32)>,
+        leases: impl IntoIterator<Item = (Owner, Lease, Option<u64>)>,
+    ) -> Vec<OwnerEntry> {
+        let mut owners: BTreeMap<Owner, OwnerEntry> = BTreeMap::new();
+        let entry = |o: Owner| OwnerEntry {
+            owner: o,
+            uid: None,
+            lease: None,
+            pid_start: None,
+        };
+        for (o, uid) in uids {
+            owners.entry(o.clone()).or_insert_with(|| entry(o)).uid = Some(uid);
+        }
+        for (o, lease, start) in leases {
+            let e = owners.entry(o.clone()).or_insert_with(|| entry(o));
+            e.lease = Some(lease);
+            e.pid_start = start;
+        }
+        owners.into_values().collect()
+    }
+}
+
+/// [`export`] of `config`'s tables with the owners of `uids` and `leases`
+/// ([`OwnerEntry::collect`]): what `pesto --export` prints and the state
+/// file holds.
+pub fn export_config(
+    header: &str,
+    config: &Config,
+    uids: impl IntoIterator<Item = (Owner, u32)>,
+    leases: impl IntoIterator<Item = (Owner, Lease, Option<u64>)>,
+) -> String {
+    export(
+        header,
+        &config.owned_tables(),
+        &OwnerEntry::collect(uids, leases),
+    )
+}
+
 /// Live tables as a configuration file that `pestod --config` takes: one
 /// `[[rule]]` per rule with its owner, then one `[[owner]]` per owner with
 /// a uid or a lease. `header` becomes a comment at the top. The same text
 /// is the state file's.
-pub fn export(header: &str, pifs: &crate::statefile::Tables, owners: &[OwnerEntry]) -> String {
+pub fn export(header: &str, pifs: &OwnedTables, owners: &[OwnerEntry]) -> String {
     let mut out = String::new();
     for line in header.lines() {
         out.push_str(&format!("# {line}\n"));
@@ -624,7 +688,7 @@ mod tests {
              [[rule]]\ntcp = \"9000\"\nowner = \"\"\n",
         )
         .unwrap();
-        let pifs: crate::statefile::Tables = before
+        let pifs: OwnedTables = before
             .tables
             .iter()
             .map(|(p, rules)| {

@@ -201,50 +201,7 @@ impl Daemon {
         mut opts: Options,
         control: Option<std::os::unix::net::UnixListener>,
     ) -> Result<Daemon, StartError> {
-        let mut leases = std::mem::take(&mut opts.leases);
-        let mut uids = std::mem::take(&mut opts.uids);
-        // The start-up rules' owners (a configuration file's) are the
-        // operator's: pinned to the uid the file gives, else the daemon's,
-        // whatever a state file says.
-        let pins = pins(
-            opts.host
-                .owners()
-                .iter()
-                .chain(opts.splice.owners())
-                .flatten(),
-            &uids.iter().cloned().collect(),
-        );
-        if let Some(path) = opts.state_file.clone() {
-            let (hc, sc) = (opts.host.caps(), opts.splice.caps());
-            let caps = |pif: PifId| if pif == PifId::SPLICE { sc } else { hc };
-            if let Some(saved) = crate::statefile::read(&path, caps)? {
-                let crate::statefile::Saved {
-                    mut tables,
-                    leases: saved,
-                    uids: saved_uids,
-                } = saved;
-                uids = saved_uids;
-                for (owner, lease, start) in saved {
-                    // A pid lease whose process is gone (or whose pid now
-                    // names another process) ended while pestod was down.
-                    if let Lease::Pid(pid) = lease {
-                        if start == 0 || crate::lease::start_time(pid) != Some(start) {
-                            let removed = remove_owner(&mut tables, &owner);
-                            info!(
-                                %owner,
-                                removed,
-                                "lease ended while pestod was down (process {pid} exited): \
-                                 the owner's rules are removed"
-                            );
-                            continue;
-                        }
-                    }
-                    leases.insert(owner, lease);
-                }
-                restore(&mut opts, &path, tables)?;
-                info!("tables restored from {}", path.display());
-            }
-        }
+        let restored = Restored::read(&mut opts)?;
         if opts.netns.is_none() && !opts.splice.is_empty() {
             return Err(StartError::NoNamespace);
         }
@@ -256,126 +213,14 @@ impl Daemon {
         {
             return Err(StartError::NothingToDo);
         }
-        let dp = DataPlane::new(opts.dataplane);
-        // Binding a table may take long (`-t all`, a namespace): on a
-        // blocking thread, as every bind is.
-        let registry = Registry::new(Arc::clone(&dp));
-        let (host, splice, netns, targets) =
-            (opts.host, opts.splice, opts.netns.clone(), opts.targets);
-        let bound = tokio::task::spawn_blocking(move || {
-            bind_all(registry, vec![host, splice], netns.as_ref(), targets)
-        })
-        .await;
-        let (registry, config, placements) = match bound {
-            Ok((registry, Ok((config, placements)))) => (registry, config, placements),
-            Ok((mut registry, Err(e))) => {
-                registry.close_all().await;
-                return Err(e);
-            }
-            Err(e) => {
-                return Err(StartError::Internal(format!("binding failed: {e}")));
-            }
-        };
-        for pif in &config.pifs {
-            for rule in pif.table.rules() {
-                info!("forwarding {} {}", pif.name, rule.to_string().trim_end());
-            }
-        }
-        let mut shared = Shared::new(config, registry, opts.targets, opts.timeouts)
-            .saving_to(opts.state_file.clone())
-            .owner_cap(opts.control_options.max_owners_per_uid);
-        for (id, place) in placements {
-            shared = shared.placed(id, place);
-        }
-        let shared = Arc::new(shared);
-        // A TTL starts again in full: the daemon cannot know how long it
-        // was down.
-        shared.restore_leases(leases);
-        shared.restore_uids(uids);
-        shared.pin_owners(pins);
-        shared.watch_leases();
-        // The file always holds what runs, from the start on.
-        if let Err(e) = shared.save() {
-            shared.close_all().await;
-            return Err(e.into());
-        }
-        tokio::spawn(retry_loop(Arc::downgrade(&shared)));
-        if let Some(ns) = &opts.netns {
-            tokio::spawn(watch_namespace(Arc::clone(ns), Arc::downgrade(&shared)));
-            // Only pifs with a namespace on one side have `auto` rules.
-            tokio::spawn(scan_loop(Arc::downgrade(&shared)));
-        }
-        let started = match (control, &opts.control) {
-            (Some(listener), path) => {
-                // Named by its own address, which -c may only repeat.
-                let name = crate::systemd::listener_name(&listener)
-                    .map(PathBuf::from)
-                    .or_else(|| path.clone())
-                    .unwrap_or_else(|| PathBuf::from("(socket from systemd)"));
-                if let Some(path) = path.as_ref().filter(|p| **p != name) {
-                    warn!(
-                        "-c {}: systemd passed the control socket {}, which is served \
-                         instead",
-                        path.display(),
-                        name.display()
-                    );
-                }
-                let opts = opts.control_options.clone();
-                Some(ControlServer::from_listener(
-                    listener,
-                    &name,
-                    Arc::clone(&shared),
-                    opts,
-                ))
-            }
-            (None, Some(path)) => Some(ControlServer::start(
-                path,
-                Arc::clone(&shared),
-                opts.control_options.clone(),
-            )),
-            (None, None) => None,
-        };
-        let control = match started.transpose() {
-            Ok(c) => c,
-            Err(e) => {
-                shared.close_all().await;
-                return Err(e.into());
-            }
-        };
-        let control_v2 = match &opts.control_v2 {
-            None => None,
-            Some(path) => {
-                match ControlServer::start_v2(
-                    path,
-                    Arc::clone(&shared),
-                    opts.control_options.clone(),
-                ) {
-                    Ok(c) if control.is_some() => Some(c.beside_another()),
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        if let Some(c) = control {
-                            c.stop().await;
-                        }
-                        shared.close_all().await;
-                        return Err(e.into());
-                    }
-                }
-            }
-        };
-        let metrics = match opts.metrics.map(|addr| {
-            start_metrics(addr, &shared, &dp, opts.metrics_max_conns)
+        let (mut started, dp) = Started::bind(&mut opts, restored).await?;
+        started.serve(&opts, control).await?;
+        let metrics = opts.metrics.map(|addr| {
+            start_metrics(addr, &started.shared, &dp, opts.metrics_max_conns)
                 .map_err(|error| StartError::Metrics { addr, error })
-        }) {
-            None => None,
-            Some(Ok(m)) => Some(m),
-            Some(Err(e)) => {
-                for c in [control, control_v2].into_iter().flatten() {
-                    c.stop().await;
-                }
-                shared.close_all().await;
-                return Err(e);
-            }
-        };
+        });
+        let metrics = started.or_close(metrics.transpose()).await?;
+        let (shared, control, control_v2) = started.done();
         Ok(Daemon {
             shared,
             targets: opts.targets,
@@ -579,6 +424,241 @@ fn start_metrics(
 
 /// What start-up binds: the tables and their placements.
 type Bound = (Config, Vec<(PifId, Placement)>);
+
+/// What the daemon starts with beyond its tables: the owners' leases and
+/// uids, from the options or a state file, and the pins of the start-up
+/// rules' owners.
+struct Restored {
+    leases: BTreeMap<Owner, Lease>,
+    uids: Vec<(Owner, u32)>,
+    pins: BTreeMap<Owner, u32>,
+}
+
+impl Restored {
+    /// Takes the leases and uids out of `opts`, and replaces its tables
+    /// with the state file's when there is one.
+    fn read(opts: &mut Options) -> Result<Restored, StartError> {
+        let mut leases = std::mem::take(&mut opts.leases);
+        let mut uids = std::mem::take(&mut opts.uids);
+        // The start-up rules' owners (a configuration file's) are the
+        // operator's: pinned to the uid the file gives, else the daemon's,
+        // whatever a state file says.
+        let pins = pins(
+            opts.host
+                .owners()
+                .iter()
+                .chain(opts.splice.owners())
+                .flatten(),
+            &uids.iter().cloned().collect(),
+        );
+        let Some(path) = opts.state_file.clone() else {
+            return Ok(Restored { leases, uids, pins });
+        };
+        let (hc, sc) = (opts.host.caps(), opts.splice.caps());
+        let caps = |pif: PifId| if pif == PifId::SPLICE { sc } else { hc };
+        if let Some(saved) = crate::statefile::read(&path, caps)? {
+            let crate::statefile::Saved {
+                mut tables,
+                leases: saved,
+                uids: saved_uids,
+            } = saved;
+            uids = saved_uids;
+            for (owner, lease, start) in saved {
+                // A pid lease whose process is gone (or whose pid now
+                // names another process) ended while pestod was down.
+                if let Lease::Pid(pid) = lease {
+                    if start == 0 || crate::lease::start_time(pid) != Some(start) {
+                        let removed = remove_owner(&mut tables, &owner);
+                        info!(
+                            %owner,
+                            removed,
+                            "lease ended while pestod was down (process {pid} exited): \
+                             the owner's rules are removed"
+                        );
+                        continue;
+                    }
+                }
+                leases.insert(owner, lease);
+            }
+            restore(opts, &path, tables)?;
+            info!("tables restored from {}", path.display());
+        }
+        Ok(Restored { leases, uids, pins })
+    }
+}
+
+/// A start under way: the shared state with its sockets bound, and the
+/// control servers started so far. Every failed step closes them all
+/// ([`Started::or_close`]), and so does a drop before [`Started::done`]
+/// (a start cancelled or panicking), on a task of its own.
+struct Started {
+    shared: Arc<Shared>,
+    control: Option<ControlServer>,
+    control_v2: Option<ControlServer>,
+    /// Still to close if the start goes no further.
+    armed: bool,
+}
+
+impl Started {
+    /// Binds the tables of `opts` and builds the shared state on them,
+    /// saved at once: the file always holds what runs, from the start on.
+    async fn bind(
+        opts: &mut Options,
+        restored: Restored,
+    ) -> Result<(Started, Arc<DataPlane>), StartError> {
+        let dp = DataPlane::new(opts.dataplane);
+        // Binding a table may take long (`-t all`, a namespace): on a
+        // blocking thread, as every bind is.
+        let registry = Registry::new(Arc::clone(&dp));
+        let (hc, sc) = (opts.host.caps(), opts.splice.caps());
+        let host = std::mem::replace(&mut opts.host, Table::new(hc));
+        let splice = std::mem::replace(&mut opts.splice, Table::new(sc));
+        let (netns, targets) = (opts.netns.clone(), opts.targets);
+        let bound = tokio::task::spawn_blocking(move || {
+            bind_all(registry, vec![host, splice], netns.as_ref(), targets)
+        })
+        .await;
+        let (registry, config, placements) = match bound {
+            Ok((registry, Ok((config, placements)))) => (registry, config, placements),
+            Ok((mut registry, Err(e))) => {
+                registry.close_all().await;
+                return Err(e);
+            }
+            Err(e) => {
+                return Err(StartError::Internal(format!("binding failed: {e}")));
+            }
+        };
+        for pif in &config.pifs {
+            for rule in pif.table.rules() {
+                info!("forwarding {} {}", pif.name, rule.to_string().trim_end());
+            }
+        }
+        let mut shared = Shared::new(config, registry, opts.targets, opts.timeouts)
+            .saving_to(opts.state_file.clone())
+            .owner_cap(opts.control_options.max_owners_per_uid);
+        for (id, place) in placements {
+            shared = shared.placed(id, place);
+        }
+        let shared = Arc::new(shared);
+        // A TTL starts again in full: the daemon cannot know how long it
+        // was down.
+        shared.restore_leases(restored.leases);
+        shared.restore_uids(restored.uids);
+        shared.pin_owners(restored.pins);
+        shared.watch_leases();
+        let mut started = Started {
+            shared: Arc::clone(&shared),
+            control: None,
+            control_v2: None,
+            armed: true,
+        };
+        started.or_close(shared.save()).await?;
+        tokio::spawn(retry_loop(Arc::downgrade(&shared)));
+        if let Some(ns) = &opts.netns {
+            tokio::spawn(watch_namespace(Arc::clone(ns), Arc::downgrade(&shared)));
+            // Only pifs with a namespace on one side have `auto` rules.
+            tokio::spawn(scan_loop(Arc::downgrade(&shared)));
+        }
+        Ok((started, dp))
+    }
+
+    /// Starts the control servers: on `control`, the socket systemd passed,
+    /// or at `opts.control`; and the version-2 one at `opts.control_v2`.
+    async fn serve(
+        &mut self,
+        opts: &Options,
+        control: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<(), StartError> {
+        let shared = Arc::clone(&self.shared);
+        let started = match (control, &opts.control) {
+            (Some(listener), path) => {
+                // Named by its own address, which -c may only repeat.
+                let name = crate::systemd::listener_name(&listener)
+                    .map(PathBuf::from)
+                    .or_else(|| path.clone())
+                    .unwrap_or_else(|| PathBuf::from("(socket from systemd)"));
+                if let Some(path) = path.as_ref().filter(|p| **p != name) {
+                    warn!(
+                        "-c {}: systemd passed the control socket {}, which is served \
+                         instead",
+                        path.display(),
+                        name.display()
+                    );
+                }
+                let opts = opts.control_options.clone();
+                Some(ControlServer::from_listener(
+                    listener,
+                    &name,
+                    Arc::clone(&shared),
+                    opts,
+                ))
+            }
+            (None, Some(path)) => Some(ControlServer::start(
+                path,
+                Arc::clone(&shared),
+                opts.control_options.clone(),
+            )),
+            (None, None) => None,
+        };
+        self.control = self.or_close(started.transpose()).await?;
+        if let Some(path) = &opts.control_v2 {
+            let v2 = ControlServer::start_v2(path, shared, opts.control_options.clone());
+            let v2 = self.or_close(v2).await?;
+            self.control_v2 = Some(match self.control {
+                Some(_) => v2.beside_another(),
+                None => v2,
+            });
+        }
+        Ok(())
+    }
+
+    /// `result`'s value, or, on its error, everything closed and the error.
+    async fn or_close<T, E: Into<StartError>>(
+        &mut self,
+        result: Result<T, E>,
+    ) -> Result<T, StartError> {
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                for c in [self.control.take(), self.control_v2.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    c.stop().await;
+                }
+                if std::mem::take(&mut self.armed) {
+                    self.shared.close_all().await;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The started daemon's parts, no longer closed on drop.
+    fn done(mut self) -> (Arc<Shared>, Option<ControlServer>, Option<ControlServer>) {
+        self.armed = false;
+        let shared = Arc::clone(&self.shared);
+        (shared, self.control.take(), self.control_v2.take())
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let servers = [self.control.take(), self.control_v2.take()];
+        let shared = Arc::clone(&self.shared);
+        if !self.armed {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for c in servers.into_iter().flatten() {
+                    c.stop().await;
+                }
+                shared.close_all().await;
+            });
+        }
+    }
+}
 
 /// Binds the start-up tables, pif by pif, in `registry`, which comes back
 /// either way (to close what was bound if the start fails).

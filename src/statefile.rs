@@ -33,6 +33,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::codec::{CodecError, DecodeError, Limits, Reader, Update, decode_from, encode_to_vec};
+use crate::config::file_kind;
 use crate::lease::Lease;
 use crate::owner::Owner;
 use crate::rule::{Caps, PifId};
@@ -80,25 +81,6 @@ pub enum StateFileError {
         /// What is wrong.
         problem: String,
     },
-}
-
-/// What kind of file `m` is, for a message ("a FIFO").
-pub(crate) fn file_kind(m: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = m.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
 }
 
 /// Saved tables: each pif with its rules and their owners.
@@ -336,27 +318,12 @@ pub fn write(
     uids: &[(Owner, u32)],
     header: &str,
 ) -> Result<(), StateFileError> {
-    let tables: Tables = config.owned_tables();
-    let mut owners: std::collections::BTreeMap<Owner, crate::config::OwnerEntry> =
-        std::collections::BTreeMap::new();
-    let entry = |o: &Owner| crate::config::OwnerEntry {
-        owner: o.clone(),
-        uid: None,
-        lease: None,
-        pid_start: None,
-    };
-    for (o, uid) in uids {
-        owners.entry(o.clone()).or_insert_with(|| entry(o)).uid = Some(*uid);
-    }
-    for (o, lease, start) in leases {
-        let e = owners.entry(o.clone()).or_insert_with(|| entry(o));
-        e.lease = Some(*lease);
-        if matches!(lease, Lease::Pid(_)) {
-            e.pid_start = Some(*start);
-        }
-    }
-    let owners: Vec<_> = owners.into_values().collect();
-    let text = seal::seal(&crate::config::export(header, &tables, &owners));
+    let leases = leases.iter().map(|(o, lease, start)| {
+        let start = matches!(lease, Lease::Pid(_)).then_some(*start);
+        (o.clone(), *lease, start)
+    });
+    let text = crate::config::export_config(header, config, uids.iter().cloned(), leases);
+    let text = seal::seal(&text);
     write_atomic(path, text.as_bytes())
 }
 

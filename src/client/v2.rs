@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{Change, ClientError, Options, Session, TransactOptions, Transaction};
+use super::{Change, ClientError, Options, Outcome, Session, TransactOptions, Transaction};
 use crate::codec::Update;
 use crate::codec::VERSION_2;
 use crate::codec::v3::Status;
@@ -29,24 +29,13 @@ where
             "keep a table whose ports did not all bind (--keep-partial): it never says what bound",
         ));
     }
-    let done = |ack: &str, committed| Transaction {
-        attempts: attempt,
-        unchanged: false,
-        ack: Status::ok(ack),
-        report: None,
-        moved: Vec::new(),
-        committed,
-        answer: None,
-        version: VERSION_2,
-    };
+    let done =
+        |ack: &str, outcome| Transaction::ended(attempt, Status::ok(ack), VERSION_2, outcome);
     let update = match plan(&session, attempt)? {
         Change::Whole(update) => update,
         Change::Scoped(_) => return Err(ClientError::NotInV2("keep rule owners")),
         Change::Nothing => {
-            return Ok(Transaction {
-                unchanged: true,
-                ..done("nothing to change", false)
-            });
+            return Ok(done("nothing to change", Outcome::Unchanged));
         }
     };
     // Upstream sends every pif, changed or not, in the server's order.
@@ -72,7 +61,7 @@ where
         // Version 2 has no validation without applying.
         return Ok(done(
             "valid here; the version-2 server was not asked",
-            false,
+            Outcome::CheckedHere,
         ));
     }
     let change = OwnChange::between(&session, &update);
@@ -83,7 +72,10 @@ where
     // Other clients may change the tables meanwhile: what is checked is
     // this client's own change, not the whole table.
     verify_v2(path, opts, &change, opts.step_timeout).await?;
-    Ok(done("sent, and its changes listed back", true))
+    Ok(done(
+        "sent, and its changes listed back",
+        Outcome::ListedBack,
+    ))
 }
 
 /// What a version-2 update changes against the listing it was made from:
