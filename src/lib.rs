@@ -17,6 +17,7 @@
 //! - [`scan`]: what `auto` rules' targets listen on;
 //! - [`dataplane`]: TCP relaying with splice(2), UDP flows;
 //! - [`client`]: the client library, one transaction step by step;
+//! - `cli` (feature `cli`): the options both binaries share, and pestod's;
 //! - [`control`]: the control server, one transaction per connection;
 //! - [`statefile`]: the committed tables, saved and restored;
 //! - [`daemon`]: the daemon from start-up to shutdown;
