@@ -161,13 +161,31 @@ pub struct DaemonCounters {
     pub protocol: u64,
 }
 
-/// The figures of [`crate::codec::v3::Stats`] with the rules they count,
+/// One pif's rules' counters, in the listing's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PifStats {
+    /// Pif id.
+    pub id: crate::rule::PifId,
+    /// One per listed rule.
+    pub rules: Vec<RuleCounters>,
+}
+
+/// The daemon's figures and each rule's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// The daemon's own figures.
+    pub daemon: DaemonCounters,
+    /// Each pif's rules, in the PIFS order.
+    pub pifs: Vec<PifStats>,
+}
+
+/// The figures of [`Stats`] with the rules they count,
 /// read at one moment: `pifs[i].1[j]` is the rule whose counters are
 /// `stats.pifs[i].rules[j]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Labelled {
     /// The daemon's figures and each rule's counters.
-    pub stats: crate::codec::v3::Stats,
+    pub stats: Stats,
     /// Each pif's name and rules, in the order of `stats.pifs`.
     pub pifs: Vec<(String, Vec<crate::rule::Rule>)>,
 }

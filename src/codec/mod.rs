@@ -10,6 +10,8 @@
 //! against [`Limits`] before anything is read or allocated, and a buffer that
 //! holds only part of a message is answered with "need more", not an error.
 
+mod listing;
+pub mod msg;
 mod scoped;
 pub mod v3;
 
@@ -730,6 +732,21 @@ impl Wire for Update {
         }
         out.put_u8(0);
     }
+}
+
+/// Most scopes in one UPDATE_SCOPED.
+const MAX_SCOPES: usize = 256;
+
+/// An owner label: a length byte, then the bytes.
+fn get_owner(r: &mut Reader<'_>) -> DecodeResult<crate::owner::Owner> {
+    let len = usize::from(r.u8()?);
+    let raw = r.bytes(len)?;
+    Ok(crate::owner::Owner::from_bytes(raw).map_err(|e| CodecError::Malformed(e.to_string()))?)
+}
+
+fn put_owner(out: &mut BytesMut, o: &crate::owner::Owner) {
+    out.put_u8(o.as_str().len() as u8);
+    out.put_slice(o.as_str().as_bytes());
 }
 
 #[cfg(test)]

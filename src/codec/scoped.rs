@@ -5,8 +5,8 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::v3::{MAX_SCOPES, get_owner, msg, put_owner};
 use super::{CodecError, DecodeResult, Limits, Reader, get_rule_count, get_rule_table, put_rules};
+use super::{MAX_SCOPES, get_owner, msg, put_owner};
 use crate::lease::Lease;
 use crate::rule::PifId;
 use crate::scope::ScopeUpdate;

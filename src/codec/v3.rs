@@ -10,7 +10,7 @@ use bytes::{BufMut, BytesMut};
 use super::scoped::{get_scoped, get_scoped_count, get_scoped_rest, put_scoped};
 use super::{
     CLIENT_MAGIC, CodecError, DecodeError, DecodeResult, HelloV2, Limits, Reader, Resume, Update,
-    Wire, get_pif_header, get_pif_id, get_rules, put_pif_header, put_rules,
+    Wire, get_owner, get_pif_header, get_pif_id, get_rules, put_owner, put_pif_header, put_rules,
 };
 use crate::lease::Lease;
 use crate::owner::{MAX_OWNER, Owner};
@@ -29,40 +29,9 @@ pub const MAX_MESSAGE: usize = 4096;
 /// Status index meaning "no rule".
 pub const NO_INDEX: u32 = u32::MAX;
 
-/// Message types.
-pub mod msg {
-    /// Server: the pif list (step 3).
-    pub const PIFS: u8 = 0x01;
-    /// Server: each pif's rules and generation (step 4).
-    pub const RULES: u8 = 0x02;
-    /// Server: an acknowledgement or an error.
-    pub const STATUS: u8 = 0x03;
-    /// Server: what an apply bound (step 8).
-    pub const REPORT: u8 = 0x04;
-    /// Client: new tables (step 5).
-    pub const UPDATE: u8 = 0x10;
-    /// Client: make the proposed tables active (step 7).
-    pub const APPLY: u8 = 0x11;
-    /// Client: keep the applied tables (step 9).
-    pub const COMMIT: u8 = 0x12;
-    /// Client: go back to the tables before the apply (step 9).
-    pub const ROLLBACK: u8 = 0x13;
-    /// Server: each pif's rules with their owners and the scopes'
-    /// generations (step 4, to a client with the [`super::OWNERS`] flag).
-    pub const RULES_OWNED: u8 = 0x05;
-    /// Client: new rule sets of (pif, owner) scopes (step 5).
-    pub const UPDATE_SCOPED: u8 = 0x14;
-    /// Server: what each listed rule really has, and which pifs hold
-    /// applied, uncommitted changes (step 4, after the rules, to a client
-    /// with the [`super::HEALTH`] flag).
-    pub const HEALTH: u8 = 0x06;
-    /// Server: the ports that went through close-and-rebind (step 8, after
-    /// the report, to a client with the [`super::MOVES`] flag).
-    pub const MOVED: u8 = 0x07;
-    /// Server: the daemon's and each rule's counters (step 4, after the
-    /// rules and HEALTH, to a client with the [`super::STATS`] flag).
-    pub const STATS: u8 = 0x08;
-}
+// The message types live beside the codec's helpers, which the scoped
+// messages share with this file.
+pub use super::msg;
 
 /// Feature bits of the server hello.
 pub mod features {
@@ -106,7 +75,7 @@ pub const MOVES: u32 = 16;
 /// Client hello flag: the server sends STATS after the listing at step 4.
 pub const STATS: u32 = 32;
 /// Most scopes in one UPDATE_SCOPED.
-pub const MAX_SCOPES: usize = 256;
+pub const MAX_SCOPES: usize = super::MAX_SCOPES;
 
 /// What the server announces after the version-2 hello: features, limits and
 /// timeouts.
@@ -475,23 +444,9 @@ pub struct MovedPorts {
 /// Most entries in one MOVED: one per port of every pif at most.
 pub const MAX_MOVED: usize = 65536 * 8;
 
-/// One pif's rules' counters, in the listing's order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PifStats {
-    /// Pif id.
-    pub id: PifId,
-    /// One per listed rule.
-    pub rules: Vec<RuleCounters>,
-}
-
-/// The STATS message: the daemon's figures and each rule's counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stats {
-    /// The daemon's own figures.
-    pub daemon: DaemonCounters,
-    /// Each pif's rules, in the PIFS order.
-    pub pifs: Vec<PifStats>,
-}
+// The STATS message carries the model's figures as they are: the types
+// live in `stats`, which knows nothing of the wire.
+pub use crate::stats::{PifStats, Stats};
 
 /// Most errnos listed for one rule: errnos are below 4096.
 const MAX_ERRNOS: usize = 4096;
@@ -849,18 +804,6 @@ fn put_pif_rules(out: &mut BytesMut, pifs: &[PifRules], owned: bool) {
         }
     }
     out.put_u8(0);
-}
-
-/// An owner label: a length byte, then the bytes.
-pub(super) fn get_owner(r: &mut Reader<'_>) -> DecodeResult<Owner> {
-    let len = usize::from(r.u8()?);
-    let raw = r.bytes(len)?;
-    Ok(Owner::from_bytes(raw).map_err(|e| CodecError::Malformed(e.to_string()))?)
-}
-
-pub(super) fn put_owner(out: &mut BytesMut, o: &Owner) {
-    out.put_u8(o.as_str().len() as u8);
-    out.put_slice(o.as_str().as_bytes());
 }
 
 /// The owners of `count` rules: a u32 byte length, then per rule a length
