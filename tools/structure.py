@@ -70,6 +70,38 @@ def functions(path, lines):
     return fns
 
 
+def cycles(edges):
+    """The strongly connected groups of more than one file (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    sys.setrecursionlimit(10000)
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
 def main():
     paths = sorted(files())
     mods = {module_of(p): p for p in paths if module_of(p) is not None}
@@ -96,8 +128,16 @@ def main():
                 if full[:k] in mods and full[:k] != me:
                     deps.add(full[:k])
                     break
+        # A child module named without a prefix (`scoped::Thing`).
+        if p.endswith("mod.rs") or p.endswith("lib.rs") or me == ():
+            for child in re.findall(r"(?<![:\w])(\w+)::", body):
+                if me + (child,) in mods:
+                    deps.add(me + (child,))
+        # `use super::{a, b}`: the parent module itself.
+        if re.search(r"\bsuper::\{", body) and me[:-1] in mods:
+            deps.add(me[:-1])
         edges[me] = deps
-    circles = sorted({tuple(sorted((a, b))) for a in edges for b in edges[a] if a in edges.get(b, ())})
+    circles = cycles(edges)
     sizes.sort(reverse=True)
     fns.sort(reverse=True)
     bins = sum(n for n, p in sizes if p.startswith(os.path.join(SRC, "bin")))
@@ -107,8 +147,8 @@ def main():
     print("functions of 100+ lines:", sum(1 for f in fns if f[0] >= 100))
     print("functions over 120 lines:", [f"{p}:{n} {l}" for l, p, n in fns if l > 120])
     print(f"binaries: {bins} lines")
-    print("import circles (two files that import each other):",
-          ["::".join(a) + " <-> " + "::".join(b) for a, b in circles] or "none")
+    print("import circles (files that reach themselves through imports):",
+          [" -> ".join("::".join(m) or "lib" for m in c) for c in circles] or "none")
     return 0
 
 

@@ -10,6 +10,7 @@
 
 pub mod claims;
 pub mod fairness;
+pub mod figures;
 pub mod leases;
 pub mod persist;
 pub mod state;

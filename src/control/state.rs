@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedMutexGuard, mpsc, watch};
 
 use super::claims::{Claim, Claims, Held};
+use super::figures::synced_rule;
 use super::leases::LeaseEvent;
 use super::persist::{Committed, Persist};
 use crate::codec::Update;
@@ -69,61 +70,7 @@ impl Default for Timeouts {
     }
 }
 
-/// Counters of transaction outcomes.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Applied and committed.
-    pub committed: AtomicU64,
-    /// Applied and rolled back (asked for, or after a disconnect or timeout).
-    pub rolled_back: AtomicU64,
-    /// Refused as STALE.
-    pub stale: AtomicU64,
-    /// Refused as BUSY.
-    pub busy: AtomicU64,
-    /// Refused as INVALID or LIMIT.
-    pub invalid: AtomicU64,
-    /// Ended by PROTOCOL or VERSION.
-    pub protocol: AtomicU64,
-    /// Ended by TIMEOUT.
-    pub timeout: AtomicU64,
-    /// Refused as DENIED (a peer not allowed, or an owner of another uid).
-    pub denied: AtomicU64,
-}
-
-impl Counters {
-    /// Counts a refusal by its code.
-    pub fn refused(&self, code: Code) {
-        let c = match code {
-            Code::Stale => &self.stale,
-            Code::Busy => &self.busy,
-            Code::Invalid | Code::Limit => &self.invalid,
-            Code::Protocol | Code::Version => &self.protocol,
-            Code::Timeout => &self.timeout,
-            Code::Denied => &self.denied,
-            Code::Ok | Code::Internal => return,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-impl std::fmt::Display for Counters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        write!(
-            f,
-            "{} committed, {} rolled back, {} stale, {} busy, {} invalid, {} denied, \
-             {} protocol errors, {} timeouts",
-            n(&self.committed),
-            n(&self.rolled_back),
-            n(&self.stale),
-            n(&self.busy),
-            n(&self.invalid),
-            n(&self.denied),
-            n(&self.protocol),
-            n(&self.timeout)
-        )
-    }
-}
+pub use super::figures::Counters;
 
 /// Tables and generations: what readers see.
 #[derive(Debug)]
@@ -1804,61 +1751,10 @@ impl Shared {
     /// locks: a table that changes meanwhile can never put one rule's
     /// counters beside another rule (the metrics' labels, SIGUSR1's log).
     pub async fn labelled_stats(&self) -> crate::stats::Labelled {
-        use crate::codec::v3::{PifStats, Stats};
-        use crate::stats::{DaemonCounters, RuleCounters};
+        let fds_open = crate::stats::open_fds();
         let registry = self.registry.lock().await;
-        let (limit, _) = registry.data_plane().descriptor_limits();
-        let refused = registry.data_plane().refused();
-        let (pifs, labels) = {
-            let t = self.tables();
-            t.config
-                .pifs
-                .iter()
-                .map(|p| {
-                    let synced = registry.health(p.id);
-                    let stats = PifStats {
-                        id: p.id,
-                        rules: p
-                            .table
-                            .rules()
-                            .iter()
-                            .enumerate()
-                            .map(|(i, rule)| {
-                                synced_rule(synced, i, rule)
-                                    .map_or_else(RuleCounters::default, |(route, _)| {
-                                        route.stats.snapshot()
-                                    })
-                            })
-                            .collect(),
-                    };
-                    (stats, (p.name.clone(), p.table.rules().to_vec()))
-                })
-                .unzip()
-        };
-        drop(registry);
-        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let c = &self.counters;
-        let stats = Stats {
-            daemon: DaemonCounters {
-                uptime: self.started.elapsed().as_secs(),
-                fds_open: crate::stats::open_fds(),
-                fds_limit: limit,
-                refused,
-                committed: n(&c.committed),
-                rolled_back: n(&c.rolled_back),
-                stale: n(&c.stale),
-                busy: n(&c.busy),
-                denied: n(&c.denied),
-                timed_out: n(&c.timeout),
-                invalid: n(&c.invalid),
-                protocol: n(&c.protocol),
-            },
-            pifs,
-        };
-        crate::stats::Labelled {
-            stats,
-            pifs: labels,
-        }
+        let t = self.tables();
+        super::figures::gather(&t.config, &registry, &self.counters, self.started, fds_open)
     }
 
     /// Wakes when a transaction ends (committed or rolled back).
@@ -1951,20 +1847,6 @@ impl Shared {
             Err(e) => tracing::error!(%pif, "closing the sockets failed: {e}"),
         }
     }
-}
-
-/// The registry's entry of listed rule `i`, `rule`: at the same index (the
-/// registry syncs tables in their order), searched only if not there;
-/// `None` for a rule the registry does not hold (its namespace is gone).
-fn synced_rule<'a>(
-    synced: &'a [(Arc<Route>, crate::registry::RuleReport)],
-    i: usize,
-    rule: &Rule,
-) -> Option<&'a (Arc<Route>, crate::registry::RuleReport)> {
-    synced
-        .get(i)
-        .filter(|(_, rr)| rr.rule == *rule)
-        .or_else(|| synced.iter().find(|(_, rr)| rr.rule == *rule))
 }
 
 /// Adds `port` of `rule` to `moved`, merged with the range before it.
