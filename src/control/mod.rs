@@ -12,6 +12,7 @@ pub mod claims;
 pub mod fairness;
 pub mod figures;
 pub mod leases;
+pub mod owners;
 pub mod persist;
 pub mod state;
 mod txn;

@@ -19,6 +19,8 @@ use tokio::sync::{OwnedMutexGuard, mpsc, watch};
 use super::claims::{Claim, Claims, Held};
 use super::figures::synced_rule;
 use super::leases::LeaseEvent;
+pub use super::owners::{DEFAULT_OWNERS_PER_UID, daemon_uid};
+use super::owners::{Owners, is_exempt, lease_allowed};
 use super::persist::{Committed, Persist};
 use crate::codec::Update;
 use crate::codec::v3::{
@@ -47,9 +49,6 @@ const INLINE_PORTS: u64 = 256;
 pub const RESERVE_HOLD: Duration = Duration::from_secs(2);
 /// How long a uid whose reservation lapsed may not reserve again.
 const RESERVE_BAR: Duration = Duration::from_secs(60);
-
-/// The default of `--max-owners-per-uid`.
-pub const DEFAULT_OWNERS_PER_UID: usize = 64;
 
 /// The server's timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,20 +79,8 @@ struct Tables {
     /// Each scope's generation: the pif's generation when the owner's rule
     /// set there last changed. A scope with no rules has none (0).
     scopes: BTreeMap<(PifId, Owner), u64>,
-    /// The uid that made each owner that has rules: only it (and root and
-    /// the daemon's own uid) may change the owner's rules.
-    owner_uids: BTreeMap<Owner, u32>,
-    /// Owners the operator named (a configuration file): their uid is this
-    /// one whatever a client or a state file says.
-    pinned: BTreeMap<Owner, u32>,
-    /// The most owners a uid other than root and the daemon's may have.
-    owner_cap: usize,
-    /// Each owner's lease, if its rules have one.
-    leases: BTreeMap<Owner, Lease>,
-    /// When each lease was set or last renewed, and for a pid lease the
-    /// process's start time when it was set (0: unknown): what an expiry
-    /// and the state file go by.
-    lease_marks: BTreeMap<Owner, (tokio::time::Instant, u64)>,
+    /// Owners' uids, pins and leases.
+    owners: Owners,
     /// The changes of each transaction applied and not yet committed.
     pending: BTreeMap<u64, Vec<Pending>>,
 }
@@ -113,58 +100,31 @@ enum Pending {
     },
 }
 
-/// The daemon's own uid: the uid of the operator's rules.
-pub fn daemon_uid() -> u32 {
-    rustix::process::getuid().as_raw()
-}
-
-/// Whether `uid` may tie a lease to process `pid`: never pid 1, which does
-/// not exit; for a uid but root and the daemon's, only its own processes.
-fn lease_allowed(pid: u32, uid: u32) -> Result<(), String> {
-    if pid == 1 {
-        return Err("process 1 never exits: a lease on it would never end".to_owned());
-    }
-    if is_exempt(uid) {
-        return Ok(());
-    }
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(format!("/proc/{pid}")) {
-        Ok(m) if m.uid() == uid => Ok(()),
-        Ok(m) => Err(format!(
-            "process {pid} belongs to uid {}, not to uid {uid}",
-            m.uid()
-        )),
-        // Gone: the caller says so.
-        Err(_) => Ok(()),
-    }
-}
-
-/// The start time of a pid lease's process now (0: gone, or a TTL).
-fn lease_start(lease: Lease) -> u64 {
-    match lease {
-        Lease::Pid(p) => crate::lease::start_time(p).unwrap_or(0),
-        Lease::Ttl(_) => 0,
-    }
-}
-
-/// Whether `uid` may change any owner's rules: root and the daemon's uid.
-fn is_exempt(uid: u32) -> bool {
-    uid == 0 || uid == daemon_uid()
-}
-
 impl Tables {
-    /// The uid `owner` belongs to: the operator's pin, else the uid that
-    /// made it. An owner with rules and neither (a state file from before
-    /// uids were kept) is the operator's: nobody else may take it.
+    /// The uid `owner` belongs to (see [`Owners::uid_of`]).
     fn uid_of(&self, owner: &Owner) -> Option<u32> {
-        if let Some(&u) = self
-            .pinned
-            .get(owner)
-            .or_else(|| self.owner_uids.get(owner))
-        {
-            return Some(u);
-        }
-        self.has_rules(owner).then(daemon_uid)
+        self.owners.uid_of(owner, || self.has_rules(owner))
+    }
+
+    /// LIMIT if `uid` would have more owners than its cap with `new` ones.
+    fn check_owner_cap<'a>(
+        &self,
+        new: impl IntoIterator<Item = &'a Owner>,
+        uid: u32,
+    ) -> Result<(), Status> {
+        self.owners.check_cap(new, uid, |o| self.has_rules(o))
+    }
+
+    /// DENIED if `owner` belongs to another uid than `uid`.
+    fn check_owner(&self, owner: &Owner, uid: u32) -> Result<(), Status> {
+        self.owners.check(owner, uid, || self.has_rules(owner))
+    }
+
+    /// Records `uid` as the maker of the owners in `made` that have none,
+    /// and forgets the owners that have no rules left, here or in flight.
+    fn settle_owners<'a>(&mut self, made: impl IntoIterator<Item = &'a Owner>, uid: u32) {
+        let live = self.live_owners();
+        self.owners.settle(made, uid, &live);
     }
 
     /// Whether `owner` has rules, now or in a change in flight.
@@ -174,70 +134,6 @@ impl Tables {
                 Pending::Scope { owner: o, old, .. } => o == owner && !old.is_empty(),
                 Pending::Whole { old, .. } => old.owners().iter().flatten().any(|o| o == owner),
             })
-    }
-
-    /// LIMIT if `uid` (not root, not the daemon's) would have more owners
-    /// than the cap with `new` ones, owners of no uid yet.
-    fn check_owner_cap<'a>(
-        &self,
-        new: impl IntoIterator<Item = &'a Owner>,
-        uid: u32,
-    ) -> Result<(), Status> {
-        if is_exempt(uid) {
-            return Ok(());
-        }
-        let mut fresh: Vec<&Owner> = new
-            .into_iter()
-            .filter(|o| self.uid_of(o).is_none())
-            .collect();
-        fresh.sort();
-        fresh.dedup();
-        if fresh.is_empty() {
-            return Ok(());
-        }
-        let has = self.owner_uids.values().filter(|u| **u == uid).count();
-        if has + fresh.len() > self.owner_cap {
-            return Err(Status::new(
-                Code::Limit,
-                format!(
-                    "uid {uid} has {has} owners and may have at most {} \
-                     (--max-owners-per-uid): owner '{}' is one too many",
-                    self.owner_cap, fresh[0]
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// DENIED if `owner` belongs to another uid than `uid`.
-    fn check_owner(&self, owner: &Owner, uid: u32) -> Result<(), Status> {
-        match self.uid_of(owner) {
-            Some(made) if made != uid && !is_exempt(uid) => Err(Status::new(
-                Code::Denied,
-                format!(
-                    "owner '{owner}' belongs to uid {made}; uid {uid} may not change its rules"
-                ),
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// Records `uid` as the maker of the owners in `made` that have none,
-    /// puts the operator's pins back over anything else, and forgets the
-    /// owners that have no rules left.
-    fn settle_owners<'a>(&mut self, made: impl IntoIterator<Item = &'a Owner>, uid: u32) {
-        for o in made {
-            self.owner_uids.entry(o.clone()).or_insert(uid);
-        }
-        for (o, u) in &self.pinned {
-            if let Some(had) = self.owner_uids.get_mut(o) {
-                *had = *u;
-            }
-        }
-        // An owner whose rules a transaction in flight removed keeps its
-        // uid: a rollback brings them back, still its.
-        let live = self.live_owners();
-        self.owner_uids.retain(|o, _| live.contains(o));
     }
 
     /// The tables as committed: the active ones without the changes still
@@ -365,21 +261,6 @@ impl Tables {
                     || self.scopes.contains_key(&(*pif, owner.clone()))
             }
         })
-    }
-
-    /// Whether the lease that `ended` names is still the owner's, and still
-    /// over: not replaced, and a TTL not renewed since.
-    fn is_due(&self, ended: &super::leases::Ended, now: tokio::time::Instant) -> bool {
-        if self.leases.get(&ended.owner) != Some(&ended.lease) {
-            return false;
-        }
-        match ended.lease {
-            Lease::Ttl(secs) => self
-                .lease_marks
-                .get(&ended.owner)
-                .is_none_or(|(at, _)| *at + crate::lease::ttl(secs) <= now),
-            Lease::Pid(_) => true,
-        }
     }
 
     /// Whether a transaction in flight changed `pif`.
@@ -569,11 +450,7 @@ impl Shared {
                 config,
                 generations,
                 scopes,
-                owner_uids: BTreeMap::new(),
-                pinned: BTreeMap::new(),
-                owner_cap: DEFAULT_OWNERS_PER_UID,
-                leases: BTreeMap::new(),
-                lease_marks: BTreeMap::new(),
+                owners: Owners::default(),
                 pending: BTreeMap::new(),
             }),
             registry: Arc::new(tokio::sync::Mutex::new(registry)),
@@ -600,7 +477,7 @@ impl Shared {
     /// Caps the owners of each uid but root and the daemon's
     /// (`--max-owners-per-uid`).
     pub fn owner_cap(self, cap: usize) -> Shared {
-        self.tables().owner_cap = cap;
+        self.tables().owners.set_cap(cap);
         self
     }
 
@@ -705,7 +582,7 @@ impl Shared {
                     .map(|((_, o), g)| ScopeInfo {
                         owner: o.clone(),
                         generation: *g,
-                        lease: t.leases.get(o).copied(),
+                        lease: t.owners.lease(o),
                         uid: t.uid_of(o).unwrap_or(NO_UID),
                     })
                     .collect(),
@@ -1273,13 +1150,8 @@ impl Shared {
         let (tx, rx) = mpsc::unbounded_channel();
         {
             let t = self.tables();
-            for (o, l) in &t.leases {
-                let (at, start) = t
-                    .lease_marks
-                    .get(o)
-                    .copied()
-                    .unwrap_or((tokio::time::Instant::now(), 0));
-                let _ = tx.send(LeaseEvent::Set(o.clone(), *l, at, start));
+            for ev in t.owners.watched(tokio::time::Instant::now()) {
+                let _ = tx.send(ev);
             }
         }
         *self
@@ -1303,42 +1175,28 @@ impl Shared {
     /// time its process had when the lease was set, never read again (the
     /// pid may name another process by now).
     fn saved_leases(&self) -> Vec<crate::statefile::SavedLease> {
-        let t = self.tables();
-        t.leases
-            .iter()
-            .map(|(o, l)| {
-                let start = match l {
-                    Lease::Pid(_) => t.lease_marks.get(o).map_or(0, |m| m.1),
-                    Lease::Ttl(_) => 0,
-                };
-                (o.clone(), *l, start)
-            })
-            .collect()
+        self.tables().owners.saved_leases()
     }
 
     /// The owners' leases now.
     pub fn leases(&self) -> BTreeMap<Owner, Lease> {
-        self.tables().leases.clone()
+        self.tables().owners.leases().clone()
     }
 
     /// Sets leases (restored from the state file, or a configuration
     /// file's, before any transaction). A pid lease is tied to the process
     /// that has the pid now (start-up checked a saved one's start time).
     pub fn restore_leases(&self, leases: BTreeMap<Owner, Lease>) {
-        let now = tokio::time::Instant::now();
-        let mut t = self.tables();
-        t.lease_marks = leases
-            .iter()
-            .map(|(o, l)| (o.clone(), (now, lease_start(*l))))
-            .collect();
-        t.leases = leases;
+        self.tables()
+            .owners
+            .restore_leases(leases, tokio::time::Instant::now());
     }
 
     /// Sets the owners' uids (restored from the state file, before any
     /// transaction); owners without rules are forgotten.
     pub fn restore_uids(&self, uids: impl IntoIterator<Item = (Owner, u32)>) {
         let mut t = self.tables();
-        t.owner_uids = uids.into_iter().collect();
+        t.owners.set_uids(uids);
         t.settle_owners(None, 0);
     }
 
@@ -1348,10 +1206,10 @@ impl Shared {
     /// Returns whether an owner's uid changed.
     pub fn pin_owners(&self, pins: BTreeMap<Owner, u32>) -> bool {
         let mut t = self.tables();
-        let before = t.owner_uids.clone();
-        t.pinned = pins;
+        let before = t.owners.uids().clone();
+        t.owners.pin(pins);
         t.settle_owners(None, 0);
-        t.owner_uids != before
+        *t.owners.uids() != before
     }
 
     /// The uid each owner belongs to, for the state file.
@@ -1366,38 +1224,12 @@ impl Shared {
     /// After a commit: owners with no rules left lose their lease, a new
     /// lease replaces the old, and any transaction renews a TTL.
     fn commit_leases(&self, owners: &[(Owner, Option<Lease>)]) {
-        let mut events = Vec::new();
-        let now = tokio::time::Instant::now();
-        {
+        let events = {
             let mut t = self.tables();
             let live = t.live_owners();
-            for (o, lease) in owners {
-                let has_rules = live.contains(o);
-                if !has_rules {
-                    t.lease_marks.remove(o);
-                    if t.leases.remove(o).is_some() {
-                        events.push(LeaseEvent::Drop(o.clone()));
-                    }
-                } else if let Some(l) = lease {
-                    // The same pid again keeps the start time it was set
-                    // with: the process may have gone meanwhile.
-                    let start = match (t.leases.get(o), t.lease_marks.get(o)) {
-                        (Some(had), Some(m)) if had == l => m.1,
-                        _ => lease_start(*l),
-                    };
-                    t.leases.insert(o.clone(), *l);
-                    t.lease_marks.insert(o.clone(), (now, start));
-                    events.push(LeaseEvent::Set(o.clone(), *l, now, start));
-                } else if let Some(l) = t.leases.get(o).copied() {
-                    if let Some(m) = t.lease_marks.get_mut(o) {
-                        m.0 = now;
-                    }
-                    if let Lease::Ttl(secs) = l {
-                        events.push(LeaseEvent::Renew(o.clone(), secs, now));
-                    }
-                }
-            }
-        }
+            t.owners
+                .commit_leases(owners, &live, tokio::time::Instant::now())
+        };
         let tx = self
             .lease_events
             .lock()
@@ -1475,7 +1307,7 @@ impl Shared {
         let due: Vec<&super::leases::Ended> = {
             let t = self.tables();
             let now = tokio::time::Instant::now();
-            ended.iter().filter(|e| t.is_due(e, now)).collect()
+            ended.iter().filter(|e| t.owners.is_due(e, now)).collect()
         };
         shadow
             .scopes
